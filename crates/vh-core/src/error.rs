@@ -1,0 +1,36 @@
+//! The error type shared by the model-side crates.
+
+/// An error from model construction, weight loading or a forward pass.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A caller-supplied tensor or argument is unusable (wrong rank, shape, kind or range).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// The model configuration is missing a field, has a wrong type or an unsupported value.
+    #[error("invalid config: {0}")]
+    Config(String),
+    /// A tensor the model needs is absent from the checkpoint.
+    #[error("missing tensor `{0}` in the checkpoint")]
+    MissingTensor(String),
+    /// A checkpoint tensor's shape differs from the parameter it should fill.
+    #[error("tensor `{name}` has shape {actual:?} in the checkpoint, the model expects {expected:?}")]
+    TensorShape {
+        /// The parameter name, as in HF's state dict.
+        name: String,
+        /// The parameter's shape.
+        expected: Vec<i64>,
+        /// The checkpoint tensor's shape.
+        actual: Vec<i64>,
+    },
+    /// libtorch reported an error.
+    #[error("torch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+/// A `Result` with this crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Builds an [`Error::InvalidInput`] from a message.
+pub fn invalid(msg: impl Into<String>) -> Error {
+    Error::InvalidInput(msg.into())
+}

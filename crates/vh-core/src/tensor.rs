@@ -1,0 +1,186 @@
+//! Tensor checks and small computations shared by every model: input validation at the API
+//! boundary, position ids from attention masks, and the causal-LM loss.
+
+use crate::error::{invalid, Result};
+use tch::{Kind, Tensor};
+
+/// The label value that the loss ignores, as in PyTorch and HF.
+pub const IGNORE_INDEX: i64 = -100;
+
+/// Whether `kind` holds integers (token ids, labels, masks).
+pub fn is_integer_kind(kind: Kind) -> bool {
+    matches!(kind, Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8)
+}
+
+/// Whether `kind` is a floating-point kind.
+pub fn is_float_kind(kind: Kind) -> bool {
+    matches!(kind, Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16)
+}
+
+/// Checks that `t` has exactly `rank` dimensions.
+pub fn expect_rank(t: &Tensor, name: &str, rank: usize) -> Result<()> {
+    let size = t.size();
+    if size.len() != rank {
+        return Err(invalid(format!("`{name}` must have {rank} dimensions, got shape {size:?}")));
+    }
+    Ok(())
+}
+
+/// Checks that `t` has exactly the shape `expected`.
+pub fn expect_shape(t: &Tensor, name: &str, expected: &[i64]) -> Result<()> {
+    let size = t.size();
+    if size != expected {
+        return Err(invalid(format!("`{name}` must have shape {expected:?}, got {size:?}")));
+    }
+    Ok(())
+}
+
+/// Checks that `t` holds integers.
+pub fn expect_integer(t: &Tensor, name: &str) -> Result<()> {
+    if !is_integer_kind(t.kind()) {
+        return Err(invalid(format!("`{name}` must hold integers, got {:?}", t.kind())));
+    }
+    Ok(())
+}
+
+/// The smallest and largest element of a non-empty integer tensor.
+pub fn int_range(t: &Tensor) -> Result<(i64, i64)> {
+    let lo = t.f_min()?.f_int64_value(&[])?;
+    let hi = t.f_max()?.f_int64_value(&[])?;
+    Ok((lo, hi))
+}
+
+/// Validates `input_ids`: integers of shape [batch, seq] with batch, seq > 0 and every id in
+/// `0..vocab_size`. Returns (batch, seq).
+pub fn check_input_ids(input_ids: &Tensor, vocab_size: i64) -> Result<(i64, i64)> {
+    expect_rank(input_ids, "input_ids", 2)?;
+    expect_integer(input_ids, "input_ids")?;
+    let (batch, seq) = (input_ids.size()[0], input_ids.size()[1]);
+    if batch == 0 || seq == 0 {
+        return Err(invalid(format!("`input_ids` is empty (shape [{batch}, {seq}])")));
+    }
+    let (lo, hi) = int_range(input_ids)?;
+    if lo < 0 || hi >= vocab_size {
+        let bad = if lo < 0 { lo } else { hi };
+        return Err(invalid(format!("token id {bad} in `input_ids` is outside the vocabulary 0..{vocab_size}")));
+    }
+    Ok((batch, seq))
+}
+
+/// Validates an attention mask of shape `expected` holding only 0 and 1 (any integer, bool or
+/// float kind) and returns it as a bool tensor (true = attend).
+pub fn attention_mask_to_bool(mask: &Tensor, name: &str, expected: &[i64]) -> Result<Tensor> {
+    expect_shape(mask, name, expected)?;
+    if mask.kind() == Kind::Bool {
+        return Ok(mask.shallow_clone());
+    }
+    if !(is_integer_kind(mask.kind()) || is_float_kind(mask.kind())) {
+        return Err(invalid(format!("`{name}` must hold 0/1 values, got kind {:?}", mask.kind())));
+    }
+    let ones = mask.f_eq(1)?;
+    let valid = ones.f_logical_or(&mask.f_eq(0)?)?.f_all()?.f_int64_value(&[])? != 0;
+    if !valid {
+        return Err(invalid(format!("`{name}` may only hold 0 and 1")));
+    }
+    Ok(ones)
+}
+
+/// Position ids for the last `new_len` tokens of a left- or right-padded batch, from its
+/// attention mask over past and new tokens (bool [batch, past + new]): each token's index among
+/// the row's attended tokens, and 1 at padding, as HF's `generate` computes them.
+pub fn position_ids_from_mask(mask: &Tensor, new_len: i64) -> Result<Tensor> {
+    let total = mask.size()[1];
+    let positions = mask.f_cumsum(1, Kind::Int64)?.f_sub_scalar(1)?;
+    let positions = positions.f_masked_fill(&mask.f_logical_not()?, 1)?;
+    Ok(positions.f_narrow(1, total - new_len, new_len)?)
+}
+
+/// Validates labels for `logits` [batch, seq, vocab]: shape [batch, seq], integers, each either
+/// [`IGNORE_INDEX`] or a token id in the vocabulary.
+pub fn check_labels(labels: &Tensor, batch: i64, seq: i64, vocab_size: i64) -> Result<()> {
+    expect_shape(labels, "labels", &[batch, seq])?;
+    expect_integer(labels, "labels")?;
+    let kept = labels.f_ne(IGNORE_INDEX)?;
+    let out_of_range = labels.f_lt(0)?.f_logical_or(&labels.f_ge(vocab_size)?)?.f_logical_and(&kept)?;
+    if out_of_range.f_any()?.f_int64_value(&[])? != 0 {
+        return Err(invalid(format!("`labels` must be {IGNORE_INDEX} or a token id in 0..{vocab_size}")));
+    }
+    Ok(())
+}
+
+/// The causal-LM loss as HF computes it: logits at position t predict the label at t + 1,
+/// mean cross-entropy in f32 over labels that are not [`IGNORE_INDEX`].
+///
+/// Labels must have been validated with [`check_labels`]. A batch whose shifted labels are all
+/// ignored has no defined loss (PyTorch would return NaN), so that is an error.
+pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let (batch, seq, vocab) = match logits.size()[..] {
+        [b, s, v] => (b, s, v),
+        _ => return Err(invalid("logits must be [batch, seq, vocab]")),
+    };
+    if seq < 2 {
+        return Err(invalid("the loss needs sequences of at least 2 tokens"));
+    }
+    let labels = labels.f_to_device(logits.device())?.f_to_kind(Kind::Int64)?;
+    let shifted_labels = labels.f_narrow(1, 1, seq - 1)?.f_reshape([-1])?;
+    if shifted_labels.f_ne(IGNORE_INDEX)?.f_any()?.f_int64_value(&[])? == 0 {
+        return Err(invalid("every label after the first position is -100, so the loss is undefined"));
+    }
+    let shifted_logits = logits.f_narrow(1, 0, seq - 1)?.f_to_kind(Kind::Float)?.f_reshape([batch * (seq - 1), vocab])?;
+    Ok(shifted_logits.f_cross_entropy_loss::<Tensor>(
+        &shifted_labels,
+        None,
+        tch::Reduction::Mean,
+        IGNORE_INDEX,
+        0.0,
+    )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn position_ids_follow_left_padding() {
+        let mask = Tensor::from_slice2(&[[0i64, 0, 1, 1], [1, 1, 1, 1]]).f_eq(1).unwrap();
+        let pos = position_ids_from_mask(&mask, 4).unwrap();
+        assert_eq!(Vec::<i64>::try_from(pos.reshape([-1])).unwrap(), vec![1, 1, 0, 1, 0, 1, 2, 3]);
+        let last = position_ids_from_mask(&mask, 1).unwrap();
+        assert_eq!(Vec::<i64>::try_from(last.reshape([-1])).unwrap(), vec![1, 3]);
+    }
+
+    #[test]
+    fn input_ids_are_checked() {
+        let ok = Tensor::from_slice2(&[[1i64, 2, 3]]);
+        assert_eq!(check_input_ids(&ok, 4).unwrap(), (1, 3));
+        assert!(check_input_ids(&ok, 3).is_err());
+        assert!(check_input_ids(&Tensor::from_slice(&[1i64, 2]), 10).is_err());
+        assert!(check_input_ids(&Tensor::from_slice2(&[[-1i64, 2]]), 10).is_err());
+        assert!(check_input_ids(&Tensor::from_slice2(&[[1.0f32, 2.0]]), 10).is_err());
+    }
+
+    #[test]
+    fn masks_must_be_binary() {
+        let m = Tensor::from_slice2(&[[1i64, 0, 2]]);
+        assert!(attention_mask_to_bool(&m, "attention_mask", &[1, 3]).is_err());
+        let m = Tensor::from_slice2(&[[1.0f32, 0.0, 1.0]]);
+        let b = attention_mask_to_bool(&m, "attention_mask", &[1, 3]).unwrap();
+        assert_eq!(b.kind(), Kind::Bool);
+        assert!(attention_mask_to_bool(&m, "attention_mask", &[1, 4]).is_err());
+    }
+
+    #[test]
+    fn loss_ignores_minus_100_and_matches_manual_value() {
+        let logits = Tensor::from_slice(&[0.0f32, 1.0, 2.0, 1.0, 0.0, 0.0, 0.5, 0.5, 0.0]).reshape([1, 3, 3]);
+        let labels = Tensor::from_slice2(&[[0i64, 2, -100]]);
+        check_labels(&labels, 1, 3, 3).unwrap();
+        let loss = causal_lm_loss(&logits, &labels).unwrap().double_value(&[]);
+        // Only position 0 predicts a kept label (2): -log softmax([0,1,2])[2].
+        let expected = -(2.0f64.exp() / (1.0 + 1.0f64.exp() + 2.0f64.exp())).ln();
+        assert!((loss - expected).abs() < 1e-6, "{loss} vs {expected}");
+        let all_ignored = Tensor::from_slice2(&[[0i64, -100, -100]]);
+        assert!(causal_lm_loss(&logits, &all_ignored).is_err());
+        assert!(check_labels(&Tensor::from_slice2(&[[0i64, 3, -100]]), 1, 3, 3).is_err());
+        assert!(check_labels(&Tensor::from_slice2(&[[0i64, 1]]), 1, 3, 3).is_err());
+    }
+}

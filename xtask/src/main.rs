@@ -1,0 +1,191 @@
+//! Project tasks: `cargo xtask setup | test | parity | demo`.
+//!
+//! This crate must build on a fresh machine before anything else exists, so it depends on no
+//! crate that needs libtorch.
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const USAGE: &str = "\
+usage: cargo xtask <task> [args]
+
+tasks:
+  setup    create or reuse the Python reference environment (torch, transformers, trl) in the
+           cache and link it into the checkout (.venv, .libtorch)
+  test     setup, then run every test of the workspace, Python parity included
+  parity   setup, then run the Python-parity suite and print its tables
+  demo     setup, then load the bundled tiny GPT-2 value-head model and print per-token values
+
+environment:
+  VALUEHEAD_CACHE   where reference environments are kept
+                    (default: $XDG_CACHE_HOME/valuehead or ~/.cache/valuehead)
+  VALUEHEAD_PYTHON  the Python interpreter used to create the environment (default: python3)
+";
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(task) = args.first() else {
+        eprint!("{USAGE}");
+        std::process::exit(2);
+    };
+    let rest = &args[1..];
+    match task.as_str() {
+        "setup" => setup().map(|_| ()),
+        "test" => test(rest),
+        "parity" => parity(rest),
+        "demo" => demo(rest),
+        "-h" | "--help" | "help" => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        other => {
+            eprint!("unknown task `{other}`\n\n{USAGE}");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// The workspace root (the parent of this crate's folder).
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives inside the workspace")
+        .to_path_buf()
+}
+
+fn cache_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("VALUEHEAD_CACHE") {
+        return Ok(PathBuf::from(dir));
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return Ok(PathBuf::from(dir).join("valuehead"));
+    }
+    let home = std::env::var_os("HOME").context("neither VALUEHEAD_CACHE, XDG_CACHE_HOME nor HOME is set")?;
+    Ok(PathBuf::from(home).join(".cache").join("valuehead"))
+}
+
+/// First 16 hex digits of the SHA-256 of the requirements file: the environment's cache key.
+fn requirements_key(requirements: &Path) -> Result<String> {
+    let bytes = std::fs::read(requirements).with_context(|| format!("reading {}", requirements.display()))?;
+    let digest = Sha256::digest(&bytes);
+    Ok(digest.iter().take(8).map(|b| format!("{b:02x}")).collect())
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed with {}:\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
+}
+
+/// Replaces `link` with a symbolic link to `target`.
+fn relink(link: &Path, target: &Path) -> Result<()> {
+    if link.symlink_metadata().is_ok() {
+        if link.is_dir() && !link.symlink_metadata()?.file_type().is_symlink() {
+            bail!("{} is a real folder, not a link; move it away and run setup again", link.display());
+        }
+        std::fs::remove_file(link).with_context(|| format!("removing {}", link.display()))?;
+    }
+    std::os::unix::fs::symlink(target, link)
+        .with_context(|| format!("linking {} -> {}", link.display(), target.display()))
+}
+
+/// Creates (or reuses) the reference environment and links `.venv` and `.libtorch` to it.
+/// Returns the environment's Python interpreter.
+fn setup() -> Result<PathBuf> {
+    let root = root();
+    let requirements = root.join("python").join("requirements.txt");
+    let key = requirements_key(&requirements)?;
+    let cache = cache_dir()?;
+    let env_dir = cache.join(format!("pyenv-{key}"));
+    let marker = env_dir.join(".complete");
+    if marker.exists() {
+        eprintln!("setup: reusing the reference environment {}", env_dir.display());
+    } else {
+        create_env(&cache, &env_dir, &requirements)?;
+    }
+    relink(&root.join(".venv"), &env_dir)?;
+    let python = root.join(".venv").join("bin").join("python");
+    let torch_dir = output(Command::new(&python).args([
+        "-c",
+        "import os, torch; print(os.path.dirname(torch.__file__))",
+    ]))?;
+    // Link through `.venv` so that the path compiled into the binaries' run path stays valid
+    // when the environment is rebuilt under a new key.
+    let torch_rel = Path::new(&torch_dir)
+        .strip_prefix(&env_dir)
+        .map(|p| Path::new(".venv").join(p))
+        .unwrap_or_else(|_| PathBuf::from(&torch_dir));
+    relink(&root.join(".libtorch"), &torch_rel)?;
+    Ok(python)
+}
+
+fn create_env(cache: &Path, env_dir: &Path, requirements: &Path) -> Result<()> {
+    std::fs::create_dir_all(cache).with_context(|| format!("creating {}", cache.display()))?;
+    // Built aside and renamed into place, so an interrupted setup never leaves a folder
+    // that a later run would take for a complete environment.
+    let partial = env_dir.with_extension(format!("partial-{}", std::process::id()));
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial)?;
+    }
+    let base_python = std::env::var("VALUEHEAD_PYTHON").unwrap_or_else(|_| "python3".to_string());
+    eprintln!("setup: creating the reference environment in {} (about 5 GB, once per requirements file)", env_dir.display());
+    run(Command::new(&base_python).arg("-m").arg("venv").arg(&partial))?;
+    let python = partial.join("bin").join("python");
+    run(Command::new(&python)
+        .args(["-m", "pip", "install", "--disable-pip-version-check", "-r"])
+        .arg(requirements))?;
+    let versions = output(Command::new(&python).args([
+        "-c",
+        "import torch, transformers, trl, safetensors; print(torch.__version__, transformers.__version__, trl.__version__)",
+    ]))?;
+    eprintln!("setup: installed torch, transformers, trl = {versions}");
+    std::fs::write(partial.join(".complete"), format!("{versions}\n"))?;
+    if env_dir.exists() {
+        // A previous attempt left an incomplete environment under the final name.
+        std::fs::remove_dir_all(env_dir)?;
+    }
+    std::fs::rename(&partial, env_dir)
+        .with_context(|| format!("moving {} to {}", partial.display(), env_dir.display()))?;
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string()));
+    cmd.current_dir(root());
+    cmd
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    setup()?;
+    run(cargo().args(["test", "--workspace"]).args(extra))
+}
+
+fn parity(extra: &[String]) -> Result<()> {
+    setup()?;
+    run(cargo()
+        .args(["test", "-p", "valuehead", "--test", "parity_gpt2"])
+        .args(extra)
+        .args(["--", "--nocapture", "--test-threads=1"]))
+}
+
+fn demo(extra: &[String]) -> Result<()> {
+    setup()?;
+    let model = root().join("assets").join("tiny-gpt2-vh");
+    run(cargo()
+        .args(["run", "--quiet", "--release", "-p", "valuehead", "--bin", "vh", "--", "score", "--model"])
+        .arg(&model)
+        .args(["--input-ids", "464 2068 7586 21831 18045 625 262 16931 3290 13"])
+        .args(extra))
+}
