@@ -1,0 +1,125 @@
+//! The activation functions HF configs name (`ACT2FN` in transformers).
+
+use vh_core::{Error, Result};
+use tch::Tensor;
+
+/// An activation function, parsed from a config's name for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// Exact GELU (erf): `gelu`, `gelu_python`.
+    Gelu,
+    /// GELU with the tanh approximation written out as in the original GPT-2: `gelu_new`, `gelu_accurate`.
+    GeluNew,
+    /// torch's tanh-approximated GELU kernel: `gelu_pytorch_tanh`.
+    GeluPytorchTanh,
+    /// `gelu_fast`.
+    GeluFast,
+    /// Exact GELU clipped to [-10, 10]: `gelu_10`.
+    Gelu10,
+    /// `x * sigmoid(1.702 x)`: `quick_gelu`.
+    QuickGelu,
+    /// `relu`.
+    Relu,
+    /// `relu6`.
+    Relu6,
+    /// `relu(x)^2`: `relu2`.
+    Relu2,
+    /// `leaky_relu` (slope 0.01).
+    LeakyRelu,
+    /// `silu` / `swish`.
+    Silu,
+    /// `mish`.
+    Mish,
+    /// `tanh`.
+    Tanh,
+    /// `sigmoid`.
+    Sigmoid,
+    /// `linear` (identity).
+    Linear,
+    /// `laplace`.
+    Laplace,
+}
+
+impl std::str::FromStr for Activation {
+    type Err = Error;
+    fn from_str(name: &str) -> Result<Self> {
+        Ok(match name {
+            "gelu" | "gelu_python" => Self::Gelu,
+            "gelu_new" | "gelu_accurate" => Self::GeluNew,
+            "gelu_pytorch_tanh" => Self::GeluPytorchTanh,
+            "gelu_fast" => Self::GeluFast,
+            "gelu_10" => Self::Gelu10,
+            "quick_gelu" => Self::QuickGelu,
+            "relu" => Self::Relu,
+            "relu6" => Self::Relu6,
+            "relu2" => Self::Relu2,
+            "leaky_relu" => Self::LeakyRelu,
+            "silu" | "swish" => Self::Silu,
+            "mish" => Self::Mish,
+            "tanh" => Self::Tanh,
+            "sigmoid" => Self::Sigmoid,
+            "linear" => Self::Linear,
+            "laplace" => Self::Laplace,
+            other => return Err(Error::Config(format!("unsupported activation function `{other}`"))),
+        })
+    }
+}
+
+impl Activation {
+    /// Applies the activation elementwise.
+    pub fn forward(self, x: &Tensor) -> Result<Tensor> {
+        let sqrt_2_over_pi = (2.0 / std::f64::consts::PI).sqrt();
+        Ok(match self {
+            Self::Gelu => x.f_gelu("none")?,
+            Self::GeluPytorchTanh => x.f_gelu("tanh")?,
+            Self::GeluNew => {
+                let inner = (x + x.f_pow_tensor_scalar(3.0)? * 0.044715) * sqrt_2_over_pi;
+                x * 0.5 * (inner.f_tanh()? + 1.0)
+            }
+            Self::GeluFast => {
+                let inner = x * 0.7978845608 * (x * x * 0.044715 + 1.0);
+                x * 0.5 * (inner.f_tanh()? + 1.0)
+            }
+            Self::Gelu10 => x.f_gelu("none")?.f_clamp(-10.0, 10.0)?,
+            Self::QuickGelu => x * (x * 1.702).f_sigmoid()?,
+            Self::Relu => x.f_relu()?,
+            Self::Relu6 => x.f_clamp(0.0, 6.0)?,
+            Self::Relu2 => x.f_relu()?.f_square()?,
+            Self::LeakyRelu => x.f_leaky_relu()?,
+            Self::Silu => x.f_silu()?,
+            Self::Mish => x.f_mish()?,
+            Self::Tanh => x.f_tanh()?,
+            Self::Sigmoid => x.f_sigmoid()?,
+            Self::Linear => x.shallow_clone(),
+            Self::Laplace => {
+                let (mu, sigma) = (0.707107, 0.282095);
+                ((x - mu) / (sigma * std::f64::consts::SQRT_2)).f_erf()? * 0.5 + 0.5
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    #[test]
+    fn names_parse_and_unknown_names_fail() {
+        assert_eq!("gelu_new".parse::<Activation>().unwrap(), Activation::GeluNew);
+        assert_eq!("swish".parse::<Activation>().unwrap(), Activation::Silu);
+        assert!("gelu_fancy".parse::<Activation>().is_err());
+    }
+
+    #[test]
+    fn tanh_gelus_agree_with_exact_gelu_closely() {
+        let x = Tensor::linspace(-4.0, 4.0, 101, (Kind::Float, Device::Cpu));
+        let exact = Activation::Gelu.forward(&x).unwrap();
+        for act in [Activation::GeluNew, Activation::GeluPytorchTanh, Activation::GeluFast] {
+            let y = act.forward(&x).unwrap();
+            assert!((&y - &exact).abs().max().double_value(&[]) < 1e-3, "{act:?}");
+        }
+        let q = Activation::Relu2.forward(&x).unwrap();
+        assert!((q.double_value(&[100]) - 16.0).abs() < 1e-5);
+    }
+}

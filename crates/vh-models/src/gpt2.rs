@@ -1,0 +1,667 @@
+//! GPT-2, as HF's `modeling_gpt2.py`: parameters named like its state dict
+//! (`transformer.h.0.attn.c_attn.weight`, ...), Conv1D weights stored [in, out].
+
+use crate::activation::Activation;
+use crate::cache::{Cache, LayerCache};
+use serde::Deserialize;
+use tch::{nn, Device, Kind, Tensor};
+use vh_core::error::invalid;
+use vh_core::tensor::{attention_mask_to_bool, check_input_ids, expect_integer, expect_shape, int_range, position_ids_from_mask};
+use vh_core::{Error, Result};
+
+fn default_vocab_size() -> i64 {
+    50257
+}
+fn default_n_positions() -> i64 {
+    1024
+}
+fn default_n_embd() -> i64 {
+    768
+}
+fn default_n_layer() -> i64 {
+    12
+}
+fn default_n_head() -> i64 {
+    12
+}
+fn default_activation() -> String {
+    "gelu_new".to_string()
+}
+fn default_pdrop() -> f64 {
+    0.1
+}
+fn default_layer_norm_epsilon() -> f64 {
+    1e-5
+}
+fn default_true() -> bool {
+    true
+}
+
+/// HF's `GPT2Config`: the fields that change the math, with HF's defaults.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Gpt2Config {
+    /// Vocabulary size.
+    #[serde(default = "default_vocab_size")]
+    pub vocab_size: i64,
+    /// Longest sequence (cache included) the position embeddings cover.
+    #[serde(default = "default_n_positions")]
+    pub n_positions: i64,
+    /// Hidden size.
+    #[serde(default = "default_n_embd")]
+    pub n_embd: i64,
+    /// Number of blocks.
+    #[serde(default = "default_n_layer")]
+    pub n_layer: i64,
+    /// Attention heads per block.
+    #[serde(default = "default_n_head")]
+    pub n_head: i64,
+    /// MLP inner width; `None` means 4 * n_embd.
+    #[serde(default)]
+    pub n_inner: Option<i64>,
+    /// The MLP activation's name.
+    #[serde(default = "default_activation")]
+    pub activation_function: String,
+    /// Dropout after attention and MLP projections (train mode).
+    #[serde(default = "default_pdrop")]
+    pub resid_pdrop: f64,
+    /// Dropout after the embeddings (train mode).
+    #[serde(default = "default_pdrop")]
+    pub embd_pdrop: f64,
+    /// Dropout on attention probabilities (train mode).
+    #[serde(default = "default_pdrop")]
+    pub attn_pdrop: f64,
+    /// LayerNorm epsilon.
+    #[serde(default = "default_layer_norm_epsilon")]
+    pub layer_norm_epsilon: f64,
+    /// Divide attention scores by sqrt(head_dim).
+    #[serde(default = "default_true")]
+    pub scale_attn_weights: bool,
+    /// Also divide attention scores by (layer index + 1).
+    #[serde(default)]
+    pub scale_attn_by_inverse_layer_idx: bool,
+    /// Scale before the score product and compute scores and softmax in f32.
+    #[serde(default)]
+    pub reorder_and_upcast_attn: bool,
+    /// The LM head shares the token embedding matrix.
+    #[serde(default = "default_true")]
+    pub tie_word_embeddings: bool,
+}
+
+impl Gpt2Config {
+    /// Parses a config.json value and checks that the sizes are consistent.
+    pub fn from_json(config: &serde_json::Value) -> Result<Self> {
+        let cfg: Self =
+            serde_json::from_value(config.clone()).map_err(|e| Error::Config(format!("GPT-2 config.json: {e}")))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks sizes and names: positive sizes, heads dividing the width, a known activation,
+    /// dropout probabilities in [0, 1].
+    pub fn validate(&self) -> Result<()> {
+        for (name, v) in [
+            ("vocab_size", self.vocab_size),
+            ("n_positions", self.n_positions),
+            ("n_embd", self.n_embd),
+            ("n_layer", self.n_layer),
+            ("n_head", self.n_head),
+            ("n_inner", self.inner_dim()),
+        ] {
+            if v <= 0 {
+                return Err(Error::Config(format!("{name} must be positive, got {v}")));
+            }
+        }
+        if self.n_embd % self.n_head != 0 {
+            return Err(Error::Config(format!("n_embd ({}) must be divisible by n_head ({})", self.n_embd, self.n_head)));
+        }
+        for (name, p) in [("resid_pdrop", self.resid_pdrop), ("embd_pdrop", self.embd_pdrop), ("attn_pdrop", self.attn_pdrop)] {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(Error::Config(format!("{name} must be in [0, 1], got {p}")));
+            }
+        }
+        self.activation()?;
+        Ok(())
+    }
+
+    /// The MLP's inner width.
+    pub fn inner_dim(&self) -> i64 {
+        self.n_inner.unwrap_or(4 * self.n_embd)
+    }
+
+    /// The MLP activation.
+    pub fn activation(&self) -> Result<Activation> {
+        self.activation_function.parse()
+    }
+}
+
+/// Maps a GPT-2 checkpoint key to this model's parameter name: legacy keys without the
+/// `transformer.` prefix get it, and the attention buffers (`attn.bias`, `attn.masked_bias`),
+/// which hold no parameters, map to `None`.
+pub fn parameter_name(key: &str) -> Option<String> {
+    if key.ends_with(".attn.bias") || key.ends_with(".attn.masked_bias") {
+        return None;
+    }
+    let legacy = ["h.", "wte.", "wpe.", "ln_f."];
+    if legacy.iter().any(|p| key.starts_with(p)) {
+        return Some(format!("transformer.{key}"));
+    }
+    Some(key.to_string())
+}
+
+/// The most negative finite value of a float kind: what masked attention scores are set to.
+fn mask_value(kind: Kind) -> f64 {
+    match kind {
+        Kind::Half => -65504.0,
+        Kind::BFloat16 => -3.3895313892515355e38,
+        Kind::Double => f64::MIN,
+        _ => f32::MIN as f64,
+    }
+}
+
+/// HF's `Conv1D`: `x @ weight + bias` with weight stored [in, out].
+#[derive(Debug)]
+pub struct Conv1D {
+    /// [in, out].
+    pub weight: Tensor,
+    /// [out].
+    pub bias: Tensor,
+}
+
+impl Conv1D {
+    /// Creates `weight` [in, out] and `bias` [out] under `vs`, zero-filled until loaded.
+    pub fn new(vs: nn::Path, in_dim: i64, out_dim: i64) -> Result<Self> {
+        Ok(Self {
+            weight: vs.f_var("weight", &[in_dim, out_dim], nn::Init::Const(0.0))?,
+            bias: vs.f_var("bias", &[out_dim], nn::Init::Const(0.0))?,
+        })
+    }
+
+    /// [..., in] -> [..., out].
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut size = x.size();
+        let in_dim = *size.last().unwrap_or(&0);
+        let out = self.bias.f_addmm(&x.f_reshape([-1, in_dim])?, &self.weight)?;
+        *size.last_mut().expect("non-scalar input") = self.weight.size()[1];
+        Ok(out.f_view(size.as_slice())?)
+    }
+}
+
+/// LayerNorm with `weight` and `bias`.
+#[derive(Debug)]
+pub struct LayerNorm {
+    /// Scale, [dim].
+    pub weight: Tensor,
+    /// Shift, [dim].
+    pub bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// Creates the parameters under `vs` (weight ones, bias zeros).
+    pub fn new(vs: nn::Path, dim: i64, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vs.f_var("weight", &[dim], nn::Init::Const(1.0))?,
+            bias: vs.f_var("bias", &[dim], nn::Init::Const(0.0))?,
+            eps,
+        })
+    }
+
+    /// Normalises over the last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.f_layer_norm(self.weight.size(), Some(&self.weight), Some(&self.bias), self.eps, true)?)
+    }
+}
+
+/// Causal self-attention with a fused q/k/v projection.
+#[derive(Debug)]
+pub struct Attention {
+    c_attn: Conv1D,
+    c_proj: Conv1D,
+    n_head: i64,
+    head_dim: i64,
+    layer_idx: i64,
+    scale_attn_weights: bool,
+    scale_attn_by_inverse_layer_idx: bool,
+    reorder_and_upcast_attn: bool,
+    attn_pdrop: f64,
+    resid_pdrop: f64,
+}
+
+impl Attention {
+    /// Creates `c_attn` and `c_proj` under `vs` for block `layer_idx`.
+    pub fn new(vs: nn::Path, cfg: &Gpt2Config, layer_idx: i64) -> Result<Self> {
+        Ok(Self {
+            c_attn: Conv1D::new(vs.sub("c_attn"), cfg.n_embd, 3 * cfg.n_embd)?,
+            c_proj: Conv1D::new(vs.sub("c_proj"), cfg.n_embd, cfg.n_embd)?,
+            n_head: cfg.n_head,
+            head_dim: cfg.n_embd / cfg.n_head,
+            layer_idx,
+            scale_attn_weights: cfg.scale_attn_weights,
+            scale_attn_by_inverse_layer_idx: cfg.scale_attn_by_inverse_layer_idx,
+            reorder_and_upcast_attn: cfg.reorder_and_upcast_attn,
+            attn_pdrop: cfg.attn_pdrop,
+            resid_pdrop: cfg.resid_pdrop,
+        })
+    }
+
+    /// [B, T, C] -> [B, H, T, D].
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t) = (x.size()[0], x.size()[1]);
+        Ok(x.f_view([b, t, self.n_head, self.head_dim])?.f_transpose(1, 2)?)
+    }
+
+    /// Attends from `x` [B, T, C] over the cached and new positions. `blocked` [B, 1, T, S] is
+    /// true where a query may not see a key; `None` means every key is visible.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        blocked: Option<&Tensor>,
+        past: Option<&LayerCache>,
+        train: bool,
+    ) -> Result<(Tensor, LayerCache)> {
+        let (b, t, c) = (x.size()[0], x.size()[1], x.size()[2]);
+        let qkv = self.c_attn.forward(x)?;
+        let parts = qkv.f_split(c, 2)?;
+        let query = self.split_heads(&parts[0])?;
+        let mut key = self.split_heads(&parts[1])?;
+        let mut value = self.split_heads(&parts[2])?;
+        if let Some(past) = past {
+            key = Tensor::f_cat(&[&past.keys, &key], 2)?;
+            value = Tensor::f_cat(&[&past.values, &value], 2)?;
+        }
+        let probs = if self.reorder_and_upcast_attn {
+            // Scaled before the product and kept in f32 through the softmax, as HF's
+            // `_upcast_and_reordered_attn`, so half-precision scores cannot overflow.
+            let mut scale = 1.0;
+            if self.scale_attn_weights {
+                scale /= (self.head_dim as f64).sqrt();
+            }
+            if self.scale_attn_by_inverse_layer_idx {
+                scale /= (self.layer_idx + 1) as f64;
+            }
+            let q = query.f_to_kind(Kind::Float)?;
+            let k = key.f_to_kind(Kind::Float)?;
+            let mut scores = q.f_matmul(&k.f_transpose(-1, -2)?)?.f_mul_scalar(scale)?;
+            if let Some(blocked) = blocked {
+                scores = scores.f_masked_fill(blocked, mask_value(Kind::Float))?;
+            }
+            scores.f_softmax(-1, Kind::Float)?.f_to_kind(value.kind())?
+        } else {
+            let mut scores = query.f_matmul(&key.f_transpose(-1, -2)?)?;
+            if self.scale_attn_weights {
+                scores = scores.f_div_scalar((self.head_dim as f64).sqrt())?;
+            }
+            if self.scale_attn_by_inverse_layer_idx {
+                scores = scores.f_div_scalar((self.layer_idx + 1) as f64)?;
+            }
+            if let Some(blocked) = blocked {
+                scores = scores.f_masked_fill(blocked, mask_value(scores.kind()))?;
+            }
+            let kind = scores.kind();
+            scores.f_softmax(-1, kind)?.f_to_kind(value.kind())?
+        };
+        let probs = probs.f_dropout(self.attn_pdrop, train)?;
+        let out = probs.f_matmul(&value)?.f_transpose(1, 2)?.f_contiguous()?.f_view([b, t, c])?;
+        let out = self.c_proj.forward(&out)?.f_dropout(self.resid_pdrop, train)?;
+        Ok((out, LayerCache { keys: key, values: value }))
+    }
+}
+
+/// The feed-forward block: `c_fc`, activation, `c_proj`, dropout.
+#[derive(Debug)]
+pub struct Mlp {
+    c_fc: Conv1D,
+    c_proj: Conv1D,
+    act: Activation,
+    resid_pdrop: f64,
+}
+
+impl Mlp {
+    /// Creates `c_fc` and `c_proj` under `vs`.
+    pub fn new(vs: nn::Path, cfg: &Gpt2Config) -> Result<Self> {
+        Ok(Self {
+            c_fc: Conv1D::new(vs.sub("c_fc"), cfg.n_embd, cfg.inner_dim())?,
+            c_proj: Conv1D::new(vs.sub("c_proj"), cfg.inner_dim(), cfg.n_embd)?,
+            act: cfg.activation()?,
+            resid_pdrop: cfg.resid_pdrop,
+        })
+    }
+
+    /// [B, T, C] -> [B, T, C].
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let h = self.act.forward(&self.c_fc.forward(x)?)?;
+        Ok(self.c_proj.forward(&h)?.f_dropout(self.resid_pdrop, train)?)
+    }
+}
+
+/// One transformer block: pre-norm attention and MLP with residuals.
+#[derive(Debug)]
+pub struct Block {
+    ln_1: LayerNorm,
+    attn: Attention,
+    ln_2: LayerNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    /// Creates block `layer_idx` under `vs` (`ln_1`, `attn`, `ln_2`, `mlp`).
+    pub fn new(vs: nn::Path, cfg: &Gpt2Config, layer_idx: i64) -> Result<Self> {
+        Ok(Self {
+            ln_1: LayerNorm::new(vs.sub("ln_1"), cfg.n_embd, cfg.layer_norm_epsilon)?,
+            attn: Attention::new(vs.sub("attn"), cfg, layer_idx)?,
+            ln_2: LayerNorm::new(vs.sub("ln_2"), cfg.n_embd, cfg.layer_norm_epsilon)?,
+            mlp: Mlp::new(vs.sub("mlp"), cfg)?,
+        })
+    }
+
+    /// [B, T, C] -> [B, T, C] and this layer's updated cache.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        blocked: Option<&Tensor>,
+        past: Option<&LayerCache>,
+        train: bool,
+    ) -> Result<(Tensor, LayerCache)> {
+        let (attn, cache) = self.attn.forward(&self.ln_1.forward(x)?, blocked, past, train)?;
+        let x = x + attn;
+        let mlp = self.mlp.forward(&self.ln_2.forward(&x)?, train)?;
+        Ok((x + mlp, cache))
+    }
+}
+
+/// The output of a GPT-2 backbone pass.
+#[derive(Debug)]
+pub struct Gpt2Output {
+    /// The final LayerNorm's output, [B, T, C] (HF's `hidden_states[-1]`).
+    pub last_hidden_state: Tensor,
+    /// Keys and values for the cached and new positions.
+    pub cache: Cache,
+}
+
+/// The GPT-2 transformer (`transformer.*`): embeddings, blocks, final LayerNorm.
+#[derive(Debug)]
+pub struct Gpt2Model {
+    /// Token embeddings [vocab, C].
+    pub wte: Tensor,
+    /// Position embeddings [n_positions, C].
+    pub wpe: Tensor,
+    h: Vec<Block>,
+    ln_f: LayerNorm,
+    cfg: Gpt2Config,
+}
+
+/// Where each query may not look: causal order plus padded keys, [B, 1, T, S] bool, or `None`
+/// when nothing is hidden (one new token and no padding).
+fn blocked_positions(key_mask: Option<&Tensor>, batch: i64, new_len: i64, past_len: i64, device: Device) -> Result<Option<Tensor>> {
+    let total = past_len + new_len;
+    if key_mask.is_none() && new_len == 1 {
+        return Ok(None);
+    }
+    let keys = Tensor::f_arange(total, (Kind::Int64, device))?.f_unsqueeze(0)?;
+    let queries = Tensor::f_arange_start(past_len, total, (Kind::Int64, device))?.f_unsqueeze(1)?;
+    let mut visible = keys.f_le_tensor(&queries)?.f_view([1, 1, new_len, total])?;
+    if let Some(mask) = key_mask {
+        visible = visible.f_logical_and(&mask.f_view([batch, 1, 1, total])?)?;
+    }
+    Ok(Some(visible.f_logical_not()?))
+}
+
+impl Gpt2Model {
+    /// Creates the transformer's parameters under `vs` (conventionally `transformer`).
+    pub fn new(vs: nn::Path, cfg: &Gpt2Config) -> Result<Self> {
+        cfg.validate()?;
+        let zeros = nn::Init::Const(0.0);
+        let wte = vs.sub("wte").f_var("weight", &[cfg.vocab_size, cfg.n_embd], zeros)?;
+        let wpe = vs.sub("wpe").f_var("weight", &[cfg.n_positions, cfg.n_embd], zeros)?;
+        let h = (0..cfg.n_layer)
+            .map(|i| Block::new(vs.sub("h").sub(i), cfg, i))
+            .collect::<Result<Vec<_>>>()?;
+        let ln_f = LayerNorm::new(vs.sub("ln_f"), cfg.n_embd, cfg.layer_norm_epsilon)?;
+        Ok(Self { wte, wpe, h, ln_f, cfg: cfg.clone() })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Gpt2Config {
+        &self.cfg
+    }
+
+    /// Runs the transformer over `input_ids` [B, T] after the positions in `past`.
+    ///
+    /// `attention_mask` [B, past + T] (1 = attend) covers cached and new tokens. Without
+    /// `position_ids` they are derived from the mask (each token's index among its row's
+    /// attended tokens, so left-padded rows match unpadded ones, as in HF's `generate`), or are
+    /// `past..past + T` without a mask.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: Option<&Tensor>,
+        past: Option<&Cache>,
+        train: bool,
+    ) -> Result<Gpt2Output> {
+        let (batch, new_len) = check_input_ids(input_ids, self.cfg.vocab_size)?;
+        let past = past.filter(|c| !c.is_empty());
+        let past_len = past.map_or(0, Cache::seq_len);
+        if let Some(past) = past {
+            if past.layers.len() as i64 != self.cfg.n_layer {
+                return Err(invalid(format!("cache has {} layers, the model {}", past.layers.len(), self.cfg.n_layer)));
+            }
+            if past.batch_size() != Some(batch) {
+                return Err(invalid(format!("cache batch size {:?} differs from input_ids' {batch}", past.batch_size())));
+            }
+        }
+        let total = past_len + new_len;
+        if total > self.cfg.n_positions {
+            return Err(invalid(format!(
+                "sequence of {total} tokens ({past_len} cached + {new_len} new) exceeds n_positions = {}",
+                self.cfg.n_positions
+            )));
+        }
+        let device = self.wte.device();
+        let input_ids = input_ids.f_to_device(device)?;
+        let key_mask = attention_mask
+            .map(|m| attention_mask_to_bool(m, "attention_mask", &[batch, total])?.f_to_device(device).map_err(Error::from))
+            .transpose()?;
+        let position_ids = match (position_ids, &key_mask) {
+            (Some(p), _) => {
+                expect_shape(p, "position_ids", &[batch, new_len])?;
+                expect_integer(p, "position_ids")?;
+                let (lo, hi) = int_range(p)?;
+                if lo < 0 || hi >= self.cfg.n_positions {
+                    return Err(invalid(format!("position_ids must be in 0..{}", self.cfg.n_positions)));
+                }
+                p.f_to_device(device)?
+            }
+            (None, Some(mask)) => position_ids_from_mask(mask, new_len)?,
+            (None, None) => Tensor::f_arange_start(past_len, total, (Kind::Int64, device))?.f_unsqueeze(0)?,
+        };
+        let blocked = blocked_positions(key_mask.as_ref(), batch, new_len, past_len, device)?;
+
+        let tokens = Tensor::f_embedding(&self.wte, &input_ids, -1, false, false)?;
+        let positions = Tensor::f_embedding(&self.wpe, &position_ids, -1, false, false)?;
+        let mut hidden = (tokens + positions).f_dropout(self.cfg.embd_pdrop, train)?;
+        let mut layers = Vec::with_capacity(self.h.len());
+        for (i, block) in self.h.iter().enumerate() {
+            let layer_past = past.map(|c| &c.layers[i]);
+            let (out, layer_cache) = block.forward(&hidden, blocked.as_ref(), layer_past, train)?;
+            hidden = out;
+            layers.push(layer_cache);
+        }
+        Ok(Gpt2Output { last_hidden_state: self.ln_f.forward(&hidden)?, cache: Cache { layers } })
+    }
+}
+
+/// The output of a GPT-2 LM pass.
+#[derive(Debug)]
+pub struct Gpt2LmOutput {
+    /// Next-token logits [B, T, vocab], in the model's dtype.
+    pub logits: Tensor,
+    /// The final LayerNorm's output, [B, T, C].
+    pub last_hidden_state: Tensor,
+    /// Keys and values for the cached and new positions.
+    pub cache: Cache,
+}
+
+/// GPT-2 with its language-model head (`GPT2LMHeadModel`).
+#[derive(Debug)]
+pub struct Gpt2LmHeadModel {
+    /// The transformer.
+    pub transformer: Gpt2Model,
+    /// `lm_head.weight` [vocab, C]; the same tensor as `transformer.wte.weight` when tied.
+    pub lm_head: Tensor,
+    tied: bool,
+}
+
+impl Gpt2LmHeadModel {
+    /// Creates `transformer.*` and, unless the embeddings are tied, `lm_head.weight` under `vs`.
+    pub fn new(vs: nn::Path, cfg: &Gpt2Config) -> Result<Self> {
+        let transformer = Gpt2Model::new(vs.sub("transformer"), cfg)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            transformer.wte.shallow_clone()
+        } else {
+            vs.sub("lm_head").f_var("weight", &[cfg.vocab_size, cfg.n_embd], nn::Init::Const(0.0))?
+        };
+        Ok(Self { transformer, lm_head, tied: cfg.tie_word_embeddings })
+    }
+
+    /// Whether the LM head shares the token embeddings.
+    pub fn is_tied(&self) -> bool {
+        self.tied
+    }
+
+    /// Maps a checkpoint key to a parameter name of this model (see [`parameter_name`]); a
+    /// tied model's `lm_head.weight` is the embedding matrix, which it reads from `wte` instead.
+    pub fn parameter_name(&self, key: &str) -> Option<String> {
+        let name = parameter_name(key)?;
+        if self.tied && name == "lm_head.weight" {
+            return None;
+        }
+        Some(name)
+    }
+
+    /// Runs the transformer and the LM head; see [`Gpt2Model::forward`] for the arguments.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: Option<&Tensor>,
+        past: Option<&Cache>,
+        train: bool,
+    ) -> Result<Gpt2LmOutput> {
+        let out = self.transformer.forward(input_ids, attention_mask, position_ids, past, train)?;
+        let logits = out.last_hidden_state.f_linear::<Tensor>(&self.lm_head, None)?;
+        Ok(Gpt2LmOutput { logits, last_hidden_state: out.last_hidden_state, cache: out.cache })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use tch::nn::VarStore;
+
+    fn tiny() -> Gpt2Config {
+        Gpt2Config::from_json(&json!({"vocab_size": 50, "n_positions": 16, "n_embd": 16, "n_layer": 2, "n_head": 4})).unwrap()
+    }
+
+    fn random_model(cfg: &Gpt2Config) -> (VarStore, Gpt2LmHeadModel) {
+        tch::manual_seed(3);
+        let vs = VarStore::new(Device::Cpu);
+        let model = Gpt2LmHeadModel::new(vs.root(), cfg).unwrap();
+        tch::no_grad(|| {
+            for (_, mut v) in vs.variables() {
+                let r = Tensor::randn(v.size(), (Kind::Float, Device::Cpu)) * 0.2;
+                v.copy_(&r);
+            }
+        });
+        (vs, model)
+    }
+
+    #[test]
+    fn config_defaults_match_hf() {
+        let cfg = Gpt2Config::from_json(&json!({})).unwrap();
+        assert_eq!((cfg.vocab_size, cfg.n_positions, cfg.n_embd, cfg.n_layer, cfg.n_head), (50257, 1024, 768, 12, 12));
+        assert_eq!(cfg.inner_dim(), 3072);
+        assert_eq!(cfg.activation_function, "gelu_new");
+        assert!(cfg.scale_attn_weights && cfg.tie_word_embeddings && !cfg.reorder_and_upcast_attn);
+        assert!(Gpt2Config::from_json(&json!({"n_embd": 10, "n_head": 3})).is_err());
+        assert!(Gpt2Config::from_json(&json!({"activation_function": "nope"})).is_err());
+        assert!(Gpt2Config::from_json(&json!({"n_layer": "two"})).is_err());
+    }
+
+    #[test]
+    fn parameter_names_follow_hf() {
+        let vs = VarStore::new(Device::Cpu);
+        let _m = Gpt2LmHeadModel::new(vs.root(), &tiny()).unwrap();
+        let names = vs.variables();
+        for n in ["transformer.wte.weight", "transformer.h.1.attn.c_attn.weight", "transformer.h.0.mlp.c_proj.bias", "transformer.ln_f.weight"] {
+            assert!(names.contains_key(n), "{n}");
+        }
+        assert!(!names.contains_key("lm_head.weight"), "tied head is not a separate parameter");
+        assert_eq!(names["transformer.h.0.attn.c_attn.weight"].size(), vec![16, 48]);
+        assert_eq!(parameter_name("h.0.ln_1.weight").unwrap(), "transformer.h.0.ln_1.weight");
+        assert_eq!(parameter_name("transformer.h.0.attn.bias"), None);
+        assert_eq!(parameter_name("h.0.attn.masked_bias"), None);
+        assert_eq!(parameter_name("transformer.h.0.attn.c_attn.bias").unwrap(), "transformer.h.0.attn.c_attn.bias");
+    }
+
+    #[test]
+    fn incremental_decoding_equals_full_forward() {
+        let cfg = tiny();
+        let (_vs, model) = random_model(&cfg);
+        let ids = Tensor::from_slice2(&[[1i64, 5, 7, 9, 11, 3], [2, 4, 6, 8, 10, 12]]);
+        let full = model.forward(&ids, None, None, None, false).unwrap();
+        let mut cache = model.forward(&ids.narrow(1, 0, 3), None, None, None, false).unwrap().cache;
+        for t in 3..6 {
+            let step = model.forward(&ids.narrow(1, t, 1), None, None, Some(&cache), false).unwrap();
+            let diff = (&step.logits.squeeze_dim(1) - full.logits.select(1, t)).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "step {t}: {diff}");
+            cache = step.cache;
+        }
+        assert_eq!(cache.seq_len(), 6);
+    }
+
+    #[test]
+    fn left_padding_matches_unpadded_rows() {
+        let cfg = tiny();
+        let (_vs, model) = random_model(&cfg);
+        let plain = model.forward(&Tensor::from_slice2(&[[7i64, 8, 9]]), None, None, None, false).unwrap();
+        let padded = Tensor::from_slice2(&[[0i64, 0, 7, 8, 9]]);
+        let mask = Tensor::from_slice2(&[[0i64, 0, 1, 1, 1]]);
+        let out = model.forward(&padded, Some(&mask), None, None, false).unwrap();
+        let diff = (out.logits.narrow(1, 2, 3) - &plain.logits).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "{diff}");
+        assert!(out.logits.isfinite().all().int64_value(&[]) != 0, "padding positions must stay finite");
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        let cfg = tiny();
+        let (_vs, model) = random_model(&cfg);
+        let ids = Tensor::from_slice2(&[[1i64, 2, 3]]);
+        assert!(model.forward(&Tensor::from_slice(&[1i64, 2]), None, None, None, false).is_err());
+        assert!(model.forward(&Tensor::from_slice2(&[[1i64, 50]]), None, None, None, false).is_err());
+        assert!(model.forward(&ids, Some(&Tensor::from_slice2(&[[1i64, 1]])), None, None, false).is_err());
+        let long = Tensor::zeros([1, 17], (Kind::Int64, Device::Cpu));
+        assert!(model.forward(&long, None, None, None, false).is_err());
+        let cache = model.forward(&Tensor::zeros([1, 10], (Kind::Int64, Device::Cpu)), None, None, None, false).unwrap().cache;
+        let err = model.forward(&Tensor::zeros([1, 7], (Kind::Int64, Device::Cpu)), None, None, Some(&cache), false);
+        assert!(matches!(err, Err(Error::InvalidInput(_))), "cache + new tokens over n_positions: {err:?}");
+        let err = model.forward(&Tensor::zeros([2, 1], (Kind::Int64, Device::Cpu)), None, None, Some(&cache), false);
+        assert!(err.is_err(), "batch differs from cache");
+        let bad_pos = Tensor::from_slice2(&[[0i64, 1, 16]]);
+        assert!(model.forward(&ids, None, Some(&bad_pos), None, false).is_err());
+    }
+
+    #[test]
+    fn dropout_acts_only_in_train_mode() {
+        let cfg = tiny();
+        let (_vs, model) = random_model(&cfg);
+        let ids = Tensor::from_slice2(&[[1i64, 2, 3, 4]]);
+        let a = model.forward(&ids, None, None, None, false).unwrap().logits;
+        let b = model.forward(&ids, None, None, None, false).unwrap().logits;
+        assert!(a.equal(&b));
+        let c = model.forward(&ids, None, None, None, true).unwrap().logits;
+        assert!(!a.equal(&c));
+    }
+}
