@@ -1,1 +1,33 @@
+//! Checkpoint files for valuehead: model folders, safetensors reading, atomic writing.
+//!
+//! This crate knows files and tensors, not architectures.
 
+pub mod error;
+pub mod folder;
+pub mod safetensors_io;
+
+pub use error::{HubError, Result};
+pub use folder::ModelFolder;
+pub use safetensors_io::{read_safetensors, write_safetensors};
+
+use std::io::Write;
+use std::path::Path;
+
+/// Writes `bytes` to `path` atomically: into a temporary file beside it, flushed to disk, then
+/// renamed over `path`, so a reader never sees a half-written file.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().ok_or_else(|| HubError::io(path, std::io::Error::other("not a file path")))?;
+    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let result = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(HubError::io(path, e));
+    }
+    Ok(())
+}

@@ -1,0 +1,74 @@
+//! A local model folder in the HF layout: config.json plus weights.
+
+use crate::error::{HubError, Result};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use tch::Tensor;
+
+/// The weights file of a single-file safetensors checkpoint.
+pub const SAFETENSORS_WEIGHTS: &str = "model.safetensors";
+/// The model configuration file.
+pub const CONFIG: &str = "config.json";
+
+/// Reads and parses a JSON file.
+pub fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| HubError::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| HubError::Json { path: path.to_path_buf(), message: e.to_string() })
+}
+
+/// A local checkpoint folder.
+#[derive(Debug, Clone)]
+pub struct ModelFolder {
+    dir: PathBuf,
+}
+
+impl ModelFolder {
+    /// Opens an existing folder.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        if !dir.is_dir() {
+            return Err(HubError::NotFound { what: "model folder".to_string(), path: dir.to_path_buf() });
+        }
+        Ok(Self { dir: dir.to_path_buf() })
+    }
+
+    /// The folder's path.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// config.json as a JSON object.
+    pub fn config(&self) -> Result<Value> {
+        let path = self.dir.join(CONFIG);
+        let value = read_json(&path)?;
+        if !value.is_object() {
+            return Err(HubError::Json { path, message: "expected a JSON object".to_string() });
+        }
+        Ok(value)
+    }
+
+    /// Every tensor of the checkpoint's weights, on the CPU.
+    pub fn tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        crate::read_safetensors(&self.dir.join(SAFETENSORS_WEIGHTS))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_and_malformed_configs_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(ModelFolder::open(dir.path().join("nope")), Err(HubError::NotFound { .. })));
+        let folder = ModelFolder::open(dir.path()).unwrap();
+        assert!(matches!(folder.config(), Err(HubError::NotFound { .. })));
+        std::fs::write(dir.path().join(CONFIG), "{not json").unwrap();
+        assert!(matches!(folder.config(), Err(HubError::Json { .. })));
+        std::fs::write(dir.path().join(CONFIG), "[1, 2]").unwrap();
+        assert!(matches!(folder.config(), Err(HubError::Json { .. })));
+        std::fs::write(dir.path().join(CONFIG), r#"{"model_type": "gpt2"}"#).unwrap();
+        assert_eq!(folder.config().unwrap()["model_type"], "gpt2");
+        assert!(matches!(folder.tensors(), Err(HubError::NotFound { .. })));
+    }
+}
