@@ -250,12 +250,12 @@ impl Attention {
         Ok(x.f_view([b, t, self.n_head, self.head_dim])?.f_transpose(1, 2)?)
     }
 
-    /// Attends from `x` [B, T, C] over the cached and new positions. `blocked` [B, 1, T, S] is
-    /// true where a query may not see a key; `None` means every key is visible.
+    /// Attends from `x` [B, T, C] over the cached and new positions, adding `bias`
+    /// [B or 1, 1, T, S] to the scores (see [`attention_bias`]); `None` means every key is visible.
     pub fn forward(
         &self,
         x: &Tensor,
-        blocked: Option<&Tensor>,
+        bias: Option<&Tensor>,
         past: Option<&LayerCache>,
         train: bool,
     ) -> Result<(Tensor, LayerCache)> {
@@ -282,8 +282,8 @@ impl Attention {
             let q = query.f_to_kind(Kind::Float)?;
             let k = key.f_to_kind(Kind::Float)?;
             let mut scores = q.f_matmul(&k.f_transpose(-1, -2)?)?.f_mul_scalar(scale)?;
-            if let Some(blocked) = blocked {
-                scores = scores.f_masked_fill(blocked, mask_value(Kind::Float))?;
+            if let Some(bias) = bias {
+                scores = scores.f_add(bias)?;
             }
             scores.f_softmax(-1, Kind::Float)?.f_to_kind(value.kind())?
         } else {
@@ -294,8 +294,8 @@ impl Attention {
             if self.scale_attn_by_inverse_layer_idx {
                 scores = scores.f_div_scalar((self.layer_idx + 1) as f64)?;
             }
-            if let Some(blocked) = blocked {
-                scores = scores.f_masked_fill(blocked, mask_value(scores.kind()))?;
+            if let Some(bias) = bias {
+                scores = scores.f_add(bias)?;
             }
             let kind = scores.kind();
             scores.f_softmax(-1, kind)?.f_to_kind(value.kind())?
@@ -358,11 +358,11 @@ impl Block {
     pub fn forward(
         &self,
         x: &Tensor,
-        blocked: Option<&Tensor>,
+        bias: Option<&Tensor>,
         past: Option<&LayerCache>,
         train: bool,
     ) -> Result<(Tensor, LayerCache)> {
-        let (attn, cache) = self.attn.forward(&self.ln_1.forward(x)?, blocked, past, train)?;
+        let (attn, cache) = self.attn.forward(&self.ln_1.forward(x)?, bias, past, train)?;
         let x = x + attn;
         let mlp = self.mlp.forward(&self.ln_2.forward(&x)?, train)?;
         Ok((x + mlp, cache))
@@ -390,20 +390,37 @@ pub struct Gpt2Model {
     cfg: Gpt2Config,
 }
 
-/// Where each query may not look: causal order plus padded keys, [B, 1, T, S] bool, or `None`
-/// when nothing is hidden (one new token and no padding).
-fn blocked_positions(key_mask: Option<&Tensor>, batch: i64, new_len: i64, past_len: i64, device: Device) -> Result<Option<Tensor>> {
+/// The additive attention bias [B or 1, 1, T, S]: -inf where a key is in the query's future,
+/// the dtype's most negative finite value where a visible key is padding, 0 elsewhere; `None`
+/// when nothing is hidden (one new token, no padding).
+///
+/// These are the values HF's eager attention ends up with (its causal fill plus its padding
+/// mask). They keep padded query rows defined: a row whose visible keys are all padding
+/// attends uniformly to them, and the logits there, which HF's loss reads at the last pad
+/// before a left-padded row's first token, match HF's.
+fn attention_bias(
+    key_mask: Option<&Tensor>,
+    batch: i64,
+    new_len: i64,
+    past_len: i64,
+    kind: Kind,
+    device: Device,
+) -> Result<Option<Tensor>> {
     let total = past_len + new_len;
     if key_mask.is_none() && new_len == 1 {
         return Ok(None);
     }
     let keys = Tensor::f_arange(total, (Kind::Int64, device))?.f_unsqueeze(0)?;
     let queries = Tensor::f_arange_start(past_len, total, (Kind::Int64, device))?.f_unsqueeze(1)?;
-    let mut visible = keys.f_le_tensor(&queries)?.f_view([1, 1, new_len, total])?;
-    if let Some(mask) = key_mask {
-        visible = visible.f_logical_and(&mask.f_view([batch, 1, 1, total])?)?;
-    }
-    Ok(Some(visible.f_logical_not()?))
+    let future = keys.f_gt_tensor(&queries)?.f_view([1, 1, new_len, total])?;
+    let bias = match key_mask {
+        Some(mask) => {
+            let padding = mask.f_logical_not()?.f_view([batch, 1, 1, total])?;
+            Tensor::f_zeros([batch, 1, new_len, total], (kind, device))?.f_masked_fill(&padding, mask_value(kind))?
+        }
+        None => Tensor::f_zeros([1, 1, new_len, total], (kind, device))?,
+    };
+    Ok(Some(bias.f_masked_fill(&future, f64::NEG_INFINITY)?))
 }
 
 impl Gpt2Model {
@@ -475,7 +492,7 @@ impl Gpt2Model {
             (None, Some(mask)) => position_ids_from_mask(mask, new_len)?,
             (None, None) => Tensor::f_arange_start(past_len, total, (Kind::Int64, device))?.f_unsqueeze(0)?,
         };
-        let blocked = blocked_positions(key_mask.as_ref(), batch, new_len, past_len, device)?;
+        let bias = attention_bias(key_mask.as_ref(), batch, new_len, past_len, self.wte.kind(), device)?;
 
         let tokens = Tensor::f_embedding(&self.wte, &input_ids, -1, false, false)?;
         let positions = Tensor::f_embedding(&self.wpe, &position_ids, -1, false, false)?;
@@ -483,7 +500,7 @@ impl Gpt2Model {
         let mut layers = Vec::with_capacity(self.h.len());
         for (i, block) in self.h.iter().enumerate() {
             let layer_past = past.map(|c| &c.layers[i]);
-            let (out, layer_cache) = block.forward(&hidden, blocked.as_ref(), layer_past, train)?;
+            let (out, layer_cache) = block.forward(&hidden, bias.as_ref(), layer_past, train)?;
             hidden = out;
             layers.push(layer_cache);
         }

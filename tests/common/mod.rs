@@ -1,0 +1,88 @@
+//! Helpers shared by the cross-crate and Python-parity tests.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use tch::{Kind, Tensor};
+
+/// The absolute tolerance of every f32 parity comparison.
+pub const TOLERANCE: f64 = 1e-4;
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
+}
+
+/// The reference environment's Python. Parity tests fail (never skip) without it.
+pub fn python() -> PathBuf {
+    let python = workspace_root().join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "the Python reference environment is missing ({}): run `cargo xtask setup` (or `cargo xtask test`)",
+        python.display()
+    );
+    python
+}
+
+/// Runs `python/<script>` with `args` in the reference environment, failing the test with its
+/// output if it fails.
+pub fn run_reference(script: &str, args: &[&Path]) {
+    let script_path = workspace_root().join("python").join(script);
+    let out = Command::new(python())
+        .arg(&script_path)
+        .args(args)
+        .env("TRANSFORMERS_VERBOSITY", "error")
+        .env("TOKENIZERS_PARALLELISM", "false")
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("starting the reference Python");
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Reads a safetensors file into a name -> tensor map.
+pub fn read_tensors(path: &Path) -> HashMap<String, Tensor> {
+    vh_hub::read_safetensors(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).into_iter().collect()
+}
+
+/// The largest |a - b| over the [batch, seq] positions where `mask` is 1 (trailing dimensions
+/// compared whole).
+pub fn masked_max_abs_diff(a: &Tensor, b: &Tensor, mask: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size(), "shapes differ");
+    let diff = (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs();
+    let mut keep = mask.ne(0);
+    while keep.dim() < diff.dim() {
+        keep = keep.unsqueeze(-1);
+    }
+    let diff = diff.masked_fill(&keep.logical_not(), 0.0);
+    diff.max().double_value(&[])
+}
+
+/// The largest |a - b|.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size(), "shapes differ");
+    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
+}
+
+/// Prints a table with a header row; columns padded to their widest cell.
+pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect::<Vec<_>>().join(" | ")
+    };
+    println!("{}", line(header.iter().map(|s| s.to_string()).collect()));
+    println!("{}", widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("-|-"));
+    for row in rows {
+        println!("{}", line(row.clone()));
+    }
+}
