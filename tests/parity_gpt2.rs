@@ -13,6 +13,8 @@ use valuehead::{CausalLmWithValueHead, LoadOptions};
 const PROMPT_LEN: i64 = 6;
 
 fn reference() -> &'static Path {
+    // See vh_forward_cli_matches_trl: one intra-op thread keeps CPU results reproducible.
+    tch::set_num_threads(1);
     static DATA: OnceLock<PathBuf> = OnceLock::new();
     DATA.get_or_init(|| {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("parity-gpt2");
@@ -125,6 +127,10 @@ fn vh_forward_cli_matches_trl() {
     for case in cases() {
         let out = out_dir.path().join(format!("{}.safetensors", case.name));
         let status = std::process::Command::new(env!("CARGO_BIN_EXE_vh"))
+            // One intra-op thread: with two threads on a loaded 2-core machine, libtorch's CPU
+            // kernels were seen to split the work differently and drift by ~1e-4 from the
+            // reference; one thread is reproducible.
+            .env("OMP_NUM_THREADS", "1")
             .args(["forward", "--model"])
             .arg(&case.dir)
             .arg("--inputs")
@@ -140,11 +146,14 @@ fn vh_forward_cli_matches_trl() {
         let logits_err = masked_max_abs_diff(&got["logits"], &expected["logits"], mask);
         let loss_err = max_abs_diff(&got["loss"], &expected["loss"]);
         assert_eq!(got["logits"].kind(), tch::Kind::Float);
-        let mut worst = logits_err.max(loss_err);
-        if !case.fresh_v_head {
-            worst = worst.max(masked_max_abs_diff(&got["values"], &expected["values"], mask));
-        }
-        assert!(worst <= TOLERANCE, "{}: vh forward differs from TRL by {worst:e}", case.name);
+        let values_err =
+            if case.fresh_v_head { 0.0 } else { masked_max_abs_diff(&got["values"], &expected["values"], mask) };
+        let worst = logits_err.max(loss_err).max(values_err);
+        assert!(
+            worst <= TOLERANCE,
+            "{}: vh forward differs from TRL: logits {logits_err:e}, loss {loss_err:e}, values {values_err:e}",
+            case.name
+        );
         rows.push(vec![case.name, fmt(worst)]);
     }
     println!("\n`vh forward` against TRL 0.26.2 (max abs error over logits, values, loss):");
