@@ -86,3 +86,29 @@ pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
         println!("{}", line(row.clone()));
     }
 }
+
+/// Writes a small random GPT-2 checkpoint (config.json + model.safetensors with a value head)
+/// into `dir`, built on the Rust side; `config` overrides the default tiny config.
+pub fn write_tiny_gpt2(dir: &Path, config: serde_json::Value) {
+    let mut cfg = serde_json::json!({
+        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": 50, "n_positions": 16, "n_embd": 16, "n_layer": 2, "n_head": 4
+    });
+    for (k, v) in config.as_object().unwrap() {
+        cfg[k] = v.clone();
+    }
+    tch::manual_seed(7);
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let parsed = vh_models::gpt2::Gpt2Config::from_json(&cfg).unwrap();
+    let _model = vh_models::gpt2::Gpt2LmHeadModel::new(vs.root(), &parsed).unwrap();
+    let mut tensors: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .map(|(n, v)| (n, Tensor::randn(v.size(), (Kind::Float, tch::Device::Cpu)) * 0.2))
+        .collect();
+    tensors.push(("v_head.summary.weight".into(), Tensor::randn([1, parsed.n_embd], (Kind::Float, tch::Device::Cpu))));
+    tensors.push(("v_head.summary.bias".into(), Tensor::zeros([1], (Kind::Float, tch::Device::Cpu))));
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    vh_hub::write_safetensors(&dir.join("model.safetensors"), &tensors).unwrap();
+}
