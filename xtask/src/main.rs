@@ -186,6 +186,6 @@ fn demo(extra: &[String]) -> Result<()> {
     run(cargo()
         .args(["run", "--quiet", "--release", "-p", "valuehead", "--bin", "vh", "--", "score", "--model"])
         .arg(&model)
-        .args(["--input-ids", "464 2068 7586 21831 18045 625 262 16931 3290 13"])
+        .args(["--input-ids", "17 42 256 3 99 511 8 120 64 7"])
         .args(extra))
 }
