@@ -30,21 +30,48 @@ fn bad_tensors_are_invalid_input() {
     let (_dir, model) = tiny();
     let ids = Tensor::from_slice2(&[[1i64, 2, 3], [4, 5, 6]]);
     assert!(model.forward(&ids, None, None, None).is_ok());
-    assert!(is_invalid_input(model.forward(&Tensor::from_slice(&[1i64, 2, 3]), None, None, None)), "rank 1 ids");
-    assert!(is_invalid_input(model.forward(&ids.unsqueeze(0), None, None, None)), "rank 3 ids");
-    assert!(is_invalid_input(model.forward(&ids.to_kind(Kind::Float), None, None, None)), "float ids");
+    assert!(
+        is_invalid_input(model.forward(&Tensor::from_slice(&[1i64, 2, 3]), None, None, None)),
+        "rank 1 ids"
+    );
+    assert!(
+        is_invalid_input(model.forward(&ids.unsqueeze(0), None, None, None)),
+        "rank 3 ids"
+    );
+    assert!(
+        is_invalid_input(model.forward(&ids.to_kind(Kind::Float), None, None, None)),
+        "float ids"
+    );
     let mask = Tensor::ones([2, 4], (Kind::Int64, Device::Cpu));
-    assert!(is_invalid_input(model.forward(&ids, Some(&mask), None, None)), "mask shape");
+    assert!(
+        is_invalid_input(model.forward(&ids, Some(&mask), None, None)),
+        "mask shape"
+    );
     let labels = Tensor::ones([2, 2], (Kind::Int64, Device::Cpu));
-    assert!(is_invalid_input(model.forward(&ids, None, None, Some(&labels))), "labels shape");
+    assert!(
+        is_invalid_input(model.forward(&ids, None, None, Some(&labels))),
+        "labels shape"
+    );
     let labels = Tensor::from_slice2(&[[1i64, 2, 50], [1, 2, 3]]);
-    assert!(is_invalid_input(model.forward(&ids, None, None, Some(&labels))), "label out of range");
+    assert!(
+        is_invalid_input(model.forward(&ids, None, None, Some(&labels))),
+        "label out of range"
+    );
     let negative = Tensor::from_slice2(&[[1i64, -1, 3]]);
-    assert!(is_invalid_input(model.forward(&negative, None, None, None)), "negative id");
+    assert!(
+        is_invalid_input(model.forward(&negative, None, None, None)),
+        "negative id"
+    );
     let too_big = Tensor::from_slice2(&[[1i64, 50, 3]]);
-    assert!(is_invalid_input(model.forward(&too_big, None, None, None)), "id >= vocab_size");
+    assert!(
+        is_invalid_input(model.forward(&too_big, None, None, None)),
+        "id >= vocab_size"
+    );
     let empty = Tensor::zeros([1, 0], (Kind::Int64, Device::Cpu));
-    assert!(is_invalid_input(model.forward(&empty, None, None, None)), "empty sequence");
+    assert!(
+        is_invalid_input(model.forward(&empty, None, None, None)),
+        "empty sequence"
+    );
 }
 
 #[test]
@@ -52,9 +79,21 @@ fn sequences_longer_than_n_positions_are_refused_with_and_without_cache() {
     let (_dir, model) = tiny();
     let long = Tensor::ones([1, 17], (Kind::Int64, Device::Cpu));
     assert!(is_invalid_input(model.forward(&long, None, None, None)));
-    let out = model.forward(&Tensor::ones([1, 16], (Kind::Int64, Device::Cpu)), None, None, None).unwrap();
+    let out = model
+        .forward(
+            &Tensor::ones([1, 16], (Kind::Int64, Device::Cpu)),
+            None,
+            None,
+            None,
+        )
+        .unwrap();
     let next = Tensor::ones([1, 1], (Kind::Int64, Device::Cpu));
-    assert!(is_invalid_input(model.forward(&next, None, Some(&out.past), None)));
+    assert!(is_invalid_input(model.forward(
+        &next,
+        None,
+        Some(&out.past),
+        None
+    )));
 }
 
 #[test]
@@ -64,16 +103,34 @@ fn broken_config_json_is_an_error() {
     let config = dir.path().join("config.json");
 
     std::fs::remove_file(&config).unwrap();
-    assert!(matches!(load(dir.path()), Err(Error::Hub(HubError::NotFound { .. }))));
+    assert!(matches!(
+        load(dir.path()),
+        Err(Error::Hub(HubError::NotFound { .. }))
+    ));
 
     std::fs::write(&config, "{ this is not json").unwrap();
-    assert!(matches!(load(dir.path()), Err(Error::Hub(HubError::Json { .. }))));
+    assert!(matches!(
+        load(dir.path()),
+        Err(Error::Hub(HubError::Json { .. }))
+    ));
 
     std::fs::write(&config, r#"{"n_embd": 16}"#).unwrap();
-    assert!(matches!(load(dir.path()), Err(Error::Model(vh_core::Error::Config(_)))), "no model_type");
+    assert!(
+        matches!(
+            load(dir.path()),
+            Err(Error::Model(vh_core::Error::Config(_)))
+        ),
+        "no model_type"
+    );
 
     std::fs::write(&config, r#"{"model_type": "gpt2", "n_embd": "sixteen"}"#).unwrap();
-    assert!(matches!(load(dir.path()), Err(Error::Model(vh_core::Error::Config(_)))), "wrong field type");
+    assert!(
+        matches!(
+            load(dir.path()),
+            Err(Error::Model(vh_core::Error::Config(_)))
+        ),
+        "wrong field type"
+    );
 
     std::fs::write(&config, r#"{"model_type": "bert"}"#).unwrap();
     assert!(matches!(load(dir.path()), Err(Error::UnsupportedModel(_))));
@@ -87,13 +144,28 @@ fn broken_weights_are_errors() {
     let bytes = std::fs::read(&weights).unwrap();
 
     std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
-    assert!(matches!(load(dir.path()), Err(Error::Hub(HubError::Safetensors { .. }))), "truncated");
+    assert!(
+        matches!(
+            load(dir.path()),
+            Err(Error::Hub(HubError::Safetensors { .. }))
+        ),
+        "truncated"
+    );
 
     std::fs::write(&weights, &bytes[..7]).unwrap();
-    assert!(matches!(load(dir.path()), Err(Error::Hub(HubError::Safetensors { .. }))), "header cut");
+    assert!(
+        matches!(
+            load(dir.path()),
+            Err(Error::Hub(HubError::Safetensors { .. }))
+        ),
+        "header cut"
+    );
 
     std::fs::remove_file(&weights).unwrap();
-    assert!(matches!(load(dir.path()), Err(Error::Hub(HubError::NotFound { .. }))), "missing");
+    assert!(
+        matches!(load(dir.path()), Err(Error::Hub(HubError::NotFound { .. }))),
+        "missing"
+    );
 
     // A tensor of the wrong shape, and a missing tensor.
     let mut tensors = vh_hub::read_safetensors(&{
@@ -101,14 +173,22 @@ fn broken_weights_are_errors() {
         weights.clone()
     })
     .unwrap();
-    let pos = tensors.iter().position(|(n, _)| n == "transformer.wpe.weight").unwrap();
+    let pos = tensors
+        .iter()
+        .position(|(n, _)| n == "transformer.wpe.weight")
+        .unwrap();
     tensors[pos].1 = Tensor::zeros([8, 16], (Kind::Float, Device::Cpu));
     vh_hub::write_safetensors(&weights, &tensors).unwrap();
-    assert!(matches!(load(dir.path()), Err(Error::Model(vh_core::Error::TensorShape { .. }))));
+    assert!(matches!(
+        load(dir.path()),
+        Err(Error::Model(vh_core::Error::TensorShape { .. }))
+    ));
     let _removed = tensors.remove(pos);
     vh_hub::write_safetensors(&weights, &tensors).unwrap();
     match load(dir.path()) {
-        Err(Error::Model(vh_core::Error::MissingTensor(name))) => assert_eq!(name, "transformer.wpe.weight"),
+        Err(Error::Model(vh_core::Error::MissingTensor(name))) => {
+            assert_eq!(name, "transformer.wpe.weight")
+        }
         other => panic!("expected a missing tensor, got {other:?}"),
     }
 }
@@ -122,7 +202,11 @@ fn a_backbone_without_lm_head_is_refused() {
     // Untied embeddings but no lm_head.weight in the checkpoint.
     write_tiny_gpt2(dir.path(), json!({"tie_word_embeddings": false}));
     let weights = dir.path().join("model.safetensors");
-    let tensors: Vec<_> = vh_hub::read_safetensors(&weights).unwrap().into_iter().filter(|(n, _)| n != "lm_head.weight").collect();
+    let tensors: Vec<_> = vh_hub::read_safetensors(&weights)
+        .unwrap()
+        .into_iter()
+        .filter(|(n, _)| n != "lm_head.weight")
+        .collect();
     vh_hub::write_safetensors(&weights, &tensors).unwrap();
     assert!(matches!(load(dir.path()), Err(Error::NoLmHead(_))));
 }
@@ -132,9 +216,15 @@ fn reduced_precision_backbones_keep_f32_head_and_outputs() {
     let dir = tempfile::tempdir().unwrap();
     write_tiny_gpt2(dir.path(), json!({}));
     let ids = Tensor::from_slice2(&[[1i64, 2, 3, 4], [5, 6, 7, 8]]);
-    let reference = load(dir.path()).unwrap().forward(&ids, None, None, None).unwrap();
+    let reference = load(dir.path())
+        .unwrap()
+        .forward(&ids, None, None, None)
+        .unwrap();
     for (dtype, tol) in [(Kind::BFloat16, 0.05), (Kind::Half, 0.005)] {
-        let options = LoadOptions { dtype, ..Default::default() };
+        let options = LoadOptions {
+            dtype,
+            ..Default::default()
+        };
         let model = CausalLmWithValueHead::from_folder(dir.path(), &options).unwrap();
         let vars = model.var_store().variables();
         assert_eq!(vars["transformer.h.0.attn.c_attn.weight"].kind(), dtype);
@@ -142,10 +232,18 @@ fn reduced_precision_backbones_keep_f32_head_and_outputs() {
         let out = model.forward(&ids, None, None, None).unwrap();
         assert_eq!(out.logits.kind(), Kind::Float);
         assert_eq!(out.values.kind(), Kind::Float);
-        let err = (&out.logits - &reference.logits).abs().max().double_value(&[]);
-        eprintln!("{dtype:?}: logits {err:.3e}"); assert!(err < tol, "{dtype:?} logits differ from f32 by {err}");
-        let verr = (&out.values - &reference.values).abs().max().double_value(&[]);
-        eprintln!("{dtype:?}: values {verr:.3e}"); assert!(verr < tol, "{dtype:?} values differ from f32 by {verr}");
+        let err = (&out.logits - &reference.logits)
+            .abs()
+            .max()
+            .double_value(&[]);
+        eprintln!("{dtype:?}: logits {err:.3e}");
+        assert!(err < tol, "{dtype:?} logits differ from f32 by {err}");
+        let verr = (&out.values - &reference.values)
+            .abs()
+            .max()
+            .double_value(&[]);
+        eprintln!("{dtype:?}: values {verr:.3e}");
+        assert!(verr < tol, "{dtype:?} values differ from f32 by {verr}");
     }
 }
 
@@ -153,7 +251,12 @@ fn reduced_precision_backbones_keep_f32_head_and_outputs() {
 fn state_dict_has_hf_names_and_the_value_head() {
     let (_dir, model) = tiny();
     let names: Vec<String> = model.state_dict().into_iter().map(|(n, _)| n).collect();
-    for n in ["transformer.wte.weight", "lm_head.weight", "v_head.summary.weight", "v_head.summary.bias"] {
+    for n in [
+        "transformer.wte.weight",
+        "lm_head.weight",
+        "v_head.summary.weight",
+        "v_head.summary.bias",
+    ] {
         assert!(names.iter().any(|x| x == n), "{n} missing from {names:?}");
     }
 }
@@ -172,9 +275,15 @@ fn train_mode_uses_dropout_and_eval_mode_does_not() {
     let labels = ids.shallow_clone();
     let out = model.forward(&ids, None, None, Some(&labels)).unwrap();
     (out.loss.unwrap() + out.values.sum(Kind::Float)).backward();
-    for name in ["transformer.h.0.attn.c_attn.weight", "v_head.summary.weight"] {
+    for name in [
+        "transformer.h.0.attn.c_attn.weight",
+        "v_head.summary.weight",
+    ] {
         let grad = model.var_store().variables()[name].grad();
-        assert!(grad.defined() && grad.abs().sum(Kind::Float).double_value(&[]) > 0.0, "{name} has no gradient");
+        assert!(
+            grad.defined() && grad.abs().sum(Kind::Float).double_value(&[]) > 0.0,
+            "{name} has no gradient"
+        );
     }
 }
 
@@ -182,15 +291,42 @@ fn train_mode_uses_dropout_and_eval_mode_does_not() {
 fn cli_reports_errors_without_panicking() {
     let dir = tempfile::tempdir().unwrap();
     write_tiny_gpt2(dir.path(), json!({}));
-    let run = |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_vh")).args(args).output().unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_vh"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
     let model = dir.path().to_str().unwrap();
     let missing = dir.path().join("missing.safetensors");
     let out_file = dir.path().join("out.safetensors");
     let cases: Vec<Vec<&str>> = vec![
-        vec!["forward", "--model", model, "--inputs", missing.to_str().unwrap(), "--out", out_file.to_str().unwrap()],
+        vec![
+            "forward",
+            "--model",
+            model,
+            "--inputs",
+            missing.to_str().unwrap(),
+            "--out",
+            out_file.to_str().unwrap(),
+        ],
         vec!["score", "--model", model, "--input-ids", "1 2 99"],
-        vec!["score", "--model", model, "--input-ids", "1 2", "--dtype", "f8"],
-        vec!["score", "--model", "/nonexistent/model", "--input-ids", "1 2"],
+        vec![
+            "score",
+            "--model",
+            model,
+            "--input-ids",
+            "1 2",
+            "--dtype",
+            "f8",
+        ],
+        vec![
+            "score",
+            "--model",
+            "/nonexistent/model",
+            "--input-ids",
+            "1 2",
+        ],
     ];
     for args in cases {
         let out = run(&args);
@@ -201,7 +337,18 @@ fn cli_reports_errors_without_panicking() {
     }
     assert!(!out_file.exists());
     let ok = run(&["score", "--model", model, "--input-ids", "1, 2, 3"]);
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     let table = String::from_utf8_lossy(&ok.stdout);
-    assert_eq!(table.lines().filter(|l| l.trim_start().starts_with(char::is_numeric)).count(), 3, "{table}");
+    assert_eq!(
+        table
+            .lines()
+            .filter(|l| l.trim_start().starts_with(char::is_numeric))
+            .count(),
+        3,
+        "{table}"
+    );
 }

@@ -40,10 +40,18 @@ fn cases() -> Vec<Case> {
         .iter()
         .map(|c| {
             let name = c["name"].as_str().unwrap().to_string();
-            Case { dir: root.join(&name), fresh_v_head: c["fresh_v_head"].as_bool().unwrap(), name }
+            Case {
+                dir: root.join(&name),
+                fresh_v_head: c["fresh_v_head"].as_bool().unwrap(),
+                name,
+            }
         })
         .collect();
-    assert!(cases.len() >= 15, "the reference produced only {} cases", cases.len());
+    assert!(
+        cases.len() >= 15,
+        "the reference produced only {} cases",
+        cases.len()
+    );
     cases
 }
 
@@ -60,7 +68,11 @@ fn gpt2_matches_trl_full_and_incremental() {
             .unwrap_or_else(|e| panic!("{}: {e}", case.name));
         let inputs = read_tensors(&case.dir.join("inputs.safetensors"));
         let expected = read_tensors(&case.dir.join("expected.safetensors"));
-        let (ids, mask, labels) = (&inputs["input_ids"], &inputs["attention_mask"], &inputs["labels"]);
+        let (ids, mask, labels) = (
+            &inputs["input_ids"],
+            &inputs["attention_mask"],
+            &inputs["labels"],
+        );
         let out = tch::no_grad(|| model.forward(ids, Some(mask), None, Some(labels))).unwrap();
 
         let logits_err = masked_max_abs_diff(&out.logits, &expected["logits"], mask);
@@ -75,24 +87,48 @@ fn gpt2_matches_trl_full_and_incremental() {
         // Incremental decoding: the prompt, then one token at a time through the cache.
         let seq = ids.size()[1];
         let first = tch::no_grad(|| {
-            model.forward(&ids.narrow(1, 0, PROMPT_LEN), Some(&mask.narrow(1, 0, PROMPT_LEN)), None, None)
+            model.forward(
+                &ids.narrow(1, 0, PROMPT_LEN),
+                Some(&mask.narrow(1, 0, PROMPT_LEN)),
+                None,
+                None,
+            )
         })
         .unwrap();
         let prompt_mask = mask.narrow(1, 0, PROMPT_LEN);
-        let mut step_err = masked_max_abs_diff(&first.logits, &expected["logits"].narrow(1, 0, PROMPT_LEN), &prompt_mask);
+        let mut step_err = masked_max_abs_diff(
+            &first.logits,
+            &expected["logits"].narrow(1, 0, PROMPT_LEN),
+            &prompt_mask,
+        );
         let mut past = first.past;
         for t in PROMPT_LEN..seq {
-            let step = tch::no_grad(|| model.forward(&ids.narrow(1, t, 1), Some(&mask.narrow(1, 0, t + 1)), Some(&past), None))
-                .unwrap();
-            step_err = step_err.max(max_abs_diff(&step.logits, &expected["logits"].narrow(1, t, 1)));
+            let step = tch::no_grad(|| {
+                model.forward(
+                    &ids.narrow(1, t, 1),
+                    Some(&mask.narrow(1, 0, t + 1)),
+                    Some(&past),
+                    None,
+                )
+            })
+            .unwrap();
+            step_err = step_err.max(max_abs_diff(
+                &step.logits,
+                &expected["logits"].narrow(1, t, 1),
+            ));
             if !case.fresh_v_head {
-                step_err = step_err.max(max_abs_diff(&step.values, &expected["values"].narrow(1, t, 1)));
+                step_err = step_err.max(max_abs_diff(
+                    &step.values,
+                    &expected["values"].narrow(1, t, 1),
+                ));
             }
             past = step.past;
         }
         assert_eq!(past.seq_len(), seq);
 
-        let worst = [logits_err, loss_err, values_err.unwrap_or(0.0), step_err].into_iter().fold(0.0, f64::max);
+        let worst = [logits_err, loss_err, values_err.unwrap_or(0.0), step_err]
+            .into_iter()
+            .fold(0.0, f64::max);
         let ok = worst <= TOLERANCE;
         if !ok {
             failures.push(case.name.clone());
@@ -107,17 +143,26 @@ fn gpt2_matches_trl_full_and_incremental() {
         ]);
     }
     println!("\nGPT-2 parity against TRL 0.26.2 (max abs error, tolerance {TOLERANCE:e}):");
-    print_table(&["case", "logits", "values", "loss", "incremental", "result"], &rows);
+    print_table(
+        &["case", "logits", "values", "loss", "incremental", "result"],
+        &rows,
+    );
     assert!(failures.is_empty(), "parity failed for {failures:?}");
 }
 
 #[test]
 fn fresh_head_checkpoint_still_scores_with_trl_logits() {
-    let case = cases().into_iter().find(|c| c.fresh_v_head).expect("a case without v_head");
+    let case = cases()
+        .into_iter()
+        .find(|c| c.fresh_v_head)
+        .expect("a case without v_head");
     let model = CausalLmWithValueHead::from_folder(&case.dir, &LoadOptions::default()).unwrap();
     let bound = 1.0 / (model.v_head().weight.size()[1] as f64).sqrt();
     assert!(model.v_head().weight.abs().max().double_value(&[]) <= bound);
-    assert!(model.state_dict().iter().any(|(n, _)| n == "v_head.summary.bias"));
+    assert!(model
+        .state_dict()
+        .iter()
+        .any(|(n, _)| n == "v_head.summary.bias"));
 }
 
 #[test]
@@ -139,15 +184,23 @@ fn vh_forward_cli_matches_trl() {
             .arg(&out)
             .output()
             .unwrap();
-        assert!(status.status.success(), "{}: {}", case.name, String::from_utf8_lossy(&status.stderr));
+        assert!(
+            status.status.success(),
+            "{}: {}",
+            case.name,
+            String::from_utf8_lossy(&status.stderr)
+        );
         let got = read_tensors(&out);
         let expected = read_tensors(&case.dir.join("expected.safetensors"));
         let mask = &read_tensors(&case.dir.join("inputs.safetensors"))["attention_mask"];
         let logits_err = masked_max_abs_diff(&got["logits"], &expected["logits"], mask);
         let loss_err = max_abs_diff(&got["loss"], &expected["loss"]);
         assert_eq!(got["logits"].kind(), tch::Kind::Float);
-        let values_err =
-            if case.fresh_v_head { 0.0 } else { masked_max_abs_diff(&got["values"], &expected["values"], mask) };
+        let values_err = if case.fresh_v_head {
+            0.0
+        } else {
+            masked_max_abs_diff(&got["values"], &expected["values"], mask)
+        };
         let worst = logits_err.max(loss_err).max(values_err);
         assert!(
             worst <= TOLERANCE,

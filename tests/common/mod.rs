@@ -11,7 +11,10 @@ pub const TOLERANCE: f64 = 1e-4;
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root")
 }
 
 /// The reference environment's Python. Parity tests fail (never skip) without it.
@@ -47,7 +50,10 @@ pub fn run_reference(script: &str, args: &[&Path]) {
 
 /// Reads a safetensors file into a name -> tensor map.
 pub fn read_tensors(path: &Path) -> HashMap<String, Tensor> {
-    vh_hub::read_safetensors(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).into_iter().collect()
+    vh_hub::read_safetensors(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .into_iter()
+        .collect()
 }
 
 /// The largest |a - b| over the [batch, seq] positions where `mask` is 1 (trailing dimensions
@@ -66,7 +72,10 @@ pub fn masked_max_abs_diff(a: &Tensor, b: &Tensor, mask: &Tensor) -> f64 {
 /// The largest |a - b|.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.size(), b.size(), "shapes differ");
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
+    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
+        .abs()
+        .max()
+        .double_value(&[])
 }
 
 /// Prints a table with a header row; columns padded to their widest cell.
@@ -78,10 +87,22 @@ pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
         }
     }
     let line = |cells: Vec<String>| {
-        cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect::<Vec<_>>().join(" | ")
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect::<Vec<_>>()
+            .join(" | ")
     };
     println!("{}", line(header.iter().map(|s| s.to_string()).collect()));
-    println!("{}", widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("-|-"));
+    println!(
+        "{}",
+        widths
+            .iter()
+            .map(|w| "-".repeat(*w))
+            .collect::<Vec<_>>()
+            .join("-|-")
+    );
     for row in rows {
         println!("{}", line(row.clone()));
     }
@@ -104,11 +125,26 @@ pub fn write_tiny_gpt2(dir: &Path, config: serde_json::Value) {
     let mut tensors: Vec<(String, Tensor)> = vs
         .variables()
         .into_iter()
-        .map(|(n, v)| (n, Tensor::randn(v.size(), (Kind::Float, tch::Device::Cpu)) * 0.2))
+        .map(|(n, v)| {
+            (
+                n,
+                Tensor::randn(v.size(), (Kind::Float, tch::Device::Cpu)) * 0.2,
+            )
+        })
         .collect();
-    tensors.push(("v_head.summary.weight".into(), Tensor::randn([1, parsed.n_embd], (Kind::Float, tch::Device::Cpu))));
-    tensors.push(("v_head.summary.bias".into(), Tensor::zeros([1], (Kind::Float, tch::Device::Cpu))));
+    tensors.push((
+        "v_head.summary.weight".into(),
+        Tensor::randn([1, parsed.n_embd], (Kind::Float, tch::Device::Cpu)),
+    ));
+    tensors.push((
+        "v_head.summary.bias".into(),
+        Tensor::zeros([1], (Kind::Float, tch::Device::Cpu)),
+    ));
     std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&cfg).unwrap(),
+    )
+    .unwrap();
     vh_hub::write_safetensors(&dir.join("model.safetensors"), &tensors).unwrap();
 }

@@ -62,13 +62,15 @@ fn cache_dir() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
         return Ok(PathBuf::from(dir).join("valuehead"));
     }
-    let home = std::env::var_os("HOME").context("neither VALUEHEAD_CACHE, XDG_CACHE_HOME nor HOME is set")?;
+    let home = std::env::var_os("HOME")
+        .context("neither VALUEHEAD_CACHE, XDG_CACHE_HOME nor HOME is set")?;
     Ok(PathBuf::from(home).join(".cache").join("valuehead"))
 }
 
 /// First 16 hex digits of the SHA-256 of the requirements file: the environment's cache key.
 fn requirements_key(requirements: &Path) -> Result<String> {
-    let bytes = std::fs::read(requirements).with_context(|| format!("reading {}", requirements.display()))?;
+    let bytes = std::fs::read(requirements)
+        .with_context(|| format!("reading {}", requirements.display()))?;
     let digest = Sha256::digest(&bytes);
     Ok(digest.iter().take(8).map(|b| format!("{b:02x}")).collect())
 }
@@ -84,7 +86,11 @@ fn run(cmd: &mut Command) -> Result<()> {
 fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed with {}:\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{cmd:?} failed with {}:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(String::from_utf8(out.stdout)?.trim().to_string())
 }
@@ -93,7 +99,10 @@ fn output(cmd: &mut Command) -> Result<String> {
 fn relink(link: &Path, target: &Path) -> Result<()> {
     if link.symlink_metadata().is_ok() {
         if link.is_dir() && !link.symlink_metadata()?.file_type().is_symlink() {
-            bail!("{} is a real folder, not a link; move it away and run setup again", link.display());
+            bail!(
+                "{} is a real folder, not a link; move it away and run setup again",
+                link.display()
+            );
         }
         std::fs::remove_file(link).with_context(|| format!("removing {}", link.display()))?;
     }
@@ -111,7 +120,10 @@ fn setup() -> Result<PathBuf> {
     let env_dir = cache.join(format!("pyenv-{key}"));
     let marker = env_dir.join(".complete");
     if marker.exists() {
-        eprintln!("setup: reusing the reference environment {}", env_dir.display());
+        eprintln!(
+            "setup: reusing the reference environment {}",
+            env_dir.display()
+        );
     } else {
         create_env(&cache, &env_dir, &requirements)?;
     }
@@ -140,8 +152,14 @@ fn create_env(cache: &Path, env_dir: &Path, requirements: &Path) -> Result<()> {
         std::fs::remove_dir_all(&partial)?;
     }
     let base_python = std::env::var("VALUEHEAD_PYTHON").unwrap_or_else(|_| "python3".to_string());
-    eprintln!("setup: creating the reference environment in {} (about 5 GB, once per requirements file)", env_dir.display());
-    run(Command::new(&base_python).arg("-m").arg("venv").arg(&partial))?;
+    eprintln!(
+        "setup: creating the reference environment in {} (about 5 GB, once per requirements file)",
+        env_dir.display()
+    );
+    run(Command::new(&base_python)
+        .arg("-m")
+        .arg("venv")
+        .arg(&partial))?;
     let python = partial.join("bin").join("python");
     run(Command::new(&python)
         .args(["-m", "pip", "install", "--disable-pip-version-check", "-r"])
@@ -184,7 +202,18 @@ fn demo(extra: &[String]) -> Result<()> {
     setup()?;
     let model = root().join("assets").join("tiny-gpt2-vh");
     run(cargo()
-        .args(["run", "--quiet", "--release", "-p", "valuehead", "--bin", "vh", "--", "score", "--model"])
+        .args([
+            "run",
+            "--quiet",
+            "--release",
+            "-p",
+            "valuehead",
+            "--bin",
+            "vh",
+            "--",
+            "score",
+            "--model",
+        ])
         .arg(&model)
         .args(["--input-ids", "17 42 256 3 99 511 8 120 64 7"])
         .args(extra))

@@ -32,11 +32,19 @@ struct BackboneOutput {
 
 impl CausalBackbone {
     fn build(vs: &VarStore, config: &Value) -> Result<Self> {
-        let model_type = config.get("model_type").and_then(Value::as_str).ok_or_else(|| {
-            Error::Model(vh_core::Error::Config("config.json has no `model_type` string".to_string()))
-        })?;
+        let model_type = config
+            .get("model_type")
+            .and_then(Value::as_str)
+            .ok_or_else(|| {
+                Error::Model(vh_core::Error::Config(
+                    "config.json has no `model_type` string".to_string(),
+                ))
+            })?;
         match model_type {
-            "gpt2" => Ok(Self::Gpt2(Gpt2LmHeadModel::new(vs.root(), &Gpt2Config::from_json(config)?)?)),
+            "gpt2" => Ok(Self::Gpt2(Gpt2LmHeadModel::new(
+                vs.root(),
+                &Gpt2Config::from_json(config)?,
+            )?)),
             other => Err(Error::UnsupportedModel(other.to_string())),
         }
     }
@@ -56,8 +64,18 @@ impl CausalBackbone {
     fn forward(&self, input: &CausalLmInput<'_>, train: bool) -> Result<BackboneOutput> {
         match self {
             Self::Gpt2(m) => {
-                let out = m.forward(input.input_ids, input.attention_mask, input.position_ids, input.past, train)?;
-                Ok(BackboneOutput { logits: out.logits, last_hidden_state: out.last_hidden_state, cache: out.cache })
+                let out = m.forward(
+                    input.input_ids,
+                    input.attention_mask,
+                    input.position_ids,
+                    input.past,
+                    train,
+                )?;
+                Ok(BackboneOutput {
+                    logits: out.logits,
+                    last_hidden_state: out.last_hidden_state,
+                    cache: out.cache,
+                })
             }
         }
     }
@@ -78,7 +96,9 @@ fn has_lm_head_architecture(config: &Value) -> Option<bool> {
         return None;
     }
     Some(archs.iter().filter_map(Value::as_str).any(|a| {
-        a.ends_with("LMHeadModel") || a.ends_with("ForCausalLM") || a.ends_with("ForConditionalGeneration")
+        a.ends_with("LMHeadModel")
+            || a.ends_with("ForCausalLM")
+            || a.ends_with("ForConditionalGeneration")
     }))
 }
 
@@ -100,7 +120,13 @@ pub struct CausalLmInput<'a> {
 impl<'a> CausalLmInput<'a> {
     /// Inputs with only token ids.
     pub fn new(input_ids: &'a Tensor) -> Self {
-        Self { input_ids, attention_mask: None, position_ids: None, past: None, labels: None }
+        Self {
+            input_ids,
+            attention_mask: None,
+            position_ids: None,
+            past: None,
+            labels: None,
+        }
     }
     /// Sets the attention mask.
     pub fn attention_mask(mut self, mask: &'a Tensor) -> Self {
@@ -159,10 +185,17 @@ impl CausalLmWithValueHead {
     }
 
     /// Builds the model from a parsed config.json and the checkpoint's named tensors.
-    pub fn from_parts(config: Value, tensors: Vec<(String, Tensor)>, options: &LoadOptions) -> Result<Self> {
+    pub fn from_parts(
+        config: Value,
+        tensors: Vec<(String, Tensor)>,
+        options: &LoadOptions,
+    ) -> Result<Self> {
         check_device(options.device)?;
         if !vh_core::tensor::is_float_kind(options.dtype) {
-            return Err(Error::InvalidOption(format!("dtype must be a float kind, got {:?}", options.dtype)));
+            return Err(Error::InvalidOption(format!(
+                "dtype must be a float kind, got {:?}",
+                options.dtype
+            )));
         }
         if has_lm_head_architecture(&config) == Some(false) {
             return Err(Error::NoLmHead(format!(
@@ -189,17 +222,25 @@ impl CausalLmWithValueHead {
             }
         }
         let report = load_variables(&vs, backbone_tensors)?;
-        let missing: Vec<&String> = report.missing.iter().filter(|n| !n.starts_with(V_HEAD_PREFIX)).collect();
+        let missing: Vec<&String> = report
+            .missing
+            .iter()
+            .filter(|n| !n.starts_with(V_HEAD_PREFIX))
+            .collect();
         if missing.iter().any(|n| n.as_str() == "lm_head.weight") && !has_lm_head_weight {
             return Err(Error::NoLmHead(
-                "the checkpoint has no `lm_head.weight` and its config does not tie the embeddings".to_string(),
+                "the checkpoint has no `lm_head.weight` and its config does not tie the embeddings"
+                    .to_string(),
             ));
         }
         if let Some(first) = missing.first() {
             return Err(vh_core::Error::MissingTensor(first.to_string()).into());
         }
         if !report.unexpected.is_empty() {
-            log::warn!("ignoring checkpoint tensors the model does not use: {}", report.unexpected.join(", "));
+            log::warn!(
+                "ignoring checkpoint tensors the model does not use: {}",
+                report.unexpected.join(", ")
+            );
         }
         if head_tensors.is_empty() {
             log::warn!(
@@ -208,16 +249,29 @@ impl CausalLmWithValueHead {
             );
         } else {
             let head_report = load_variables(&vs, head_tensors)?;
-            let head_missing: Vec<&String> = head_report.missing.iter().filter(|n| n.starts_with(V_HEAD_PREFIX)).collect();
+            let head_missing: Vec<&String> = head_report
+                .missing
+                .iter()
+                .filter(|n| n.starts_with(V_HEAD_PREFIX))
+                .collect();
             if !head_missing.is_empty() {
                 log::warn!("value-head tensors missing from the checkpoint, left freshly initialised: {head_missing:?}");
             }
             if !head_report.unexpected.is_empty() {
-                log::warn!("ignoring unknown value-head tensors: {}", head_report.unexpected.join(", "));
+                log::warn!(
+                    "ignoring unknown value-head tensors: {}",
+                    head_report.unexpected.join(", ")
+                );
             }
         }
         cast_variables(&vs, options.dtype, |name| !name.starts_with(V_HEAD_PREFIX))?;
-        Ok(Self { vs, backbone, v_head, config, train: false })
+        Ok(Self {
+            vs,
+            backbone,
+            v_head,
+            config,
+            train: false,
+        })
     }
 
     /// Runs the model. `attention_mask` covers cached and new tokens; `labels` add the loss.
@@ -228,7 +282,13 @@ impl CausalLmWithValueHead {
         past: Option<&Cache>,
         labels: Option<&Tensor>,
     ) -> Result<CausalLmOutput> {
-        self.forward_with(&CausalLmInput { input_ids, attention_mask, position_ids: None, past, labels })
+        self.forward_with(&CausalLmInput {
+            input_ids,
+            attention_mask,
+            position_ids: None,
+            past,
+            labels,
+        })
     }
 
     /// Runs the model on the given inputs.
@@ -240,9 +300,21 @@ impl CausalLmWithValueHead {
         }
         let out = self.backbone.forward(input, self.train)?;
         let values = self.v_head.forward(&out.last_hidden_state, self.train)?;
-        let logits = if out.logits.kind() == Kind::Float { out.logits } else { out.logits.f_to_kind(Kind::Float)? };
-        let loss = input.labels.map(|labels| causal_lm_loss(&logits, labels)).transpose()?;
-        Ok(CausalLmOutput { logits, loss, values, past: out.cache })
+        let logits = if out.logits.kind() == Kind::Float {
+            out.logits
+        } else {
+            out.logits.f_to_kind(Kind::Float)?
+        };
+        let loss = input
+            .labels
+            .map(|labels| causal_lm_loss(&logits, labels))
+            .transpose()?;
+        Ok(CausalLmOutput {
+            logits,
+            loss,
+            values,
+            past: out.cache,
+        })
     }
 
     /// Every tensor under its HF name: the backbone's (tied aliases included, as HF lists them)
@@ -250,7 +322,11 @@ impl CausalLmWithValueHead {
     pub fn state_dict(&self) -> Vec<(String, Tensor)> {
         let mut entries = vh_core::state::state_dict(&self.vs);
         for (alias, target) in self.backbone.tied_aliases() {
-            if let Some(t) = entries.iter().find(|(n, _)| n == target).map(|(_, t)| t.shallow_clone()) {
+            if let Some(t) = entries
+                .iter()
+                .find(|(n, _)| n == target)
+                .map(|(_, t)| t.shallow_clone())
+            {
                 entries.push((alias.to_string(), t));
             }
         }

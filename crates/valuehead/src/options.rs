@@ -18,7 +18,11 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { value_head: ValueHeadOptions::default(), dtype: Kind::Float, device: Device::Cpu }
+        Self {
+            value_head: ValueHeadOptions::default(),
+            dtype: Kind::Float,
+            device: Device::Cpu,
+        }
     }
 }
 
@@ -28,7 +32,9 @@ pub fn parse_dtype(name: &str) -> Result<Kind> {
         "f32" | "float32" | "float" => Ok(Kind::Float),
         "f16" | "float16" | "half" => Ok(Kind::Half),
         "bf16" | "bfloat16" => Ok(Kind::BFloat16),
-        other => Err(Error::InvalidOption(format!("unknown dtype `{other}` (expected f32, f16 or bf16)"))),
+        other => Err(Error::InvalidOption(format!(
+            "unknown dtype `{other}` (expected f32, f16 or bf16)"
+        ))),
     }
 }
 
@@ -37,9 +43,16 @@ pub fn parse_device(name: &str) -> Result<Device> {
     let device = match name {
         "cpu" => Device::Cpu,
         "cuda" => Device::Cuda(0),
-        other => match other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+        other => match other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
             Some(n) => Device::Cuda(n),
-            None => return Err(Error::InvalidOption(format!("unknown device `{other}` (expected cpu, cuda or cuda:N)"))),
+            None => {
+                return Err(Error::InvalidOption(format!(
+                    "unknown device `{other}` (expected cpu, cuda or cuda:N)"
+                )))
+            }
         },
     };
     check_device(device)?;
@@ -51,7 +64,9 @@ pub fn check_device(device: Device) -> Result<()> {
     if let Device::Cuda(n) = device {
         let count = tch::Cuda::device_count();
         if (n as i64) >= count {
-            return Err(Error::InvalidOption(format!("device cuda:{n} requested, but this machine has {count} CUDA device(s)")));
+            return Err(Error::InvalidOption(format!(
+                "device cuda:{n} requested, but this machine has {count} CUDA device(s)"
+            )));
         }
     }
     Ok(())

@@ -9,19 +9,37 @@ pub const IGNORE_INDEX: i64 = -100;
 
 /// Whether `kind` holds integers (token ids, labels, masks).
 pub fn is_integer_kind(kind: Kind) -> bool {
-    matches!(kind, Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8)
+    matches!(
+        kind,
+        Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8
+    )
 }
 
 /// Whether `kind` is a floating-point kind.
 pub fn is_float_kind(kind: Kind) -> bool {
-    matches!(kind, Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16)
+    matches!(
+        kind,
+        Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16
+    )
+}
+
+/// The most negative finite value of a float kind: what HF fills masked attention scores with.
+pub fn min_value(kind: Kind) -> f64 {
+    match kind {
+        Kind::Half => -65504.0,
+        Kind::BFloat16 => -3.3895313892515355e38,
+        Kind::Double => f64::MIN,
+        _ => f32::MIN as f64,
+    }
 }
 
 /// Checks that `t` has exactly `rank` dimensions.
 pub fn expect_rank(t: &Tensor, name: &str, rank: usize) -> Result<()> {
     let size = t.size();
     if size.len() != rank {
-        return Err(invalid(format!("`{name}` must have {rank} dimensions, got shape {size:?}")));
+        return Err(invalid(format!(
+            "`{name}` must have {rank} dimensions, got shape {size:?}"
+        )));
     }
     Ok(())
 }
@@ -30,7 +48,9 @@ pub fn expect_rank(t: &Tensor, name: &str, rank: usize) -> Result<()> {
 pub fn expect_shape(t: &Tensor, name: &str, expected: &[i64]) -> Result<()> {
     let size = t.size();
     if size != expected {
-        return Err(invalid(format!("`{name}` must have shape {expected:?}, got {size:?}")));
+        return Err(invalid(format!(
+            "`{name}` must have shape {expected:?}, got {size:?}"
+        )));
     }
     Ok(())
 }
@@ -38,7 +58,10 @@ pub fn expect_shape(t: &Tensor, name: &str, expected: &[i64]) -> Result<()> {
 /// Checks that `t` holds integers.
 pub fn expect_integer(t: &Tensor, name: &str) -> Result<()> {
     if !is_integer_kind(t.kind()) {
-        return Err(invalid(format!("`{name}` must hold integers, got {:?}", t.kind())));
+        return Err(invalid(format!(
+            "`{name}` must hold integers, got {:?}",
+            t.kind()
+        )));
     }
     Ok(())
 }
@@ -57,12 +80,16 @@ pub fn check_input_ids(input_ids: &Tensor, vocab_size: i64) -> Result<(i64, i64)
     expect_integer(input_ids, "input_ids")?;
     let (batch, seq) = (input_ids.size()[0], input_ids.size()[1]);
     if batch == 0 || seq == 0 {
-        return Err(invalid(format!("`input_ids` is empty (shape [{batch}, {seq}])")));
+        return Err(invalid(format!(
+            "`input_ids` is empty (shape [{batch}, {seq}])"
+        )));
     }
     let (lo, hi) = int_range(input_ids)?;
     if lo < 0 || hi >= vocab_size {
         let bad = if lo < 0 { lo } else { hi };
-        return Err(invalid(format!("token id {bad} in `input_ids` is outside the vocabulary 0..{vocab_size}")));
+        return Err(invalid(format!(
+            "token id {bad} in `input_ids` is outside the vocabulary 0..{vocab_size}"
+        )));
     }
     Ok((batch, seq))
 }
@@ -75,10 +102,17 @@ pub fn attention_mask_to_bool(mask: &Tensor, name: &str, expected: &[i64]) -> Re
         return Ok(mask.shallow_clone());
     }
     if !(is_integer_kind(mask.kind()) || is_float_kind(mask.kind())) {
-        return Err(invalid(format!("`{name}` must hold 0/1 values, got kind {:?}", mask.kind())));
+        return Err(invalid(format!(
+            "`{name}` must hold 0/1 values, got kind {:?}",
+            mask.kind()
+        )));
     }
     let ones = mask.f_eq(1)?;
-    let valid = ones.f_logical_or(&mask.f_eq(0)?)?.f_all()?.f_int64_value(&[])? != 0;
+    let valid = ones
+        .f_logical_or(&mask.f_eq(0)?)?
+        .f_all()?
+        .f_int64_value(&[])?
+        != 0;
     if !valid {
         return Err(invalid(format!("`{name}` may only hold 0 and 1")));
     }
@@ -101,9 +135,14 @@ pub fn check_labels(labels: &Tensor, batch: i64, seq: i64, vocab_size: i64) -> R
     expect_shape(labels, "labels", &[batch, seq])?;
     expect_integer(labels, "labels")?;
     let kept = labels.f_ne(IGNORE_INDEX)?;
-    let out_of_range = labels.f_lt(0)?.f_logical_or(&labels.f_ge(vocab_size)?)?.f_logical_and(&kept)?;
+    let out_of_range = labels
+        .f_lt(0)?
+        .f_logical_or(&labels.f_ge(vocab_size)?)?
+        .f_logical_and(&kept)?;
     if out_of_range.f_any()?.f_int64_value(&[])? != 0 {
-        return Err(invalid(format!("`labels` must be {IGNORE_INDEX} or a token id in 0..{vocab_size}")));
+        return Err(invalid(format!(
+            "`labels` must be {IGNORE_INDEX} or a token id in 0..{vocab_size}"
+        )));
     }
     Ok(())
 }
@@ -121,12 +160,24 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     if seq < 2 {
         return Err(invalid("the loss needs sequences of at least 2 tokens"));
     }
-    let labels = labels.f_to_device(logits.device())?.f_to_kind(Kind::Int64)?;
+    let labels = labels
+        .f_to_device(logits.device())?
+        .f_to_kind(Kind::Int64)?;
     let shifted_labels = labels.f_narrow(1, 1, seq - 1)?.f_reshape([-1])?;
-    if shifted_labels.f_ne(IGNORE_INDEX)?.f_any()?.f_int64_value(&[])? == 0 {
-        return Err(invalid("every label after the first position is -100, so the loss is undefined"));
+    if shifted_labels
+        .f_ne(IGNORE_INDEX)?
+        .f_any()?
+        .f_int64_value(&[])?
+        == 0
+    {
+        return Err(invalid(
+            "every label after the first position is -100, so the loss is undefined",
+        ));
     }
-    let shifted_logits = logits.f_narrow(1, 0, seq - 1)?.f_to_kind(Kind::Float)?.f_reshape([batch * (seq - 1), vocab])?;
+    let shifted_logits = logits
+        .f_narrow(1, 0, seq - 1)?
+        .f_to_kind(Kind::Float)?
+        .f_reshape([batch * (seq - 1), vocab])?;
     Ok(shifted_logits.f_cross_entropy_loss::<Tensor>(
         &shifted_labels,
         None,
@@ -142,11 +193,19 @@ mod tests {
 
     #[test]
     fn position_ids_follow_left_padding() {
-        let mask = Tensor::from_slice2(&[[0i64, 0, 1, 1], [1, 1, 1, 1]]).f_eq(1).unwrap();
+        let mask = Tensor::from_slice2(&[[0i64, 0, 1, 1], [1, 1, 1, 1]])
+            .f_eq(1)
+            .unwrap();
         let pos = position_ids_from_mask(&mask, 4).unwrap();
-        assert_eq!(Vec::<i64>::try_from(pos.reshape([-1])).unwrap(), vec![1, 1, 0, 1, 0, 1, 2, 3]);
+        assert_eq!(
+            Vec::<i64>::try_from(pos.reshape([-1])).unwrap(),
+            vec![1, 1, 0, 1, 0, 1, 2, 3]
+        );
         let last = position_ids_from_mask(&mask, 1).unwrap();
-        assert_eq!(Vec::<i64>::try_from(last.reshape([-1])).unwrap(), vec![1, 3]);
+        assert_eq!(
+            Vec::<i64>::try_from(last.reshape([-1])).unwrap(),
+            vec![1, 3]
+        );
     }
 
     #[test]
@@ -171,7 +230,8 @@ mod tests {
 
     #[test]
     fn loss_ignores_minus_100_and_matches_manual_value() {
-        let logits = Tensor::from_slice(&[0.0f32, 1.0, 2.0, 1.0, 0.0, 0.0, 0.5, 0.5, 0.0]).reshape([1, 3, 3]);
+        let logits = Tensor::from_slice(&[0.0f32, 1.0, 2.0, 1.0, 0.0, 0.0, 0.5, 0.5, 0.0])
+            .reshape([1, 3, 3]);
         let labels = Tensor::from_slice2(&[[0i64, 2, -100]]);
         check_labels(&labels, 1, 3, 3).unwrap();
         let loss = causal_lm_loss(&logits, &labels).unwrap().double_value(&[]);

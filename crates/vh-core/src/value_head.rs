@@ -20,7 +20,9 @@ impl std::str::FromStr for InitStrategy {
         match s {
             "none" | "None" | "default" => Ok(Self::Default),
             "normal" => Ok(Self::Normal),
-            other => Err(Error::Config(format!("unknown v_head_init_strategy `{other}` (expected none or \"normal\")"))),
+            other => Err(Error::Config(format!(
+                "unknown v_head_init_strategy `{other}` (expected none or \"normal\")"
+            ))),
         }
     }
 }
@@ -52,11 +54,11 @@ pub struct ValueHeadConfig {
 fn json_i64(config: &Value, key: &str) -> Result<Option<i64>> {
     match config.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_i64()
-            .filter(|n| *n > 0)
-            .map(Some)
-            .ok_or_else(|| Error::Config(format!("`{key}` must be a positive integer, got {v}"))),
+        Some(v) => {
+            v.as_i64().filter(|n| *n > 0).map(Some).ok_or_else(|| {
+                Error::Config(format!("`{key}` must be a positive integer, got {v}"))
+            })
+        }
     }
 }
 
@@ -68,15 +70,20 @@ impl ValueHeadConfig {
     pub fn resolve(config: &Value, options: &ValueHeadOptions) -> Result<Self> {
         let dropout_prob = match config.get("summary_dropout_prob") {
             Some(Value::Null) => 0.0,
-            Some(v) => v
-                .as_f64()
-                .ok_or_else(|| Error::Config(format!("`summary_dropout_prob` must be a number, got {v}")))?,
+            Some(v) => v.as_f64().ok_or_else(|| {
+                Error::Config(format!("`summary_dropout_prob` must be a number, got {v}"))
+            })?,
             None => options.summary_dropout_prob.unwrap_or(0.1),
         };
         if !(0.0..=1.0).contains(&dropout_prob) {
-            return Err(Error::Config(format!("summary_dropout_prob must be in [0, 1], got {dropout_prob}")));
+            return Err(Error::Config(format!(
+                "summary_dropout_prob must be in [0, 1], got {dropout_prob}"
+            )));
         }
-        let decoder_hidden = match (config.get("is_encoder_decoder").and_then(Value::as_bool), config.get("decoder")) {
+        let decoder_hidden = match (
+            config.get("is_encoder_decoder").and_then(Value::as_bool),
+            config.get("decoder"),
+        ) {
             (Some(true), Some(decoder)) => json_i64(decoder, "hidden_size")?,
             _ => None,
         };
@@ -89,13 +96,22 @@ impl ValueHeadConfig {
             hidden_size = hidden_size.or(json_i64(config, key)?);
         }
         let hidden_size = hidden_size.ok_or_else(|| {
-            Error::Config("config has none of word_embed_proj_dim, hidden_size, n_embd, d_model".to_string())
+            Error::Config(
+                "config has none of word_embed_proj_dim, hidden_size, n_embd, d_model".to_string(),
+            )
         })?;
         let initializer_range = options.v_head_initializer_range.unwrap_or(0.2);
         if !(initializer_range.is_finite() && initializer_range >= 0.0) {
-            return Err(Error::Config(format!("v_head_initializer_range must be >= 0, got {initializer_range}")));
+            return Err(Error::Config(format!(
+                "v_head_initializer_range must be >= 0, got {initializer_range}"
+            )));
         }
-        Ok(Self { hidden_size, dropout_prob, init: options.v_head_init_strategy.unwrap_or_default(), initializer_range })
+        Ok(Self {
+            hidden_size,
+            dropout_prob,
+            init: options.v_head_init_strategy.unwrap_or_default(),
+            initializer_range,
+        })
     }
 }
 
@@ -119,15 +135,33 @@ impl ValueHead {
         let (w_init, b_init) = match config.init {
             InitStrategy::Default => {
                 let bound = 1.0 / (h as f64).sqrt();
-                (nn::Init::Uniform { lo: -bound, up: bound }, nn::Init::Uniform { lo: -bound, up: bound })
+                (
+                    nn::Init::Uniform {
+                        lo: -bound,
+                        up: bound,
+                    },
+                    nn::Init::Uniform {
+                        lo: -bound,
+                        up: bound,
+                    },
+                )
             }
-            InitStrategy::Normal => {
-                (nn::Init::Randn { mean: 0.0, stdev: config.initializer_range }, nn::Init::Const(0.0))
-            }
+            InitStrategy::Normal => (
+                nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: config.initializer_range,
+                },
+                nn::Init::Const(0.0),
+            ),
         };
         let weight = summary.f_var("weight", &[1, h], w_init)?;
         let bias = summary.f_var("bias", &[1], b_init)?;
-        Ok(Self { weight, bias, dropout_prob: config.dropout_prob, hidden_size: h })
+        Ok(Self {
+            weight,
+            bias,
+            dropout_prob: config.dropout_prob,
+            hidden_size: h,
+        })
     }
 
     /// Values [batch, seq] from hidden states [batch, seq, hidden] of any float kind; the states
@@ -145,9 +179,13 @@ impl ValueHead {
             output = output.f_dropout(self.dropout_prob, true)?;
         }
         if output.kind() != self.weight.kind() || output.device() != self.weight.device() {
-            output = output.f_to_device(self.weight.device())?.f_to_kind(self.weight.kind())?;
+            output = output
+                .f_to_device(self.weight.device())?
+                .f_to_kind(self.weight.kind())?;
         }
-        Ok(output.f_linear(&self.weight, Some(&self.bias))?.f_squeeze_dim(-1)?)
+        Ok(output
+            .f_linear(&self.weight, Some(&self.bias))?
+            .f_squeeze_dim(-1)?)
     }
 
     /// The dropout probability in use.
@@ -171,18 +209,36 @@ mod tests {
     fn resolves_dropout_and_width_like_trl() {
         let opts = ValueHeadOptions::default();
         let c = ValueHeadConfig::resolve(&json!({"n_embd": 8}), &opts).unwrap();
-        assert_eq!((c.hidden_size, c.dropout_prob, c.init), (8, 0.1, InitStrategy::Default));
-        let c = ValueHeadConfig::resolve(&json!({"hidden_size": 8, "summary_dropout_prob": null}), &opts).unwrap();
+        assert_eq!(
+            (c.hidden_size, c.dropout_prob, c.init),
+            (8, 0.1, InitStrategy::Default)
+        );
+        let c = ValueHeadConfig::resolve(
+            &json!({"hidden_size": 8, "summary_dropout_prob": null}),
+            &opts,
+        )
+        .unwrap();
         assert_eq!(c.dropout_prob, 0.0);
-        let opts2 = ValueHeadOptions { summary_dropout_prob: Some(0.3), ..Default::default() };
-        let c = ValueHeadConfig::resolve(&json!({"d_model": 8, "summary_dropout_prob": 0.5}), &opts2).unwrap();
+        let opts2 = ValueHeadOptions {
+            summary_dropout_prob: Some(0.3),
+            ..Default::default()
+        };
+        let c =
+            ValueHeadConfig::resolve(&json!({"d_model": 8, "summary_dropout_prob": 0.5}), &opts2)
+                .unwrap();
         assert_eq!((c.hidden_size, c.dropout_prob), (8, 0.5));
         let c = ValueHeadConfig::resolve(&json!({"d_model": 8}), &opts2).unwrap();
         assert_eq!(c.dropout_prob, 0.3);
-        let c = ValueHeadConfig::resolve(&json!({"hidden_size": 8, "word_embed_proj_dim": 4}), &opts).unwrap();
+        let c =
+            ValueHeadConfig::resolve(&json!({"hidden_size": 8, "word_embed_proj_dim": 4}), &opts)
+                .unwrap();
         assert_eq!(c.hidden_size, 4);
         assert!(ValueHeadConfig::resolve(&json!({"vocab_size": 8}), &opts).is_err());
-        assert!(ValueHeadConfig::resolve(&json!({"n_embd": 8, "summary_dropout_prob": 2.0}), &opts).is_err());
+        assert!(ValueHeadConfig::resolve(
+            &json!({"n_embd": 8, "summary_dropout_prob": 2.0}),
+            &opts
+        )
+        .is_err());
         assert!("uniform".parse::<InitStrategy>().is_err());
     }
 
@@ -190,7 +246,12 @@ mod tests {
     fn default_init_is_bounded_and_normal_init_zeroes_bias() {
         tch::manual_seed(0);
         let vs = VarStore::new(Device::Cpu);
-        let cfg = ValueHeadConfig { hidden_size: 64, dropout_prob: 0.1, init: InitStrategy::Default, initializer_range: 0.2 };
+        let cfg = ValueHeadConfig {
+            hidden_size: 64,
+            dropout_prob: 0.1,
+            init: InitStrategy::Default,
+            initializer_range: 0.2,
+        };
         let head = ValueHead::new(vs.root().sub("v_head"), &cfg).unwrap();
         let bound = 1.0 / 8.0;
         assert!(head.weight.abs().max().double_value(&[]) <= bound);
@@ -198,7 +259,12 @@ mod tests {
         assert!(vs.variables().contains_key("v_head.summary.weight"));
 
         let vs = VarStore::new(Device::Cpu);
-        let cfg = ValueHeadConfig { hidden_size: 4096, init: InitStrategy::Normal, initializer_range: 0.2, dropout_prob: 0.0 };
+        let cfg = ValueHeadConfig {
+            hidden_size: 4096,
+            init: InitStrategy::Normal,
+            initializer_range: 0.2,
+            dropout_prob: 0.0,
+        };
         let head = ValueHead::new(vs.root(), &cfg).unwrap();
         assert_eq!(head.bias.double_value(&[0]), 0.0);
         let std = head.weight.std(true).double_value(&[]);
@@ -209,18 +275,29 @@ mod tests {
     fn forward_casts_to_f32_and_drops_out_only_in_training() {
         tch::manual_seed(1);
         let vs = VarStore::new(Device::Cpu);
-        let cfg = ValueHeadConfig { hidden_size: 16, dropout_prob: 0.5, init: InitStrategy::Default, initializer_range: 0.2 };
+        let cfg = ValueHeadConfig {
+            hidden_size: 16,
+            dropout_prob: 0.5,
+            init: InitStrategy::Default,
+            initializer_range: 0.2,
+        };
         let head = ValueHead::new(vs.root(), &cfg).unwrap();
         let h = Tensor::randn([2, 3, 16], (Kind::BFloat16, Device::Cpu));
         let v = head.forward(&h, false).unwrap();
         assert_eq!(v.size(), vec![2, 3]);
         assert_eq!(v.kind(), Kind::Float);
-        let manual = h.to_kind(Kind::Float).matmul(&head.weight.tr()).squeeze_dim(-1) + &head.bias;
+        let manual = h
+            .to_kind(Kind::Float)
+            .matmul(&head.weight.tr())
+            .squeeze_dim(-1)
+            + &head.bias;
         assert!((&v - manual).abs().max().double_value(&[]) < 1e-5);
         let again = head.forward(&h, false).unwrap();
         assert!(v.equal(&again), "eval mode must be deterministic");
         let train = head.forward(&h, true).unwrap();
         assert!(!v.equal(&train), "dropout must act in train mode");
-        assert!(head.forward(&Tensor::zeros([2, 3, 8], (Kind::Float, Device::Cpu)), false).is_err());
+        assert!(head
+            .forward(&Tensor::zeros([2, 3, 8], (Kind::Float, Device::Cpu)), false)
+            .is_err());
     }
 }

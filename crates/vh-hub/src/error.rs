@@ -46,15 +46,26 @@ impl HubError {
     /// An I/O error on `path`; a missing file becomes [`HubError::NotFound`].
     pub fn io(path: &Path, source: std::io::Error) -> Self {
         if source.kind() == std::io::ErrorKind::NotFound {
-            let what = path.file_name().map_or("file".to_string(), |n| n.to_string_lossy().into_owned());
-            return HubError::NotFound { what, path: path.to_path_buf() };
+            let what = path
+                .file_name()
+                .map_or("file".to_string(), |n| n.to_string_lossy().into_owned());
+            return HubError::NotFound {
+                what,
+                path: path.to_path_buf(),
+            };
         }
-        HubError::Io { path: path.to_path_buf(), source }
+        HubError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     }
 
     /// A malformed safetensors file.
     pub fn safetensors(path: &Path, message: impl Into<String>) -> Self {
-        HubError::Safetensors { path: path.to_path_buf(), message: message.into() }
+        HubError::Safetensors {
+            path: path.to_path_buf(),
+            message: message.into(),
+        }
     }
 }
 

@@ -13,7 +13,10 @@ pub const CONFIG: &str = "config.json";
 /// Reads and parses a JSON file.
 pub fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).map_err(|e| HubError::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| HubError::Json { path: path.to_path_buf(), message: e.to_string() })
+    serde_json::from_str(&text).map_err(|e| HubError::Json {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
 }
 
 /// A local checkpoint folder.
@@ -27,9 +30,14 @@ impl ModelFolder {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         if !dir.is_dir() {
-            return Err(HubError::NotFound { what: "model folder".to_string(), path: dir.to_path_buf() });
+            return Err(HubError::NotFound {
+                what: "model folder".to_string(),
+                path: dir.to_path_buf(),
+            });
         }
-        Ok(Self { dir: dir.to_path_buf() })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
     }
 
     /// The folder's path.
@@ -42,7 +50,10 @@ impl ModelFolder {
         let path = self.dir.join(CONFIG);
         let value = read_json(&path)?;
         if !value.is_object() {
-            return Err(HubError::Json { path, message: "expected a JSON object".to_string() });
+            return Err(HubError::Json {
+                path,
+                message: "expected a JSON object".to_string(),
+            });
         }
         Ok(value)
     }
@@ -60,7 +71,10 @@ mod tests {
     #[test]
     fn missing_and_malformed_configs_are_errors() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(matches!(ModelFolder::open(dir.path().join("nope")), Err(HubError::NotFound { .. })));
+        assert!(matches!(
+            ModelFolder::open(dir.path().join("nope")),
+            Err(HubError::NotFound { .. })
+        ));
         let folder = ModelFolder::open(dir.path()).unwrap();
         assert!(matches!(folder.config(), Err(HubError::NotFound { .. })));
         std::fs::write(dir.path().join(CONFIG), "{not json").unwrap();

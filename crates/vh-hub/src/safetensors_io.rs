@@ -45,11 +45,16 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     // SAFETY: the map is only read while `file` is open; checkpoint files are not expected to be
     // modified while loading (the same assumption safetensors and HF make).
     let buffer = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| HubError::io(path, e))?;
-    let st = SafeTensors::deserialize(&buffer).map_err(|e| HubError::safetensors(path, e.to_string()))?;
+    let st = SafeTensors::deserialize(&buffer)
+        .map_err(|e| HubError::safetensors(path, e.to_string()))?;
     let mut order: Vec<(usize, String, Tensor)> = Vec::new();
     for (name, view) in st.tensors() {
-        let kind = kind_of(view.dtype())
-            .ok_or_else(|| HubError::safetensors(path, format!("tensor `{name}` has unsupported dtype {:?}", view.dtype())))?;
+        let kind = kind_of(view.dtype()).ok_or_else(|| {
+            HubError::safetensors(
+                path,
+                format!("tensor `{name}` has unsupported dtype {:?}", view.dtype()),
+            )
+        })?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         let data = view.data();
         let offset = data.as_ptr() as usize - buffer.as_ptr() as usize;
@@ -65,8 +70,12 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
 pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     let mut buffers: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
     for (name, tensor) in tensors {
-        let dtype = dtype_of(tensor.kind())
-            .ok_or_else(|| HubError::safetensors(path, format!("tensor `{name}` has unsupported kind {:?}", tensor.kind())))?;
+        let dtype = dtype_of(tensor.kind()).ok_or_else(|| {
+            HubError::safetensors(
+                path,
+                format!("tensor `{name}` has unsupported kind {:?}", tensor.kind()),
+            )
+        })?;
         let cpu = tensor.f_to_device(tch::Device::Cpu)?.f_contiguous()?;
         let numel = cpu.numel();
         let mut bytes = vec![0u8; numel * tensor.kind().elt_size_in_bytes()];
@@ -83,7 +92,8 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
         })
         .collect::<Result<Vec<_>>>()?;
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| HubError::safetensors(path, e.to_string()))?;
+    let bytes = safetensors::serialize(views, Some(metadata))
+        .map_err(|e| HubError::safetensors(path, e.to_string()))?;
     crate::atomic_write(path, &bytes)
 }
 
@@ -99,7 +109,15 @@ mod tests {
         let a = Tensor::randn([3, 4], (Kind::Float, Device::Cpu));
         let b = Tensor::from_slice(&[1i64, -2, 3]);
         let c = Tensor::randn([2, 2], (Kind::BFloat16, Device::Cpu)).tr();
-        write_safetensors(&path, &[("a".into(), a.shallow_clone()), ("b".into(), b.shallow_clone()), ("c".into(), c.shallow_clone())]).unwrap();
+        write_safetensors(
+            &path,
+            &[
+                ("a".into(), a.shallow_clone()),
+                ("b".into(), b.shallow_clone()),
+                ("c".into(), c.shallow_clone()),
+            ],
+        )
+        .unwrap();
         let back: HashMap<String, Tensor> = read_safetensors(&path).unwrap().into_iter().collect();
         assert!(back["a"].equal(&a));
         assert!(back["b"].equal(&b));
@@ -111,14 +129,30 @@ mod tests {
     fn truncated_and_garbage_files_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.safetensors");
-        write_safetensors(&path, &[("a".into(), Tensor::ones([64], (Kind::Float, Device::Cpu)))]).unwrap();
+        write_safetensors(
+            &path,
+            &[("a".into(), Tensor::ones([64], (Kind::Float, Device::Cpu)))],
+        )
+        .unwrap();
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
-        assert!(matches!(read_safetensors(&path), Err(HubError::Safetensors { .. })));
+        assert!(matches!(
+            read_safetensors(&path),
+            Err(HubError::Safetensors { .. })
+        ));
         std::fs::write(&path, b"not a safetensors file at all").unwrap();
-        assert!(matches!(read_safetensors(&path), Err(HubError::Safetensors { .. })));
+        assert!(matches!(
+            read_safetensors(&path),
+            Err(HubError::Safetensors { .. })
+        ));
         std::fs::write(&path, b"").unwrap();
-        assert!(matches!(read_safetensors(&path), Err(HubError::Safetensors { .. })));
-        assert!(matches!(read_safetensors(&dir.path().join("missing.safetensors")), Err(HubError::NotFound { .. })));
+        assert!(matches!(
+            read_safetensors(&path),
+            Err(HubError::Safetensors { .. })
+        ));
+        assert!(matches!(
+            read_safetensors(&dir.path().join("missing.safetensors")),
+            Err(HubError::NotFound { .. })
+        ));
     }
 }

@@ -1,7 +1,7 @@
 //! The activation functions HF configs name (`ACT2FN` in transformers).
 
-use vh_core::{Error, Result};
 use tch::Tensor;
+use vh_core::{Error, Result};
 
 /// An activation function, parsed from a config's name for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,7 +60,11 @@ impl std::str::FromStr for Activation {
             "sigmoid" => Self::Sigmoid,
             "linear" => Self::Linear,
             "laplace" => Self::Laplace,
-            other => return Err(Error::Config(format!("unsupported activation function `{other}`"))),
+            other => {
+                return Err(Error::Config(format!(
+                    "unsupported activation function `{other}`"
+                )))
+            }
         })
     }
 }
@@ -106,7 +110,10 @@ mod tests {
 
     #[test]
     fn names_parse_and_unknown_names_fail() {
-        assert_eq!("gelu_new".parse::<Activation>().unwrap(), Activation::GeluNew);
+        assert_eq!(
+            "gelu_new".parse::<Activation>().unwrap(),
+            Activation::GeluNew
+        );
         assert_eq!("swish".parse::<Activation>().unwrap(), Activation::Silu);
         assert!("gelu_fancy".parse::<Activation>().is_err());
     }
@@ -115,9 +122,16 @@ mod tests {
     fn tanh_gelus_agree_with_exact_gelu_closely() {
         let x = Tensor::linspace(-4.0, 4.0, 101, (Kind::Float, Device::Cpu));
         let exact = Activation::Gelu.forward(&x).unwrap();
-        for act in [Activation::GeluNew, Activation::GeluPytorchTanh, Activation::GeluFast] {
+        for act in [
+            Activation::GeluNew,
+            Activation::GeluPytorchTanh,
+            Activation::GeluFast,
+        ] {
             let y = act.forward(&x).unwrap();
-            assert!((&y - &exact).abs().max().double_value(&[]) < 1e-3, "{act:?}");
+            assert!(
+                (&y - &exact).abs().max().double_value(&[]) < 1e-3,
+                "{act:?}"
+            );
         }
         let q = Activation::Relu2.forward(&x).unwrap();
         assert!((q.double_value(&[100]) - 16.0).abs() < 1e-5);

@@ -11,6 +11,16 @@ pub struct LayerCache {
     pub values: Tensor,
 }
 
+impl LayerCache {
+    /// A cheap copy sharing storage.
+    pub fn shallow_clone(&self) -> LayerCache {
+        LayerCache {
+            keys: self.keys.shallow_clone(),
+            values: self.values.shallow_clone(),
+        }
+    }
+}
+
 /// The keys and values of every attention layer for the tokens seen so far.
 #[derive(Debug, Default)]
 pub struct Cache {
@@ -37,11 +47,7 @@ impl Cache {
     /// A cheap copy sharing storage with this cache.
     pub fn shallow_clone(&self) -> Cache {
         Cache {
-            layers: self
-                .layers
-                .iter()
-                .map(|l| LayerCache { keys: l.keys.shallow_clone(), values: l.values.shallow_clone() })
-                .collect(),
+            layers: self.layers.iter().map(LayerCache::shallow_clone).collect(),
         }
     }
 }

@@ -6,7 +6,10 @@ use crate::cache::{Cache, LayerCache};
 use serde::Deserialize;
 use tch::{nn, Device, Kind, Tensor};
 use vh_core::error::invalid;
-use vh_core::tensor::{attention_mask_to_bool, check_input_ids, expect_integer, expect_shape, int_range, position_ids_from_mask};
+use vh_core::tensor::{
+    attention_mask_to_bool, check_input_ids, expect_integer, expect_shape, int_range, min_value,
+    position_ids_from_mask,
+};
 use vh_core::{Error, Result};
 
 fn default_vocab_size() -> i64 {
@@ -90,8 +93,8 @@ pub struct Gpt2Config {
 impl Gpt2Config {
     /// Parses a config.json value and checks that the sizes are consistent.
     pub fn from_json(config: &serde_json::Value) -> Result<Self> {
-        let cfg: Self =
-            serde_json::from_value(config.clone()).map_err(|e| Error::Config(format!("GPT-2 config.json: {e}")))?;
+        let cfg: Self = serde_json::from_value(config.clone())
+            .map_err(|e| Error::Config(format!("GPT-2 config.json: {e}")))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -112,9 +115,16 @@ impl Gpt2Config {
             }
         }
         if self.n_embd % self.n_head != 0 {
-            return Err(Error::Config(format!("n_embd ({}) must be divisible by n_head ({})", self.n_embd, self.n_head)));
+            return Err(Error::Config(format!(
+                "n_embd ({}) must be divisible by n_head ({})",
+                self.n_embd, self.n_head
+            )));
         }
-        for (name, p) in [("resid_pdrop", self.resid_pdrop), ("embd_pdrop", self.embd_pdrop), ("attn_pdrop", self.attn_pdrop)] {
+        for (name, p) in [
+            ("resid_pdrop", self.resid_pdrop),
+            ("embd_pdrop", self.embd_pdrop),
+            ("attn_pdrop", self.attn_pdrop),
+        ] {
             if !(0.0..=1.0).contains(&p) {
                 return Err(Error::Config(format!("{name} must be in [0, 1], got {p}")));
             }
@@ -148,16 +158,6 @@ pub fn parameter_name(key: &str) -> Option<String> {
     Some(key.to_string())
 }
 
-/// The most negative finite value of a float kind: what masked attention scores are set to.
-fn mask_value(kind: Kind) -> f64 {
-    match kind {
-        Kind::Half => -65504.0,
-        Kind::BFloat16 => -3.3895313892515355e38,
-        Kind::Double => f64::MIN,
-        _ => f32::MIN as f64,
-    }
-}
-
 /// HF's `Conv1D`: `x @ weight + bias` with weight stored [in, out].
 #[derive(Debug)]
 pub struct Conv1D {
@@ -180,7 +180,9 @@ impl Conv1D {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut size = x.size();
         let in_dim = *size.last().unwrap_or(&0);
-        let out = self.bias.f_addmm(&x.f_reshape([-1, in_dim])?, &self.weight)?;
+        let out = self
+            .bias
+            .f_addmm(&x.f_reshape([-1, in_dim])?, &self.weight)?;
         *size.last_mut().expect("non-scalar input") = self.weight.size()[1];
         Ok(out.f_view(size.as_slice())?)
     }
@@ -208,7 +210,13 @@ impl LayerNorm {
 
     /// Normalises over the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.f_layer_norm(self.weight.size(), Some(&self.weight), Some(&self.bias), self.eps, true)?)
+        Ok(x.f_layer_norm(
+            self.weight.size(),
+            Some(&self.weight),
+            Some(&self.bias),
+            self.eps,
+            true,
+        )?)
     }
 }
 
@@ -247,7 +255,8 @@ impl Attention {
     /// [B, T, C] -> [B, H, T, D].
     fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t) = (x.size()[0], x.size()[1]);
-        Ok(x.f_view([b, t, self.n_head, self.head_dim])?.f_transpose(1, 2)?)
+        Ok(x.f_view([b, t, self.n_head, self.head_dim])?
+            .f_transpose(1, 2)?)
     }
 
     /// Attends from `x` [B, T, C] over the cached and new positions, adding `bias`
@@ -301,9 +310,22 @@ impl Attention {
             scores.f_softmax(-1, kind)?.f_to_kind(value.kind())?
         };
         let probs = probs.f_dropout(self.attn_pdrop, train)?;
-        let out = probs.f_matmul(&value)?.f_transpose(1, 2)?.f_contiguous()?.f_view([b, t, c])?;
-        let out = self.c_proj.forward(&out)?.f_dropout(self.resid_pdrop, train)?;
-        Ok((out, LayerCache { keys: key, values: value }))
+        let out = probs
+            .f_matmul(&value)?
+            .f_transpose(1, 2)?
+            .f_contiguous()?
+            .f_view([b, t, c])?;
+        let out = self
+            .c_proj
+            .forward(&out)?
+            .f_dropout(self.resid_pdrop, train)?;
+        Ok((
+            out,
+            LayerCache {
+                keys: key,
+                values: value,
+            },
+        ))
     }
 }
 
@@ -330,7 +352,10 @@ impl Mlp {
     /// [B, T, C] -> [B, T, C].
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let h = self.act.forward(&self.c_fc.forward(x)?)?;
-        Ok(self.c_proj.forward(&h)?.f_dropout(self.resid_pdrop, train)?)
+        Ok(self
+            .c_proj
+            .forward(&h)?
+            .f_dropout(self.resid_pdrop, train)?)
     }
 }
 
@@ -362,7 +387,9 @@ impl Block {
         past: Option<&LayerCache>,
         train: bool,
     ) -> Result<(Tensor, LayerCache)> {
-        let (attn, cache) = self.attn.forward(&self.ln_1.forward(x)?, bias, past, train)?;
+        let (attn, cache) = self
+            .attn
+            .forward(&self.ln_1.forward(x)?, bias, past, train)?;
         let x = x + attn;
         let mlp = self.mlp.forward(&self.ln_2.forward(&x)?, train)?;
         Ok((x + mlp, cache))
@@ -416,7 +443,8 @@ fn attention_bias(
     let bias = match key_mask {
         Some(mask) => {
             let padding = mask.f_logical_not()?.f_view([batch, 1, 1, total])?;
-            Tensor::f_zeros([batch, 1, new_len, total], (kind, device))?.f_masked_fill(&padding, mask_value(kind))?
+            Tensor::f_zeros([batch, 1, new_len, total], (kind, device))?
+                .f_masked_fill(&padding, min_value(kind))?
         }
         None => Tensor::f_zeros([1, 1, new_len, total], (kind, device))?,
     };
@@ -428,13 +456,23 @@ impl Gpt2Model {
     pub fn new(vs: nn::Path, cfg: &Gpt2Config) -> Result<Self> {
         cfg.validate()?;
         let zeros = nn::Init::Const(0.0);
-        let wte = vs.sub("wte").f_var("weight", &[cfg.vocab_size, cfg.n_embd], zeros)?;
-        let wpe = vs.sub("wpe").f_var("weight", &[cfg.n_positions, cfg.n_embd], zeros)?;
+        let wte = vs
+            .sub("wte")
+            .f_var("weight", &[cfg.vocab_size, cfg.n_embd], zeros)?;
+        let wpe = vs
+            .sub("wpe")
+            .f_var("weight", &[cfg.n_positions, cfg.n_embd], zeros)?;
         let h = (0..cfg.n_layer)
             .map(|i| Block::new(vs.sub("h").sub(i), cfg, i))
             .collect::<Result<Vec<_>>>()?;
         let ln_f = LayerNorm::new(vs.sub("ln_f"), cfg.n_embd, cfg.layer_norm_epsilon)?;
-        Ok(Self { wte, wpe, h, ln_f, cfg: cfg.clone() })
+        Ok(Self {
+            wte,
+            wpe,
+            h,
+            ln_f,
+            cfg: cfg.clone(),
+        })
     }
 
     /// The configuration.
@@ -461,10 +499,17 @@ impl Gpt2Model {
         let past_len = past.map_or(0, Cache::seq_len);
         if let Some(past) = past {
             if past.layers.len() as i64 != self.cfg.n_layer {
-                return Err(invalid(format!("cache has {} layers, the model {}", past.layers.len(), self.cfg.n_layer)));
+                return Err(invalid(format!(
+                    "cache has {} layers, the model {}",
+                    past.layers.len(),
+                    self.cfg.n_layer
+                )));
             }
             if past.batch_size() != Some(batch) {
-                return Err(invalid(format!("cache batch size {:?} differs from input_ids' {batch}", past.batch_size())));
+                return Err(invalid(format!(
+                    "cache batch size {:?} differs from input_ids' {batch}",
+                    past.batch_size()
+                )));
             }
         }
         let total = past_len + new_len;
@@ -477,7 +522,11 @@ impl Gpt2Model {
         let device = self.wte.device();
         let input_ids = input_ids.f_to_device(device)?;
         let key_mask = attention_mask
-            .map(|m| attention_mask_to_bool(m, "attention_mask", &[batch, total])?.f_to_device(device).map_err(Error::from))
+            .map(|m| {
+                attention_mask_to_bool(m, "attention_mask", &[batch, total])?
+                    .f_to_device(device)
+                    .map_err(Error::from)
+            })
             .transpose()?;
         let position_ids = match (position_ids, &key_mask) {
             (Some(p), _) => {
@@ -485,14 +534,26 @@ impl Gpt2Model {
                 expect_integer(p, "position_ids")?;
                 let (lo, hi) = int_range(p)?;
                 if lo < 0 || hi >= self.cfg.n_positions {
-                    return Err(invalid(format!("position_ids must be in 0..{}", self.cfg.n_positions)));
+                    return Err(invalid(format!(
+                        "position_ids must be in 0..{}",
+                        self.cfg.n_positions
+                    )));
                 }
                 p.f_to_device(device)?
             }
             (None, Some(mask)) => position_ids_from_mask(mask, new_len)?,
-            (None, None) => Tensor::f_arange_start(past_len, total, (Kind::Int64, device))?.f_unsqueeze(0)?,
+            (None, None) => {
+                Tensor::f_arange_start(past_len, total, (Kind::Int64, device))?.f_unsqueeze(0)?
+            }
         };
-        let bias = attention_bias(key_mask.as_ref(), batch, new_len, past_len, self.wte.kind(), device)?;
+        let bias = attention_bias(
+            key_mask.as_ref(),
+            batch,
+            new_len,
+            past_len,
+            self.wte.kind(),
+            device,
+        )?;
 
         let tokens = Tensor::f_embedding(&self.wte, &input_ids, -1, false, false)?;
         let positions = Tensor::f_embedding(&self.wpe, &position_ids, -1, false, false)?;
@@ -504,7 +565,10 @@ impl Gpt2Model {
             hidden = out;
             layers.push(layer_cache);
         }
-        Ok(Gpt2Output { last_hidden_state: self.ln_f.forward(&hidden)?, cache: Cache { layers } })
+        Ok(Gpt2Output {
+            last_hidden_state: self.ln_f.forward(&hidden)?,
+            cache: Cache { layers },
+        })
     }
 }
 
@@ -536,9 +600,17 @@ impl Gpt2LmHeadModel {
         let lm_head = if cfg.tie_word_embeddings {
             transformer.wte.shallow_clone()
         } else {
-            vs.sub("lm_head").f_var("weight", &[cfg.vocab_size, cfg.n_embd], nn::Init::Const(0.0))?
+            vs.sub("lm_head").f_var(
+                "weight",
+                &[cfg.vocab_size, cfg.n_embd],
+                nn::Init::Const(0.0),
+            )?
         };
-        Ok(Self { transformer, lm_head, tied: cfg.tie_word_embeddings })
+        Ok(Self {
+            transformer,
+            lm_head,
+            tied: cfg.tie_word_embeddings,
+        })
     }
 
     /// Whether the LM head shares the token embeddings.
@@ -565,9 +637,17 @@ impl Gpt2LmHeadModel {
         past: Option<&Cache>,
         train: bool,
     ) -> Result<Gpt2LmOutput> {
-        let out = self.transformer.forward(input_ids, attention_mask, position_ids, past, train)?;
-        let logits = out.last_hidden_state.f_linear::<Tensor>(&self.lm_head, None)?;
-        Ok(Gpt2LmOutput { logits, last_hidden_state: out.last_hidden_state, cache: out.cache })
+        let out = self
+            .transformer
+            .forward(input_ids, attention_mask, position_ids, past, train)?;
+        let logits = out
+            .last_hidden_state
+            .f_linear::<Tensor>(&self.lm_head, None)?;
+        Ok(Gpt2LmOutput {
+            logits,
+            last_hidden_state: out.last_hidden_state,
+            cache: out.cache,
+        })
     }
 }
 
@@ -578,7 +658,10 @@ mod tests {
     use tch::nn::VarStore;
 
     fn tiny() -> Gpt2Config {
-        Gpt2Config::from_json(&json!({"vocab_size": 50, "n_positions": 16, "n_embd": 16, "n_layer": 2, "n_head": 4})).unwrap()
+        Gpt2Config::from_json(
+            &json!({"vocab_size": 50, "n_positions": 16, "n_embd": 16, "n_layer": 2, "n_head": 4}),
+        )
+        .unwrap()
     }
 
     fn random_model(cfg: &Gpt2Config) -> (VarStore, Gpt2LmHeadModel) {
@@ -597,7 +680,16 @@ mod tests {
     #[test]
     fn config_defaults_match_hf() {
         let cfg = Gpt2Config::from_json(&json!({})).unwrap();
-        assert_eq!((cfg.vocab_size, cfg.n_positions, cfg.n_embd, cfg.n_layer, cfg.n_head), (50257, 1024, 768, 12, 12));
+        assert_eq!(
+            (
+                cfg.vocab_size,
+                cfg.n_positions,
+                cfg.n_embd,
+                cfg.n_layer,
+                cfg.n_head
+            ),
+            (50257, 1024, 768, 12, 12)
+        );
         assert_eq!(cfg.inner_dim(), 3072);
         assert_eq!(cfg.activation_function, "gelu_new");
         assert!(cfg.scale_attn_weights && cfg.tie_word_embeddings && !cfg.reorder_and_upcast_attn);
@@ -611,15 +703,32 @@ mod tests {
         let vs = VarStore::new(Device::Cpu);
         let _m = Gpt2LmHeadModel::new(vs.root(), &tiny()).unwrap();
         let names = vs.variables();
-        for n in ["transformer.wte.weight", "transformer.h.1.attn.c_attn.weight", "transformer.h.0.mlp.c_proj.bias", "transformer.ln_f.weight"] {
+        for n in [
+            "transformer.wte.weight",
+            "transformer.h.1.attn.c_attn.weight",
+            "transformer.h.0.mlp.c_proj.bias",
+            "transformer.ln_f.weight",
+        ] {
             assert!(names.contains_key(n), "{n}");
         }
-        assert!(!names.contains_key("lm_head.weight"), "tied head is not a separate parameter");
-        assert_eq!(names["transformer.h.0.attn.c_attn.weight"].size(), vec![16, 48]);
-        assert_eq!(parameter_name("h.0.ln_1.weight").unwrap(), "transformer.h.0.ln_1.weight");
+        assert!(
+            !names.contains_key("lm_head.weight"),
+            "tied head is not a separate parameter"
+        );
+        assert_eq!(
+            names["transformer.h.0.attn.c_attn.weight"].size(),
+            vec![16, 48]
+        );
+        assert_eq!(
+            parameter_name("h.0.ln_1.weight").unwrap(),
+            "transformer.h.0.ln_1.weight"
+        );
         assert_eq!(parameter_name("transformer.h.0.attn.bias"), None);
         assert_eq!(parameter_name("h.0.attn.masked_bias"), None);
-        assert_eq!(parameter_name("transformer.h.0.attn.c_attn.bias").unwrap(), "transformer.h.0.attn.c_attn.bias");
+        assert_eq!(
+            parameter_name("transformer.h.0.attn.c_attn.bias").unwrap(),
+            "transformer.h.0.attn.c_attn.bias"
+        );
     }
 
     #[test]
@@ -628,10 +737,18 @@ mod tests {
         let (_vs, model) = random_model(&cfg);
         let ids = Tensor::from_slice2(&[[1i64, 5, 7, 9, 11, 3], [2, 4, 6, 8, 10, 12]]);
         let full = model.forward(&ids, None, None, None, false).unwrap();
-        let mut cache = model.forward(&ids.narrow(1, 0, 3), None, None, None, false).unwrap().cache;
+        let mut cache = model
+            .forward(&ids.narrow(1, 0, 3), None, None, None, false)
+            .unwrap()
+            .cache;
         for t in 3..6 {
-            let step = model.forward(&ids.narrow(1, t, 1), None, None, Some(&cache), false).unwrap();
-            let diff = (&step.logits.squeeze_dim(1) - full.logits.select(1, t)).abs().max().double_value(&[]);
+            let step = model
+                .forward(&ids.narrow(1, t, 1), None, None, Some(&cache), false)
+                .unwrap();
+            let diff = (&step.logits.squeeze_dim(1) - full.logits.select(1, t))
+                .abs()
+                .max()
+                .double_value(&[]);
             assert!(diff < 1e-5, "step {t}: {diff}");
             cache = step.cache;
         }
@@ -642,13 +759,29 @@ mod tests {
     fn left_padding_matches_unpadded_rows() {
         let cfg = tiny();
         let (_vs, model) = random_model(&cfg);
-        let plain = model.forward(&Tensor::from_slice2(&[[7i64, 8, 9]]), None, None, None, false).unwrap();
+        let plain = model
+            .forward(
+                &Tensor::from_slice2(&[[7i64, 8, 9]]),
+                None,
+                None,
+                None,
+                false,
+            )
+            .unwrap();
         let padded = Tensor::from_slice2(&[[0i64, 0, 7, 8, 9]]);
         let mask = Tensor::from_slice2(&[[0i64, 0, 1, 1, 1]]);
-        let out = model.forward(&padded, Some(&mask), None, None, false).unwrap();
-        let diff = (out.logits.narrow(1, 2, 3) - &plain.logits).abs().max().double_value(&[]);
+        let out = model
+            .forward(&padded, Some(&mask), None, None, false)
+            .unwrap();
+        let diff = (out.logits.narrow(1, 2, 3) - &plain.logits)
+            .abs()
+            .max()
+            .double_value(&[]);
         assert!(diff < 1e-5, "{diff}");
-        assert!(out.logits.isfinite().all().int64_value(&[]) != 0, "padding positions must stay finite");
+        assert!(
+            out.logits.isfinite().all().int64_value(&[]) != 0,
+            "padding positions must stay finite"
+        );
     }
 
     #[test]
@@ -656,18 +789,56 @@ mod tests {
         let cfg = tiny();
         let (_vs, model) = random_model(&cfg);
         let ids = Tensor::from_slice2(&[[1i64, 2, 3]]);
-        assert!(model.forward(&Tensor::from_slice(&[1i64, 2]), None, None, None, false).is_err());
-        assert!(model.forward(&Tensor::from_slice2(&[[1i64, 50]]), None, None, None, false).is_err());
-        assert!(model.forward(&ids, Some(&Tensor::from_slice2(&[[1i64, 1]])), None, None, false).is_err());
+        assert!(model
+            .forward(&Tensor::from_slice(&[1i64, 2]), None, None, None, false)
+            .is_err());
+        assert!(model
+            .forward(&Tensor::from_slice2(&[[1i64, 50]]), None, None, None, false)
+            .is_err());
+        assert!(model
+            .forward(
+                &ids,
+                Some(&Tensor::from_slice2(&[[1i64, 1]])),
+                None,
+                None,
+                false
+            )
+            .is_err());
         let long = Tensor::zeros([1, 17], (Kind::Int64, Device::Cpu));
         assert!(model.forward(&long, None, None, None, false).is_err());
-        let cache = model.forward(&Tensor::zeros([1, 10], (Kind::Int64, Device::Cpu)), None, None, None, false).unwrap().cache;
-        let err = model.forward(&Tensor::zeros([1, 7], (Kind::Int64, Device::Cpu)), None, None, Some(&cache), false);
-        assert!(matches!(err, Err(Error::InvalidInput(_))), "cache + new tokens over n_positions: {err:?}");
-        let err = model.forward(&Tensor::zeros([2, 1], (Kind::Int64, Device::Cpu)), None, None, Some(&cache), false);
+        let cache = model
+            .forward(
+                &Tensor::zeros([1, 10], (Kind::Int64, Device::Cpu)),
+                None,
+                None,
+                None,
+                false,
+            )
+            .unwrap()
+            .cache;
+        let err = model.forward(
+            &Tensor::zeros([1, 7], (Kind::Int64, Device::Cpu)),
+            None,
+            None,
+            Some(&cache),
+            false,
+        );
+        assert!(
+            matches!(err, Err(Error::InvalidInput(_))),
+            "cache + new tokens over n_positions: {err:?}"
+        );
+        let err = model.forward(
+            &Tensor::zeros([2, 1], (Kind::Int64, Device::Cpu)),
+            None,
+            None,
+            Some(&cache),
+            false,
+        );
         assert!(err.is_err(), "batch differs from cache");
         let bad_pos = Tensor::from_slice2(&[[0i64, 1, 16]]);
-        assert!(model.forward(&ids, None, Some(&bad_pos), None, false).is_err());
+        assert!(model
+            .forward(&ids, None, Some(&bad_pos), None, false)
+            .is_err());
     }
 
     #[test]
