@@ -80,20 +80,10 @@ fn sequences_longer_than_n_positions_are_refused_with_and_without_cache() {
     let long = Tensor::ones([1, 17], (Kind::Int64, Device::Cpu));
     assert!(is_invalid_input(model.forward(&long, None, None, None)));
     let out = model
-        .forward(
-            &Tensor::ones([1, 16], (Kind::Int64, Device::Cpu)),
-            None,
-            None,
-            None,
-        )
+        .forward(&Tensor::ones([1, 16], (Kind::Int64, Device::Cpu)), None, None, None)
         .unwrap();
     let next = Tensor::ones([1, 1], (Kind::Int64, Device::Cpu));
-    assert!(is_invalid_input(model.forward(
-        &next,
-        None,
-        Some(&out.past),
-        None
-    )));
+    assert!(is_invalid_input(model.forward(&next, None, Some(&out.past), None)));
 }
 
 #[test]
@@ -103,32 +93,20 @@ fn broken_config_json_is_an_error() {
     let config = dir.path().join("config.json");
 
     std::fs::remove_file(&config).unwrap();
-    assert!(matches!(
-        load(dir.path()),
-        Err(Error::Hub(HubError::NotFound { .. }))
-    ));
+    assert!(matches!(load(dir.path()), Err(Error::Hub(HubError::NotFound { .. }))));
 
     std::fs::write(&config, "{ this is not json").unwrap();
-    assert!(matches!(
-        load(dir.path()),
-        Err(Error::Hub(HubError::Json { .. }))
-    ));
+    assert!(matches!(load(dir.path()), Err(Error::Hub(HubError::Json { .. }))));
 
     std::fs::write(&config, r#"{"n_embd": 16}"#).unwrap();
     assert!(
-        matches!(
-            load(dir.path()),
-            Err(Error::Model(vh_core::Error::Config(_)))
-        ),
+        matches!(load(dir.path()), Err(Error::Model(vh_core::Error::Config(_)))),
         "no model_type"
     );
 
     std::fs::write(&config, r#"{"model_type": "gpt2", "n_embd": "sixteen"}"#).unwrap();
     assert!(
-        matches!(
-            load(dir.path()),
-            Err(Error::Model(vh_core::Error::Config(_)))
-        ),
+        matches!(load(dir.path()), Err(Error::Model(vh_core::Error::Config(_)))),
         "wrong field type"
     );
 
@@ -145,19 +123,13 @@ fn broken_weights_are_errors() {
 
     std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
     assert!(
-        matches!(
-            load(dir.path()),
-            Err(Error::Hub(HubError::Safetensors { .. }))
-        ),
+        matches!(load(dir.path()), Err(Error::Hub(HubError::Safetensors { .. }))),
         "truncated"
     );
 
     std::fs::write(&weights, &bytes[..7]).unwrap();
     assert!(
-        matches!(
-            load(dir.path()),
-            Err(Error::Hub(HubError::Safetensors { .. }))
-        ),
+        matches!(load(dir.path()), Err(Error::Hub(HubError::Safetensors { .. }))),
         "header cut"
     );
 
@@ -173,10 +145,7 @@ fn broken_weights_are_errors() {
         weights.clone()
     })
     .unwrap();
-    let pos = tensors
-        .iter()
-        .position(|(n, _)| n == "transformer.wpe.weight")
-        .unwrap();
+    let pos = tensors.iter().position(|(n, _)| n == "transformer.wpe.weight").unwrap();
     tensors[pos].1 = Tensor::zeros([8, 16], (Kind::Float, Device::Cpu));
     vh_hub::write_safetensors(&weights, &tensors).unwrap();
     assert!(matches!(
@@ -216,10 +185,7 @@ fn reduced_precision_backbones_keep_f32_head_and_outputs() {
     let dir = tempfile::tempdir().unwrap();
     write_tiny_gpt2(dir.path(), json!({}));
     let ids = Tensor::from_slice2(&[[1i64, 2, 3, 4], [5, 6, 7, 8]]);
-    let reference = load(dir.path())
-        .unwrap()
-        .forward(&ids, None, None, None)
-        .unwrap();
+    let reference = load(dir.path()).unwrap().forward(&ids, None, None, None).unwrap();
     for (dtype, tol) in [(Kind::BFloat16, 0.05), (Kind::Half, 0.005)] {
         let options = LoadOptions {
             dtype,
@@ -232,16 +198,10 @@ fn reduced_precision_backbones_keep_f32_head_and_outputs() {
         let out = model.forward(&ids, None, None, None).unwrap();
         assert_eq!(out.logits.kind(), Kind::Float);
         assert_eq!(out.values.kind(), Kind::Float);
-        let err = (&out.logits - &reference.logits)
-            .abs()
-            .max()
-            .double_value(&[]);
+        let err = (&out.logits - &reference.logits).abs().max().double_value(&[]);
         eprintln!("{dtype:?}: logits {err:.3e}");
         assert!(err < tol, "{dtype:?} logits differ from f32 by {err}");
-        let verr = (&out.values - &reference.values)
-            .abs()
-            .max()
-            .double_value(&[]);
+        let verr = (&out.values - &reference.values).abs().max().double_value(&[]);
         eprintln!("{dtype:?}: values {verr:.3e}");
         assert!(verr < tol, "{dtype:?} values differ from f32 by {verr}");
     }
@@ -275,10 +235,7 @@ fn train_mode_uses_dropout_and_eval_mode_does_not() {
     let labels = ids.shallow_clone();
     let out = model.forward(&ids, None, None, Some(&labels)).unwrap();
     (out.loss.unwrap() + out.values.sum(Kind::Float)).backward();
-    for name in [
-        "transformer.h.0.attn.c_attn.weight",
-        "v_head.summary.weight",
-    ] {
+    for name in ["transformer.h.0.attn.c_attn.weight", "v_head.summary.weight"] {
         let grad = model.var_store().variables()[name].grad();
         assert!(
             grad.defined() && grad.abs().sum(Kind::Float).double_value(&[]) > 0.0,
@@ -311,22 +268,8 @@ fn cli_reports_errors_without_panicking() {
             out_file.to_str().unwrap(),
         ],
         vec!["score", "--model", model, "--input-ids", "1 2 99"],
-        vec![
-            "score",
-            "--model",
-            model,
-            "--input-ids",
-            "1 2",
-            "--dtype",
-            "f8",
-        ],
-        vec![
-            "score",
-            "--model",
-            "/nonexistent/model",
-            "--input-ids",
-            "1 2",
-        ],
+        vec!["score", "--model", model, "--input-ids", "1 2", "--dtype", "f8"],
+        vec!["score", "--model", "/nonexistent/model", "--input-ids", "1 2"],
     ];
     for args in cases {
         let out = run(&args);
@@ -337,11 +280,7 @@ fn cli_reports_errors_without_panicking() {
     }
     assert!(!out_file.exists());
     let ok = run(&["score", "--model", model, "--input-ids", "1, 2, 3"]);
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
     let table = String::from_utf8_lossy(&ok.stdout);
     assert_eq!(
         table

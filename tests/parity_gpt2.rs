@@ -47,11 +47,7 @@ fn cases() -> Vec<Case> {
             }
         })
         .collect();
-    assert!(
-        cases.len() >= 15,
-        "the reference produced only {} cases",
-        cases.len()
-    );
+    assert!(cases.len() >= 15, "the reference produced only {} cases", cases.len());
     cases
 }
 
@@ -68,11 +64,7 @@ fn gpt2_matches_trl_full_and_incremental() {
             .unwrap_or_else(|e| panic!("{}: {e}", case.name));
         let inputs = read_tensors(&case.dir.join("inputs.safetensors"));
         let expected = read_tensors(&case.dir.join("expected.safetensors"));
-        let (ids, mask, labels) = (
-            &inputs["input_ids"],
-            &inputs["attention_mask"],
-            &inputs["labels"],
-        );
+        let (ids, mask, labels) = (&inputs["input_ids"], &inputs["attention_mask"], &inputs["labels"]);
         let out = tch::no_grad(|| model.forward(ids, Some(mask), None, Some(labels))).unwrap();
 
         let logits_err = masked_max_abs_diff(&out.logits, &expected["logits"], mask);
@@ -104,23 +96,12 @@ fn gpt2_matches_trl_full_and_incremental() {
         let mut past = first.past;
         for t in PROMPT_LEN..seq {
             let step = tch::no_grad(|| {
-                model.forward(
-                    &ids.narrow(1, t, 1),
-                    Some(&mask.narrow(1, 0, t + 1)),
-                    Some(&past),
-                    None,
-                )
+                model.forward(&ids.narrow(1, t, 1), Some(&mask.narrow(1, 0, t + 1)), Some(&past), None)
             })
             .unwrap();
-            step_err = step_err.max(max_abs_diff(
-                &step.logits,
-                &expected["logits"].narrow(1, t, 1),
-            ));
+            step_err = step_err.max(max_abs_diff(&step.logits, &expected["logits"].narrow(1, t, 1)));
             if !case.fresh_v_head {
-                step_err = step_err.max(max_abs_diff(
-                    &step.values,
-                    &expected["values"].narrow(1, t, 1),
-                ));
+                step_err = step_err.max(max_abs_diff(&step.values, &expected["values"].narrow(1, t, 1)));
             }
             past = step.past;
         }
@@ -143,10 +124,7 @@ fn gpt2_matches_trl_full_and_incremental() {
         ]);
     }
     println!("\nGPT-2 parity against TRL 0.26.2 (max abs error, tolerance {TOLERANCE:e}):");
-    print_table(
-        &["case", "logits", "values", "loss", "incremental", "result"],
-        &rows,
-    );
+    print_table(&["case", "logits", "values", "loss", "incremental", "result"], &rows);
     assert!(failures.is_empty(), "parity failed for {failures:?}");
 }
 
@@ -159,10 +137,7 @@ fn fresh_head_checkpoint_still_scores_with_trl_logits() {
     let model = CausalLmWithValueHead::from_folder(&case.dir, &LoadOptions::default()).unwrap();
     let bound = 1.0 / (model.v_head().weight.size()[1] as f64).sqrt();
     assert!(model.v_head().weight.abs().max().double_value(&[]) <= bound);
-    assert!(model
-        .state_dict()
-        .iter()
-        .any(|(n, _)| n == "v_head.summary.bias"));
+    assert!(model.state_dict().iter().any(|(n, _)| n == "v_head.summary.bias"));
 }
 
 #[test]

@@ -97,11 +97,7 @@ pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
     println!("{}", line(header.iter().map(|s| s.to_string()).collect()));
     println!(
         "{}",
-        widths
-            .iter()
-            .map(|w| "-".repeat(*w))
-            .collect::<Vec<_>>()
-            .join("-|-")
+        widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("-|-")
     );
     for row in rows {
         println!("{}", line(row.clone()));
@@ -125,12 +121,7 @@ pub fn write_tiny_gpt2(dir: &Path, config: serde_json::Value) {
     let mut tensors: Vec<(String, Tensor)> = vs
         .variables()
         .into_iter()
-        .map(|(n, v)| {
-            (
-                n,
-                Tensor::randn(v.size(), (Kind::Float, tch::Device::Cpu)) * 0.2,
-            )
-        })
+        .map(|(n, v)| (n, Tensor::randn(v.size(), (Kind::Float, tch::Device::Cpu)) * 0.2))
         .collect();
     tensors.push((
         "v_head.summary.weight".into(),
@@ -141,10 +132,6 @@ pub fn write_tiny_gpt2(dir: &Path, config: serde_json::Value) {
         Tensor::zeros([1], (Kind::Float, tch::Device::Cpu)),
     ));
     std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::to_string_pretty(&cfg).unwrap(),
-    )
-    .unwrap();
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
     vh_hub::write_safetensors(&dir.join("model.safetensors"), &tensors).unwrap();
 }

@@ -62,15 +62,13 @@ fn cache_dir() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
         return Ok(PathBuf::from(dir).join("valuehead"));
     }
-    let home = std::env::var_os("HOME")
-        .context("neither VALUEHEAD_CACHE, XDG_CACHE_HOME nor HOME is set")?;
+    let home = std::env::var_os("HOME").context("neither VALUEHEAD_CACHE, XDG_CACHE_HOME nor HOME is set")?;
     Ok(PathBuf::from(home).join(".cache").join("valuehead"))
 }
 
 /// First 16 hex digits of the SHA-256 of the requirements file: the environment's cache key.
 fn requirements_key(requirements: &Path) -> Result<String> {
-    let bytes = std::fs::read(requirements)
-        .with_context(|| format!("reading {}", requirements.display()))?;
+    let bytes = std::fs::read(requirements).with_context(|| format!("reading {}", requirements.display()))?;
     let digest = Sha256::digest(&bytes);
     Ok(digest.iter().take(8).map(|b| format!("{b:02x}")).collect())
 }
@@ -120,19 +118,14 @@ fn setup() -> Result<PathBuf> {
     let env_dir = cache.join(format!("pyenv-{key}"));
     let marker = env_dir.join(".complete");
     if marker.exists() {
-        eprintln!(
-            "setup: reusing the reference environment {}",
-            env_dir.display()
-        );
+        eprintln!("setup: reusing the reference environment {}", env_dir.display());
     } else {
         create_env(&cache, &env_dir, &requirements)?;
     }
     relink(&root.join(".venv"), &env_dir)?;
     let python = root.join(".venv").join("bin").join("python");
-    let torch_dir = output(Command::new(&python).args([
-        "-c",
-        "import os, torch; print(os.path.dirname(torch.__file__))",
-    ]))?;
+    let torch_dir =
+        output(Command::new(&python).args(["-c", "import os, torch; print(os.path.dirname(torch.__file__))"]))?;
     // Link through `.venv` so that the path compiled into the binaries' run path stays valid
     // when the environment is rebuilt under a new key.
     let torch_rel = Path::new(&torch_dir)
@@ -156,10 +149,7 @@ fn create_env(cache: &Path, env_dir: &Path, requirements: &Path) -> Result<()> {
         "setup: creating the reference environment in {} (about 5 GB, once per requirements file)",
         env_dir.display()
     );
-    run(Command::new(&base_python)
-        .arg("-m")
-        .arg("venv")
-        .arg(&partial))?;
+    run(Command::new(&base_python).arg("-m").arg("venv").arg(&partial))?;
     let python = partial.join("bin").join("python");
     run(Command::new(&python)
         .args(["-m", "pip", "install", "--disable-pip-version-check", "-r"])

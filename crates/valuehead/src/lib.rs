@@ -1,7 +1,8 @@
 //! TRL-compatible value-head language models in Rust on libtorch.
 //!
-//! [`CausalLmWithValueHead`] wraps a causal LM (GPT-2) with TRL's `ValueHead`, giving logits,
-//! the LM loss and one value per token, and loads checkpoints that Python TRL saves.
+//! [`CausalLmWithValueHead`] wraps a causal LM (GPT-2) and [`Seq2SeqLmWithValueHead`] an
+//! encoder-decoder (T5) with TRL's `ValueHead`, giving logits, the LM loss and one value per
+//! token, and both load the checkpoints that Python TRL saves.
 //!
 //! ```no_run
 //! use tch::Tensor;
@@ -26,9 +27,48 @@
 pub mod causal;
 pub mod error;
 pub mod options;
+pub mod seq2seq;
+mod wrapper;
 
 pub use causal::{CausalBackbone, CausalLmInput, CausalLmOutput, CausalLmWithValueHead};
 pub use error::{Error, Result};
 pub use options::{parse_device, parse_dtype, LoadOptions};
+pub use seq2seq::{Seq2SeqLmInput, Seq2SeqLmOutput, Seq2SeqLmWithValueHead};
 pub use vh_core::{InitStrategy, ValueHead, ValueHeadConfig, ValueHeadOptions};
+pub use vh_models::t5::{EncoderOutput, Seq2SeqCache};
 pub use vh_models::{Cache, LayerCache};
+pub use wrapper::V_HEAD_PREFIX;
+
+use std::path::Path;
+
+/// Either kind of value-head model, chosen by config.json's `model_type`.
+#[derive(Debug)]
+pub enum ValueHeadModel {
+    /// A decoder-only model (`gpt2`).
+    Causal(CausalLmWithValueHead),
+    /// An encoder-decoder model (`t5`).
+    Seq2Seq(Seq2SeqLmWithValueHead),
+}
+
+/// Whether a `model_type` is an encoder-decoder architecture.
+pub fn is_seq2seq_model_type(model_type: &str) -> bool {
+    matches!(model_type, "t5")
+}
+
+impl ValueHeadModel {
+    /// Loads a local checkpoint folder as the wrapper its `model_type` calls for.
+    pub fn from_folder(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
+        let folder = vh_hub::ModelFolder::open(dir)?;
+        let config = folder.config()?;
+        let seq2seq = config
+            .get("model_type")
+            .and_then(serde_json::Value::as_str)
+            .is_some_and(is_seq2seq_model_type);
+        let tensors = folder.tensors()?;
+        Ok(if seq2seq {
+            Self::Seq2Seq(Seq2SeqLmWithValueHead::from_parts(config, tensors, options)?)
+        } else {
+            Self::Causal(CausalLmWithValueHead::from_parts(config, tensors, options)?)
+        })
+    }
+}

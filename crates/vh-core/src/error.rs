@@ -13,9 +13,7 @@ pub enum Error {
     #[error("missing tensor `{0}` in the checkpoint")]
     MissingTensor(String),
     /// A checkpoint tensor's shape differs from the parameter it should fill.
-    #[error(
-        "tensor `{name}` has shape {actual:?} in the checkpoint, the model expects {expected:?}"
-    )]
+    #[error("tensor `{name}` has shape {actual:?} in the checkpoint, the model expects {expected:?}")]
     TensorShape {
         /// The parameter name, as in HF's state dict.
         name: String,

@@ -17,10 +17,7 @@ pub struct LoadReport {
 
 /// Copies each named tensor into the variable of the same name, converting it to the
 /// variable's kind and device. A shape that differs from the variable's is an error.
-pub fn load_variables(
-    vs: &VarStore,
-    tensors: impl IntoIterator<Item = (String, Tensor)>,
-) -> Result<LoadReport> {
+pub fn load_variables(vs: &VarStore, tensors: impl IntoIterator<Item = (String, Tensor)>) -> Result<LoadReport> {
     let variables = vs.variables();
     let mut report = LoadReport::default();
     let mut loaded = BTreeSet::new();
@@ -41,11 +38,7 @@ pub fn load_variables(
         tch::no_grad(|| var.f_copy_(&source))?;
         loaded.insert(name);
     }
-    let mut missing: Vec<String> = variables
-        .keys()
-        .filter(|k| !loaded.contains(*k))
-        .cloned()
-        .collect();
+    let mut missing: Vec<String> = variables.keys().filter(|k| !loaded.contains(*k)).cloned().collect();
     missing.sort();
     report.missing = missing;
     report.loaded = loaded.into_iter().collect();
@@ -94,10 +87,7 @@ mod tests {
                     "a.weight".to_string(),
                     Tensor::ones([2, 2], (Kind::Double, Device::Cpu)),
                 ),
-                (
-                    "extra".to_string(),
-                    Tensor::ones([1], (Kind::Float, Device::Cpu)),
-                ),
+                ("extra".to_string(), Tensor::ones([1], (Kind::Float, Device::Cpu))),
             ],
         )
         .unwrap();
@@ -112,16 +102,10 @@ mod tests {
     #[test]
     fn wrong_shape_is_an_error() {
         let vs = VarStore::new(Device::Cpu);
-        let _a = vs
-            .root()
-            .sub("a")
-            .var("weight", &[2, 2], nn::Init::Const(0.0));
+        let _a = vs.root().sub("a").var("weight", &[2, 2], nn::Init::Const(0.0));
         let err = load_variables(
             &vs,
-            vec![(
-                "a.weight".to_string(),
-                Tensor::ones([2, 3], (Kind::Float, Device::Cpu)),
-            )],
+            vec![("a.weight".to_string(), Tensor::ones([2, 3], (Kind::Float, Device::Cpu)))],
         );
         assert!(matches!(err, Err(Error::TensorShape { .. })), "{err:?}");
     }

@@ -9,18 +9,12 @@ pub const IGNORE_INDEX: i64 = -100;
 
 /// Whether `kind` holds integers (token ids, labels, masks).
 pub fn is_integer_kind(kind: Kind) -> bool {
-    matches!(
-        kind,
-        Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8
-    )
+    matches!(kind, Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8)
 }
 
 /// Whether `kind` is a floating-point kind.
 pub fn is_float_kind(kind: Kind) -> bool {
-    matches!(
-        kind,
-        Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16
-    )
+    matches!(kind, Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16)
 }
 
 /// The most negative finite value of a float kind: what HF fills masked attention scores with.
@@ -48,9 +42,7 @@ pub fn expect_rank(t: &Tensor, name: &str, rank: usize) -> Result<()> {
 pub fn expect_shape(t: &Tensor, name: &str, expected: &[i64]) -> Result<()> {
     let size = t.size();
     if size != expected {
-        return Err(invalid(format!(
-            "`{name}` must have shape {expected:?}, got {size:?}"
-        )));
+        return Err(invalid(format!("`{name}` must have shape {expected:?}, got {size:?}")));
     }
     Ok(())
 }
@@ -58,10 +50,7 @@ pub fn expect_shape(t: &Tensor, name: &str, expected: &[i64]) -> Result<()> {
 /// Checks that `t` holds integers.
 pub fn expect_integer(t: &Tensor, name: &str) -> Result<()> {
     if !is_integer_kind(t.kind()) {
-        return Err(invalid(format!(
-            "`{name}` must hold integers, got {:?}",
-            t.kind()
-        )));
+        return Err(invalid(format!("`{name}` must hold integers, got {:?}", t.kind())));
     }
     Ok(())
 }
@@ -80,9 +69,7 @@ pub fn check_input_ids(input_ids: &Tensor, vocab_size: i64) -> Result<(i64, i64)
     expect_integer(input_ids, "input_ids")?;
     let (batch, seq) = (input_ids.size()[0], input_ids.size()[1]);
     if batch == 0 || seq == 0 {
-        return Err(invalid(format!(
-            "`input_ids` is empty (shape [{batch}, {seq}])"
-        )));
+        return Err(invalid(format!("`input_ids` is empty (shape [{batch}, {seq}])")));
     }
     let (lo, hi) = int_range(input_ids)?;
     if lo < 0 || hi >= vocab_size {
@@ -108,11 +95,7 @@ pub fn attention_mask_to_bool(mask: &Tensor, name: &str, expected: &[i64]) -> Re
         )));
     }
     let ones = mask.f_eq(1)?;
-    let valid = ones
-        .f_logical_or(&mask.f_eq(0)?)?
-        .f_all()?
-        .f_int64_value(&[])?
-        != 0;
+    let valid = ones.f_logical_or(&mask.f_eq(0)?)?.f_all()?.f_int64_value(&[])? != 0;
     if !valid {
         return Err(invalid(format!("`{name}` may only hold 0 and 1")));
     }
@@ -147,44 +130,56 @@ pub fn check_labels(labels: &Tensor, batch: i64, seq: i64, vocab_size: i64) -> R
     Ok(())
 }
 
+/// Mean cross-entropy in f32 of `logits` [N, vocab] against `labels` [N], skipping
+/// [`IGNORE_INDEX`]. No kept label means no defined loss (PyTorch would return NaN): an error.
+fn mean_cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    if labels.f_ne(IGNORE_INDEX)?.f_any()?.f_int64_value(&[])? == 0 {
+        return Err(invalid(
+            "every label that enters the loss is -100, so the loss is undefined",
+        ));
+    }
+    Ok(logits.f_to_kind(Kind::Float)?.f_cross_entropy_loss::<Tensor>(
+        labels,
+        None,
+        tch::Reduction::Mean,
+        IGNORE_INDEX,
+        0.0,
+    )?)
+}
+
+fn logits_dims(logits: &Tensor) -> Result<(i64, i64, i64)> {
+    match logits.size()[..] {
+        [b, s, v] => Ok((b, s, v)),
+        _ => Err(invalid("logits must be [batch, seq, vocab]")),
+    }
+}
+
 /// The causal-LM loss as HF computes it: logits at position t predict the label at t + 1,
 /// mean cross-entropy in f32 over labels that are not [`IGNORE_INDEX`].
 ///
 /// Labels must have been validated with [`check_labels`]. A batch whose shifted labels are all
 /// ignored has no defined loss (PyTorch would return NaN), so that is an error.
 pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
-    let (batch, seq, vocab) = match logits.size()[..] {
-        [b, s, v] => (b, s, v),
-        _ => return Err(invalid("logits must be [batch, seq, vocab]")),
-    };
+    let (batch, seq, vocab) = logits_dims(logits)?;
     if seq < 2 {
         return Err(invalid("the loss needs sequences of at least 2 tokens"));
     }
+    let labels = labels.f_to_device(logits.device())?.f_to_kind(Kind::Int64)?;
+    let shifted_labels = labels.f_narrow(1, 1, seq - 1)?.f_reshape([-1])?;
+    let shifted_logits = logits.f_narrow(1, 0, seq - 1)?.f_reshape([batch * (seq - 1), vocab])?;
+    mean_cross_entropy(&shifted_logits, &shifted_labels)
+}
+
+/// The sequence-to-sequence loss as HF's T5 computes it: logits at position t against the label
+/// at t (the decoder inputs are the labels shifted right), mean over labels that are not
+/// [`IGNORE_INDEX`]. Labels must have been validated with [`check_labels`].
+pub fn seq2seq_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let (batch, seq, vocab) = logits_dims(logits)?;
     let labels = labels
         .f_to_device(logits.device())?
-        .f_to_kind(Kind::Int64)?;
-    let shifted_labels = labels.f_narrow(1, 1, seq - 1)?.f_reshape([-1])?;
-    if shifted_labels
-        .f_ne(IGNORE_INDEX)?
-        .f_any()?
-        .f_int64_value(&[])?
-        == 0
-    {
-        return Err(invalid(
-            "every label after the first position is -100, so the loss is undefined",
-        ));
-    }
-    let shifted_logits = logits
-        .f_narrow(1, 0, seq - 1)?
-        .f_to_kind(Kind::Float)?
-        .f_reshape([batch * (seq - 1), vocab])?;
-    Ok(shifted_logits.f_cross_entropy_loss::<Tensor>(
-        &shifted_labels,
-        None,
-        tch::Reduction::Mean,
-        IGNORE_INDEX,
-        0.0,
-    )?)
+        .f_to_kind(Kind::Int64)?
+        .f_reshape([-1])?;
+    mean_cross_entropy(&logits.f_reshape([batch * seq, vocab])?, &labels)
 }
 
 #[cfg(test)]
@@ -193,19 +188,14 @@ mod tests {
 
     #[test]
     fn position_ids_follow_left_padding() {
-        let mask = Tensor::from_slice2(&[[0i64, 0, 1, 1], [1, 1, 1, 1]])
-            .f_eq(1)
-            .unwrap();
+        let mask = Tensor::from_slice2(&[[0i64, 0, 1, 1], [1, 1, 1, 1]]).f_eq(1).unwrap();
         let pos = position_ids_from_mask(&mask, 4).unwrap();
         assert_eq!(
             Vec::<i64>::try_from(pos.reshape([-1])).unwrap(),
             vec![1, 1, 0, 1, 0, 1, 2, 3]
         );
         let last = position_ids_from_mask(&mask, 1).unwrap();
-        assert_eq!(
-            Vec::<i64>::try_from(last.reshape([-1])).unwrap(),
-            vec![1, 3]
-        );
+        assert_eq!(Vec::<i64>::try_from(last.reshape([-1])).unwrap(), vec![1, 3]);
     }
 
     #[test]
@@ -230,8 +220,7 @@ mod tests {
 
     #[test]
     fn loss_ignores_minus_100_and_matches_manual_value() {
-        let logits = Tensor::from_slice(&[0.0f32, 1.0, 2.0, 1.0, 0.0, 0.0, 0.5, 0.5, 0.0])
-            .reshape([1, 3, 3]);
+        let logits = Tensor::from_slice(&[0.0f32, 1.0, 2.0, 1.0, 0.0, 0.0, 0.5, 0.5, 0.0]).reshape([1, 3, 3]);
         let labels = Tensor::from_slice2(&[[0i64, 2, -100]]);
         check_labels(&labels, 1, 3, 3).unwrap();
         let loss = causal_lm_loss(&logits, &labels).unwrap().double_value(&[]);
@@ -240,6 +229,13 @@ mod tests {
         assert!((loss - expected).abs() < 1e-6, "{loss} vs {expected}");
         let all_ignored = Tensor::from_slice2(&[[0i64, -100, -100]]);
         assert!(causal_lm_loss(&logits, &all_ignored).is_err());
+        // Unshifted: position t against label t; only position 1 (label 0) is kept.
+        let s2s = seq2seq_lm_loss(&logits, &Tensor::from_slice2(&[[-100i64, 0, -100]]))
+            .unwrap()
+            .double_value(&[]);
+        let expected = -(1.0f64.exp() / (1.0f64.exp() + 2.0)).ln();
+        assert!((s2s - expected).abs() < 1e-6, "{s2s} vs {expected}");
+        assert!(seq2seq_lm_loss(&logits, &Tensor::from_slice2(&[[-100i64, -100, -100]])).is_err());
         assert!(check_labels(&Tensor::from_slice2(&[[0i64, 3, -100]]), 1, 3, 3).is_err());
         assert!(check_labels(&Tensor::from_slice2(&[[0i64, 1]]), 1, 3, 3).is_err());
     }

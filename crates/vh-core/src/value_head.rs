@@ -54,11 +54,11 @@ pub struct ValueHeadConfig {
 fn json_i64(config: &Value, key: &str) -> Result<Option<i64>> {
     match config.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => {
-            v.as_i64().filter(|n| *n > 0).map(Some).ok_or_else(|| {
-                Error::Config(format!("`{key}` must be a positive integer, got {v}"))
-            })
-        }
+        Some(v) => v
+            .as_i64()
+            .filter(|n| *n > 0)
+            .map(Some)
+            .ok_or_else(|| Error::Config(format!("`{key}` must be a positive integer, got {v}"))),
     }
 }
 
@@ -70,9 +70,9 @@ impl ValueHeadConfig {
     pub fn resolve(config: &Value, options: &ValueHeadOptions) -> Result<Self> {
         let dropout_prob = match config.get("summary_dropout_prob") {
             Some(Value::Null) => 0.0,
-            Some(v) => v.as_f64().ok_or_else(|| {
-                Error::Config(format!("`summary_dropout_prob` must be a number, got {v}"))
-            })?,
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| Error::Config(format!("`summary_dropout_prob` must be a number, got {v}")))?,
             None => options.summary_dropout_prob.unwrap_or(0.1),
         };
         if !(0.0..=1.0).contains(&dropout_prob) {
@@ -96,9 +96,7 @@ impl ValueHeadConfig {
             hidden_size = hidden_size.or(json_i64(config, key)?);
         }
         let hidden_size = hidden_size.ok_or_else(|| {
-            Error::Config(
-                "config has none of word_embed_proj_dim, hidden_size, n_embd, d_model".to_string(),
-            )
+            Error::Config("config has none of word_embed_proj_dim, hidden_size, n_embd, d_model".to_string())
         })?;
         let initializer_range = options.v_head_initializer_range.unwrap_or(0.2);
         if !(initializer_range.is_finite() && initializer_range >= 0.0) {
@@ -136,14 +134,8 @@ impl ValueHead {
             InitStrategy::Default => {
                 let bound = 1.0 / (h as f64).sqrt();
                 (
-                    nn::Init::Uniform {
-                        lo: -bound,
-                        up: bound,
-                    },
-                    nn::Init::Uniform {
-                        lo: -bound,
-                        up: bound,
-                    },
+                    nn::Init::Uniform { lo: -bound, up: bound },
+                    nn::Init::Uniform { lo: -bound, up: bound },
                 )
             }
             InitStrategy::Normal => (
@@ -183,9 +175,7 @@ impl ValueHead {
                 .f_to_device(self.weight.device())?
                 .f_to_kind(self.weight.kind())?;
         }
-        Ok(output
-            .f_linear(&self.weight, Some(&self.bias))?
-            .f_squeeze_dim(-1)?)
+        Ok(output.f_linear(&self.weight, Some(&self.bias))?.f_squeeze_dim(-1)?)
     }
 
     /// The dropout probability in use.
@@ -209,36 +199,21 @@ mod tests {
     fn resolves_dropout_and_width_like_trl() {
         let opts = ValueHeadOptions::default();
         let c = ValueHeadConfig::resolve(&json!({"n_embd": 8}), &opts).unwrap();
-        assert_eq!(
-            (c.hidden_size, c.dropout_prob, c.init),
-            (8, 0.1, InitStrategy::Default)
-        );
-        let c = ValueHeadConfig::resolve(
-            &json!({"hidden_size": 8, "summary_dropout_prob": null}),
-            &opts,
-        )
-        .unwrap();
+        assert_eq!((c.hidden_size, c.dropout_prob, c.init), (8, 0.1, InitStrategy::Default));
+        let c = ValueHeadConfig::resolve(&json!({"hidden_size": 8, "summary_dropout_prob": null}), &opts).unwrap();
         assert_eq!(c.dropout_prob, 0.0);
         let opts2 = ValueHeadOptions {
             summary_dropout_prob: Some(0.3),
             ..Default::default()
         };
-        let c =
-            ValueHeadConfig::resolve(&json!({"d_model": 8, "summary_dropout_prob": 0.5}), &opts2)
-                .unwrap();
+        let c = ValueHeadConfig::resolve(&json!({"d_model": 8, "summary_dropout_prob": 0.5}), &opts2).unwrap();
         assert_eq!((c.hidden_size, c.dropout_prob), (8, 0.5));
         let c = ValueHeadConfig::resolve(&json!({"d_model": 8}), &opts2).unwrap();
         assert_eq!(c.dropout_prob, 0.3);
-        let c =
-            ValueHeadConfig::resolve(&json!({"hidden_size": 8, "word_embed_proj_dim": 4}), &opts)
-                .unwrap();
+        let c = ValueHeadConfig::resolve(&json!({"hidden_size": 8, "word_embed_proj_dim": 4}), &opts).unwrap();
         assert_eq!(c.hidden_size, 4);
         assert!(ValueHeadConfig::resolve(&json!({"vocab_size": 8}), &opts).is_err());
-        assert!(ValueHeadConfig::resolve(
-            &json!({"n_embd": 8, "summary_dropout_prob": 2.0}),
-            &opts
-        )
-        .is_err());
+        assert!(ValueHeadConfig::resolve(&json!({"n_embd": 8, "summary_dropout_prob": 2.0}), &opts).is_err());
         assert!("uniform".parse::<InitStrategy>().is_err());
     }
 
@@ -286,11 +261,7 @@ mod tests {
         let v = head.forward(&h, false).unwrap();
         assert_eq!(v.size(), vec![2, 3]);
         assert_eq!(v.kind(), Kind::Float);
-        let manual = h
-            .to_kind(Kind::Float)
-            .matmul(&head.weight.tr())
-            .squeeze_dim(-1)
-            + &head.bias;
+        let manual = h.to_kind(Kind::Float).matmul(&head.weight.tr()).squeeze_dim(-1) + &head.bias;
         assert!((&v - manual).abs().max().double_value(&[]) < 1e-5);
         let again = head.forward(&h, false).unwrap();
         assert!(v.equal(&again), "eval mode must be deterministic");

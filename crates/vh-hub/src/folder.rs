@@ -35,9 +35,7 @@ impl ModelFolder {
                 path: dir.to_path_buf(),
             });
         }
-        Ok(Self {
-            dir: dir.to_path_buf(),
-        })
+        Ok(Self { dir: dir.to_path_buf() })
     }
 
     /// The folder's path.

@@ -45,8 +45,7 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     // SAFETY: the map is only read while `file` is open; checkpoint files are not expected to be
     // modified while loading (the same assumption safetensors and HF make).
     let buffer = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| HubError::io(path, e))?;
-    let st = SafeTensors::deserialize(&buffer)
-        .map_err(|e| HubError::safetensors(path, e.to_string()))?;
+    let st = SafeTensors::deserialize(&buffer).map_err(|e| HubError::safetensors(path, e.to_string()))?;
     let mut order: Vec<(usize, String, Tensor)> = Vec::new();
     for (name, view) in st.tensors() {
         let kind = kind_of(view.dtype()).ok_or_else(|| {
@@ -92,8 +91,8 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
         })
         .collect::<Result<Vec<_>>>()?;
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let bytes = safetensors::serialize(views, Some(metadata))
-        .map_err(|e| HubError::safetensors(path, e.to_string()))?;
+    let bytes =
+        safetensors::serialize(views, Some(metadata)).map_err(|e| HubError::safetensors(path, e.to_string()))?;
     crate::atomic_write(path, &bytes)
 }
 
@@ -129,27 +128,14 @@ mod tests {
     fn truncated_and_garbage_files_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.safetensors");
-        write_safetensors(
-            &path,
-            &[("a".into(), Tensor::ones([64], (Kind::Float, Device::Cpu)))],
-        )
-        .unwrap();
+        write_safetensors(&path, &[("a".into(), Tensor::ones([64], (Kind::Float, Device::Cpu)))]).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
-        assert!(matches!(
-            read_safetensors(&path),
-            Err(HubError::Safetensors { .. })
-        ));
+        assert!(matches!(read_safetensors(&path), Err(HubError::Safetensors { .. })));
         std::fs::write(&path, b"not a safetensors file at all").unwrap();
-        assert!(matches!(
-            read_safetensors(&path),
-            Err(HubError::Safetensors { .. })
-        ));
+        assert!(matches!(read_safetensors(&path), Err(HubError::Safetensors { .. })));
         std::fs::write(&path, b"").unwrap();
-        assert!(matches!(
-            read_safetensors(&path),
-            Err(HubError::Safetensors { .. })
-        ));
+        assert!(matches!(read_safetensors(&path), Err(HubError::Safetensors { .. })));
         assert!(matches!(
             read_safetensors(&dir.path().join("missing.safetensors")),
             Err(HubError::NotFound { .. })

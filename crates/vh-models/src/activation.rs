@@ -60,11 +60,7 @@ impl std::str::FromStr for Activation {
             "sigmoid" => Self::Sigmoid,
             "linear" => Self::Linear,
             "laplace" => Self::Laplace,
-            other => {
-                return Err(Error::Config(format!(
-                    "unsupported activation function `{other}`"
-                )))
-            }
+            other => return Err(Error::Config(format!("unsupported activation function `{other}`"))),
         })
     }
 }
@@ -110,10 +106,7 @@ mod tests {
 
     #[test]
     fn names_parse_and_unknown_names_fail() {
-        assert_eq!(
-            "gelu_new".parse::<Activation>().unwrap(),
-            Activation::GeluNew
-        );
+        assert_eq!("gelu_new".parse::<Activation>().unwrap(), Activation::GeluNew);
         assert_eq!("swish".parse::<Activation>().unwrap(), Activation::Silu);
         assert!("gelu_fancy".parse::<Activation>().is_err());
     }
@@ -122,16 +115,9 @@ mod tests {
     fn tanh_gelus_agree_with_exact_gelu_closely() {
         let x = Tensor::linspace(-4.0, 4.0, 101, (Kind::Float, Device::Cpu));
         let exact = Activation::Gelu.forward(&x).unwrap();
-        for act in [
-            Activation::GeluNew,
-            Activation::GeluPytorchTanh,
-            Activation::GeluFast,
-        ] {
+        for act in [Activation::GeluNew, Activation::GeluPytorchTanh, Activation::GeluFast] {
             let y = act.forward(&x).unwrap();
-            assert!(
-                (&y - &exact).abs().max().double_value(&[]) < 1e-3,
-                "{act:?}"
-            );
+            assert!((&y - &exact).abs().max().double_value(&[]) < 1e-3, "{act:?}");
         }
         let q = Activation::Relu2.forward(&x).unwrap();
         assert!((q.double_value(&[100]) - 16.0).abs() < 1e-5);

@@ -7,8 +7,7 @@ use serde::Deserialize;
 use tch::{nn, Device, Kind, Tensor};
 use vh_core::error::invalid;
 use vh_core::tensor::{
-    attention_mask_to_bool, check_input_ids, expect_integer, expect_shape, int_range, min_value,
-    position_ids_from_mask,
+    attention_mask_to_bool, check_input_ids, expect_integer, expect_shape, int_range, min_value, position_ids_from_mask,
 };
 use vh_core::{Error, Result};
 
@@ -93,8 +92,8 @@ pub struct Gpt2Config {
 impl Gpt2Config {
     /// Parses a config.json value and checks that the sizes are consistent.
     pub fn from_json(config: &serde_json::Value) -> Result<Self> {
-        let cfg: Self = serde_json::from_value(config.clone())
-            .map_err(|e| Error::Config(format!("GPT-2 config.json: {e}")))?;
+        let cfg: Self =
+            serde_json::from_value(config.clone()).map_err(|e| Error::Config(format!("GPT-2 config.json: {e}")))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -180,9 +179,7 @@ impl Conv1D {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut size = x.size();
         let in_dim = *size.last().unwrap_or(&0);
-        let out = self
-            .bias
-            .f_addmm(&x.f_reshape([-1, in_dim])?, &self.weight)?;
+        let out = self.bias.f_addmm(&x.f_reshape([-1, in_dim])?, &self.weight)?;
         *size.last_mut().expect("non-scalar input") = self.weight.size()[1];
         Ok(out.f_view(size.as_slice())?)
     }
@@ -210,13 +207,7 @@ impl LayerNorm {
 
     /// Normalises over the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.f_layer_norm(
-            self.weight.size(),
-            Some(&self.weight),
-            Some(&self.bias),
-            self.eps,
-            true,
-        )?)
+        Ok(x.f_layer_norm(self.weight.size(), Some(&self.weight), Some(&self.bias), self.eps, true)?)
     }
 }
 
@@ -255,8 +246,7 @@ impl Attention {
     /// [B, T, C] -> [B, H, T, D].
     fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t) = (x.size()[0], x.size()[1]);
-        Ok(x.f_view([b, t, self.n_head, self.head_dim])?
-            .f_transpose(1, 2)?)
+        Ok(x.f_view([b, t, self.n_head, self.head_dim])?.f_transpose(1, 2)?)
     }
 
     /// Attends from `x` [B, T, C] over the cached and new positions, adding `bias`
@@ -315,10 +305,7 @@ impl Attention {
             .f_transpose(1, 2)?
             .f_contiguous()?
             .f_view([b, t, c])?;
-        let out = self
-            .c_proj
-            .forward(&out)?
-            .f_dropout(self.resid_pdrop, train)?;
+        let out = self.c_proj.forward(&out)?.f_dropout(self.resid_pdrop, train)?;
         Ok((
             out,
             LayerCache {
@@ -352,10 +339,7 @@ impl Mlp {
     /// [B, T, C] -> [B, T, C].
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let h = self.act.forward(&self.c_fc.forward(x)?)?;
-        Ok(self
-            .c_proj
-            .forward(&h)?
-            .f_dropout(self.resid_pdrop, train)?)
+        Ok(self.c_proj.forward(&h)?.f_dropout(self.resid_pdrop, train)?)
     }
 }
 
@@ -387,9 +371,7 @@ impl Block {
         past: Option<&LayerCache>,
         train: bool,
     ) -> Result<(Tensor, LayerCache)> {
-        let (attn, cache) = self
-            .attn
-            .forward(&self.ln_1.forward(x)?, bias, past, train)?;
+        let (attn, cache) = self.attn.forward(&self.ln_1.forward(x)?, bias, past, train)?;
         let x = x + attn;
         let mlp = self.mlp.forward(&self.ln_2.forward(&x)?, train)?;
         Ok((x + mlp, cache))
@@ -443,8 +425,7 @@ fn attention_bias(
     let bias = match key_mask {
         Some(mask) => {
             let padding = mask.f_logical_not()?.f_view([batch, 1, 1, total])?;
-            Tensor::f_zeros([batch, 1, new_len, total], (kind, device))?
-                .f_masked_fill(&padding, min_value(kind))?
+            Tensor::f_zeros([batch, 1, new_len, total], (kind, device))?.f_masked_fill(&padding, min_value(kind))?
         }
         None => Tensor::f_zeros([1, 1, new_len, total], (kind, device))?,
     };
@@ -456,12 +437,8 @@ impl Gpt2Model {
     pub fn new(vs: nn::Path, cfg: &Gpt2Config) -> Result<Self> {
         cfg.validate()?;
         let zeros = nn::Init::Const(0.0);
-        let wte = vs
-            .sub("wte")
-            .f_var("weight", &[cfg.vocab_size, cfg.n_embd], zeros)?;
-        let wpe = vs
-            .sub("wpe")
-            .f_var("weight", &[cfg.n_positions, cfg.n_embd], zeros)?;
+        let wte = vs.sub("wte").f_var("weight", &[cfg.vocab_size, cfg.n_embd], zeros)?;
+        let wpe = vs.sub("wpe").f_var("weight", &[cfg.n_positions, cfg.n_embd], zeros)?;
         let h = (0..cfg.n_layer)
             .map(|i| Block::new(vs.sub("h").sub(i), cfg, i))
             .collect::<Result<Vec<_>>>()?;
@@ -534,26 +511,14 @@ impl Gpt2Model {
                 expect_integer(p, "position_ids")?;
                 let (lo, hi) = int_range(p)?;
                 if lo < 0 || hi >= self.cfg.n_positions {
-                    return Err(invalid(format!(
-                        "position_ids must be in 0..{}",
-                        self.cfg.n_positions
-                    )));
+                    return Err(invalid(format!("position_ids must be in 0..{}", self.cfg.n_positions)));
                 }
                 p.f_to_device(device)?
             }
             (None, Some(mask)) => position_ids_from_mask(mask, new_len)?,
-            (None, None) => {
-                Tensor::f_arange_start(past_len, total, (Kind::Int64, device))?.f_unsqueeze(0)?
-            }
+            (None, None) => Tensor::f_arange_start(past_len, total, (Kind::Int64, device))?.f_unsqueeze(0)?,
         };
-        let bias = attention_bias(
-            key_mask.as_ref(),
-            batch,
-            new_len,
-            past_len,
-            self.wte.kind(),
-            device,
-        )?;
+        let bias = attention_bias(key_mask.as_ref(), batch, new_len, past_len, self.wte.kind(), device)?;
 
         let tokens = Tensor::f_embedding(&self.wte, &input_ids, -1, false, false)?;
         let positions = Tensor::f_embedding(&self.wpe, &position_ids, -1, false, false)?;
@@ -600,11 +565,8 @@ impl Gpt2LmHeadModel {
         let lm_head = if cfg.tie_word_embeddings {
             transformer.wte.shallow_clone()
         } else {
-            vs.sub("lm_head").f_var(
-                "weight",
-                &[cfg.vocab_size, cfg.n_embd],
-                nn::Init::Const(0.0),
-            )?
+            vs.sub("lm_head")
+                .f_var("weight", &[cfg.vocab_size, cfg.n_embd], nn::Init::Const(0.0))?
         };
         Ok(Self {
             transformer,
@@ -640,9 +602,7 @@ impl Gpt2LmHeadModel {
         let out = self
             .transformer
             .forward(input_ids, attention_mask, position_ids, past, train)?;
-        let logits = out
-            .last_hidden_state
-            .f_linear::<Tensor>(&self.lm_head, None)?;
+        let logits = out.last_hidden_state.f_linear::<Tensor>(&self.lm_head, None)?;
         Ok(Gpt2LmOutput {
             logits,
             last_hidden_state: out.last_hidden_state,
@@ -658,10 +618,8 @@ mod tests {
     use tch::nn::VarStore;
 
     fn tiny() -> Gpt2Config {
-        Gpt2Config::from_json(
-            &json!({"vocab_size": 50, "n_positions": 16, "n_embd": 16, "n_layer": 2, "n_head": 4}),
-        )
-        .unwrap()
+        Gpt2Config::from_json(&json!({"vocab_size": 50, "n_positions": 16, "n_embd": 16, "n_layer": 2, "n_head": 4}))
+            .unwrap()
     }
 
     fn random_model(cfg: &Gpt2Config) -> (VarStore, Gpt2LmHeadModel) {
@@ -681,13 +639,7 @@ mod tests {
     fn config_defaults_match_hf() {
         let cfg = Gpt2Config::from_json(&json!({})).unwrap();
         assert_eq!(
-            (
-                cfg.vocab_size,
-                cfg.n_positions,
-                cfg.n_embd,
-                cfg.n_layer,
-                cfg.n_head
-            ),
+            (cfg.vocab_size, cfg.n_positions, cfg.n_embd, cfg.n_layer, cfg.n_head),
             (50257, 1024, 768, 12, 12)
         );
         assert_eq!(cfg.inner_dim(), 3072);
@@ -715,10 +667,7 @@ mod tests {
             !names.contains_key("lm_head.weight"),
             "tied head is not a separate parameter"
         );
-        assert_eq!(
-            names["transformer.h.0.attn.c_attn.weight"].size(),
-            vec![16, 48]
-        );
+        assert_eq!(names["transformer.h.0.attn.c_attn.weight"].size(), vec![16, 48]);
         assert_eq!(
             parameter_name("h.0.ln_1.weight").unwrap(),
             "transformer.h.0.ln_1.weight"
@@ -760,19 +709,11 @@ mod tests {
         let cfg = tiny();
         let (_vs, model) = random_model(&cfg);
         let plain = model
-            .forward(
-                &Tensor::from_slice2(&[[7i64, 8, 9]]),
-                None,
-                None,
-                None,
-                false,
-            )
+            .forward(&Tensor::from_slice2(&[[7i64, 8, 9]]), None, None, None, false)
             .unwrap();
         let padded = Tensor::from_slice2(&[[0i64, 0, 7, 8, 9]]);
         let mask = Tensor::from_slice2(&[[0i64, 0, 1, 1, 1]]);
-        let out = model
-            .forward(&padded, Some(&mask), None, None, false)
-            .unwrap();
+        let out = model.forward(&padded, Some(&mask), None, None, false).unwrap();
         let diff = (out.logits.narrow(1, 2, 3) - &plain.logits)
             .abs()
             .max()
@@ -796,13 +737,7 @@ mod tests {
             .forward(&Tensor::from_slice2(&[[1i64, 50]]), None, None, None, false)
             .is_err());
         assert!(model
-            .forward(
-                &ids,
-                Some(&Tensor::from_slice2(&[[1i64, 1]])),
-                None,
-                None,
-                false
-            )
+            .forward(&ids, Some(&Tensor::from_slice2(&[[1i64, 1]])), None, None, false)
             .is_err());
         let long = Tensor::zeros([1, 17], (Kind::Int64, Device::Cpu));
         assert!(model.forward(&long, None, None, None, false).is_err());
@@ -836,9 +771,7 @@ mod tests {
         );
         assert!(err.is_err(), "batch differs from cache");
         let bad_pos = Tensor::from_slice2(&[[0i64, 1, 16]]);
-        assert!(model
-            .forward(&ids, None, Some(&bad_pos), None, false)
-            .is_err());
+        assert!(model.forward(&ids, None, Some(&bad_pos), None, false).is_err());
     }
 
     #[test]

@@ -109,8 +109,8 @@ pub struct T5Config {
 impl T5Config {
     /// Parses a config.json value and checks it.
     pub fn from_json(config: &serde_json::Value) -> Result<Self> {
-        let cfg: Self = serde_json::from_value(config.clone())
-            .map_err(|e| Error::Config(format!("T5 config.json: {e}")))?;
+        let cfg: Self =
+            serde_json::from_value(config.clone()).map_err(|e| Error::Config(format!("T5 config.json: {e}")))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -125,10 +125,7 @@ impl T5Config {
             ("num_layers", self.num_layers),
             ("num_decoder_layers", self.decoder_layers()),
             ("num_heads", self.num_heads),
-            (
-                "relative_attention_num_buckets",
-                self.relative_attention_num_buckets,
-            ),
+            ("relative_attention_num_buckets", self.relative_attention_num_buckets),
         ] {
             if v <= 0 {
                 return Err(Error::Config(format!("{name} must be positive, got {v}")));
@@ -212,9 +209,7 @@ impl T5LayerNorm {
 }
 
 fn linear(vs: &nn::Path, name: &str, in_dim: i64, out_dim: i64) -> Result<Tensor> {
-    Ok(vs
-        .sub(name)
-        .f_var("weight", &[out_dim, in_dim], nn::Init::Const(0.0))?)
+    Ok(vs.sub(name).f_var("weight", &[out_dim, in_dim], nn::Init::Const(0.0))?)
 }
 
 /// The feed-forward network: `wi`, activation, `wo`, or the gated form `act(wi_0) * wi_1`, `wo`.
@@ -248,9 +243,7 @@ impl DenseReluDense {
 
     /// [B, T, d_model] -> [B, T, d_model].
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut h = self
-            .act
-            .forward(&x.f_linear::<Tensor>(&self.wi[0], None)?)?;
+        let mut h = self.act.forward(&x.f_linear::<Tensor>(&self.wi[0], None)?)?;
         if let Some(wi_1) = self.wi.get(1) {
             h = h.f_mul(&x.f_linear::<Tensor>(wi_1, None)?)?;
         }
@@ -322,12 +315,7 @@ pub struct T5Attention {
 
 impl T5Attention {
     /// Creates `q`, `k`, `v`, `o` (and the bias table when `has_relative_attention_bias`).
-    pub fn new(
-        vs: nn::Path,
-        cfg: &T5Config,
-        is_decoder: bool,
-        has_relative_attention_bias: bool,
-    ) -> Result<Self> {
+    pub fn new(vs: nn::Path, cfg: &T5Config, is_decoder: bool, has_relative_attention_bias: bool) -> Result<Self> {
         let inner = cfg.num_heads * cfg.d_kv;
         let relative_attention_bias = if has_relative_attention_bias {
             Some(vs.sub("relative_attention_bias").f_var(
@@ -362,20 +350,14 @@ impl T5Attention {
             .ok_or_else(|| invalid("this attention layer has no relative position bias"))?;
         let keys = Tensor::f_arange(key_len, (Kind::Int64, table.device()))?.f_unsqueeze(0)?;
         let relative = keys.f_sub(&query_positions.f_unsqueeze(1)?)?;
-        let buckets = relative_position_bucket(
-            &relative,
-            self.bidirectional,
-            self.num_buckets,
-            self.max_distance,
-        )?;
+        let buckets = relative_position_bucket(&relative, self.bidirectional, self.num_buckets, self.max_distance)?;
         let values = Tensor::f_embedding(table, &buckets, -1, false, false)?;
         Ok(values.f_permute([2, 0, 1])?.f_unsqueeze(0)?)
     }
 
     fn heads(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t) = (x.size()[0], x.size()[1]);
-        Ok(x.f_view([b, t, self.n_heads, self.d_kv])?
-            .f_transpose(1, 2)?)
+        Ok(x.f_view([b, t, self.n_heads, self.d_kv])?.f_transpose(1, 2)?)
     }
 
     /// Keys and values of `states` [B, S, d_model], [B, heads, S, d_kv] each.
@@ -387,13 +369,7 @@ impl T5Attention {
     }
 
     /// Attends from `x` [B, T, d_model] over `kv` with `bias` added to the scores.
-    fn attend(
-        &self,
-        x: &Tensor,
-        kv: &LayerCache,
-        bias: Option<&Tensor>,
-        train: bool,
-    ) -> Result<Tensor> {
+    fn attend(&self, x: &Tensor, kv: &LayerCache, bias: Option<&Tensor>, train: bool) -> Result<Tensor> {
         let (b, t) = (x.size()[0], x.size()[1]);
         let q = self.heads(&x.f_linear::<Tensor>(&self.q, None)?)?;
         let mut scores = q.f_matmul(&kv.keys.f_transpose(3, 2)?)?;
@@ -404,11 +380,12 @@ impl T5Attention {
             .f_softmax(-1, Kind::Float)?
             .f_to_kind(scores.kind())?
             .f_dropout(self.dropout, train)?;
-        let out = probs
-            .f_matmul(&kv.values)?
-            .f_transpose(1, 2)?
-            .f_contiguous()?
-            .f_view([b, t, self.n_heads * self.d_kv])?;
+        let out =
+            probs
+                .f_matmul(&kv.values)?
+                .f_transpose(1, 2)?
+                .f_contiguous()?
+                .f_view([b, t, self.n_heads * self.d_kv])?;
         Ok(out.f_linear::<Tensor>(&self.o, None)?)
     }
 
@@ -432,13 +409,7 @@ impl T5Attention {
     }
 
     /// Cross-attention over precomputed encoder keys and values.
-    pub fn forward_cross(
-        &self,
-        x: &Tensor,
-        kv: &LayerCache,
-        bias: Option<&Tensor>,
-        train: bool,
-    ) -> Result<Tensor> {
+    pub fn forward_cross(&self, x: &Tensor, kv: &LayerCache, bias: Option<&Tensor>, train: bool) -> Result<Tensor> {
         self.attend(x, kv, bias, train)
     }
 }
@@ -476,8 +447,7 @@ impl T5Block {
         let layer = vs.sub("layer");
         let l0 = layer.sub(0);
         let self_attention = T5Attention::new(l0.sub("SelfAttention"), cfg, is_decoder, idx == 0)?;
-        let self_norm =
-            T5LayerNorm::new(l0.sub("layer_norm"), cfg.d_model, cfg.layer_norm_epsilon)?;
+        let self_norm = T5LayerNorm::new(l0.sub("layer_norm"), cfg.d_model, cfg.layer_norm_epsilon)?;
         let cross = if is_decoder {
             let l1 = layer.sub(1);
             Some((
@@ -508,22 +478,16 @@ impl T5Block {
         cross_bias: Option<&Tensor>,
         train: bool,
     ) -> Result<(Tensor, LayerCache)> {
-        let (attn, cache) = self.self_attention.forward_self(
-            &self.self_norm.forward(x)?,
-            self_bias,
-            past,
-            train,
-        )?;
+        let (attn, cache) = self
+            .self_attention
+            .forward_self(&self.self_norm.forward(x)?, self_bias, past, train)?;
         let mut h = clamp_half(x.f_add(&attn.f_dropout(self.dropout, train)?)?)?;
         if let (Some((attention, norm)), Some(kv)) = (&self.cross, cross_kv) {
             let out = attention.forward_cross(&norm.forward(&h)?, kv, cross_bias, train)?;
             h = clamp_half(h.f_add(&out.f_dropout(self.dropout, train)?)?)?;
         }
         let ff = self.ff.forward(&self.ff_norm.forward(&h)?, train)?;
-        Ok((
-            clamp_half(h.f_add(&ff.f_dropout(self.dropout, train)?)?)?,
-            cache,
-        ))
+        Ok((clamp_half(h.f_add(&ff.f_dropout(self.dropout, train)?)?)?, cache))
     }
 }
 
@@ -560,11 +524,7 @@ impl T5Stack {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             blocks,
-            final_layer_norm: T5LayerNorm::new(
-                vs.sub("final_layer_norm"),
-                cfg.d_model,
-                cfg.layer_norm_epsilon,
-            )?,
+            final_layer_norm: T5LayerNorm::new(vs.sub("final_layer_norm"), cfg.d_model, cfg.layer_norm_epsilon)?,
             dropout: cfg.dropout_rate,
         })
     }
@@ -642,21 +602,16 @@ impl T5ForConditionalGeneration {
     /// Creates `shared`, `encoder.*`, `decoder.*` and, unless tied, `lm_head.weight` under `vs`.
     pub fn new(vs: nn::Path, cfg: &T5Config) -> Result<Self> {
         cfg.validate()?;
-        let shared = vs.sub("shared").f_var(
-            "weight",
-            &[cfg.vocab_size, cfg.d_model],
-            nn::Init::Const(0.0),
-        )?;
+        let shared = vs
+            .sub("shared")
+            .f_var("weight", &[cfg.vocab_size, cfg.d_model], nn::Init::Const(0.0))?;
         let encoder = T5Stack::new(vs.sub("encoder"), cfg, false)?;
         let decoder = T5Stack::new(vs.sub("decoder"), cfg, true)?;
         let lm_head = if cfg.tie_word_embeddings {
             shared.shallow_clone()
         } else {
-            vs.sub("lm_head").f_var(
-                "weight",
-                &[cfg.vocab_size, cfg.d_model],
-                nn::Init::Const(0.0),
-            )?
+            vs.sub("lm_head")
+                .f_var("weight", &[cfg.vocab_size, cfg.d_model], nn::Init::Const(0.0))?
         };
         Ok(Self {
             shared,
@@ -676,9 +631,7 @@ impl T5ForConditionalGeneration {
     /// embedding; a tied model's `lm_head.weight` is read from `shared.weight` instead.
     pub fn parameter_name(&self, key: &str) -> Option<String> {
         match key {
-            "encoder.embed_tokens.weight" | "decoder.embed_tokens.weight" => {
-                Some("shared.weight".to_string())
-            }
+            "encoder.embed_tokens.weight" | "decoder.embed_tokens.weight" => Some("shared.weight".to_string()),
             "lm_head.weight" if self.cfg.tie_word_embeddings => None,
             other => Some(other.to_string()),
         }
@@ -689,12 +642,7 @@ impl T5ForConditionalGeneration {
     }
 
     /// Runs the encoder over `input_ids` [B, S] with an optional padding mask [B, S].
-    pub fn encode(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: Option<&Tensor>,
-        train: bool,
-    ) -> Result<EncoderOutput> {
+    pub fn encode(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, train: bool) -> Result<EncoderOutput> {
         let (batch, len) = check_input_ids(input_ids, self.cfg.vocab_size)?;
         let device = self.device();
         let mask = attention_mask
@@ -706,20 +654,11 @@ impl T5ForConditionalGeneration {
             .transpose()?;
         let kind = self.shared.kind();
         let positions = Tensor::f_arange(len, (Kind::Int64, device))?;
-        let mut bias = self
-            .encoder
-            .first_attention()
-            .compute_bias(&positions, len)?;
+        let mut bias = self.encoder.first_attention().compute_bias(&positions, len)?;
         if let Some(mask) = &mask {
             bias = bias.f_add(&padding_bias(mask, kind)?)?;
         }
-        let embeds = Tensor::f_embedding(
-            &self.shared,
-            &input_ids.f_to_device(device)?,
-            -1,
-            false,
-            false,
-        )?;
+        let embeds = Tensor::f_embedding(&self.shared, &input_ids.f_to_device(device)?, -1, false, false)?;
         let mut h = embeds.f_dropout(self.encoder.dropout, train)?;
         for block in &self.encoder.blocks {
             h = block.forward(&h, Some(&bias), None, None, None, train)?.0;
@@ -760,9 +699,7 @@ impl T5ForConditionalGeneration {
         let layers = self.decoder.blocks.len();
         if let Some(p) = past {
             if p.self_attention.layers.len() != layers || p.cross_attention.layers.len() != layers {
-                return Err(invalid(format!(
-                    "cache does not have the decoder's {layers} layers"
-                )));
+                return Err(invalid(format!("cache does not have the decoder's {layers} layers")));
             }
             if p.self_attention.batch_size() != Some(batch) {
                 return Err(invalid("cache batch size differs from decoder_input_ids'"));
@@ -776,20 +713,15 @@ impl T5ForConditionalGeneration {
         // Self-attention bias: relative positions of the new queries, plus causal and padding
         // masks, computed once and shared by every layer as in HF.
         let queries = Tensor::f_arange_start(past_len, total, (Kind::Int64, device))?;
-        let mut self_bias = self
-            .decoder
-            .first_attention()
-            .compute_bias(&queries, total)?;
+        let mut self_bias = self.decoder.first_attention().compute_bias(&queries, total)?;
         let keys = Tensor::f_arange(total, (Kind::Int64, device))?.f_unsqueeze(0)?;
         let future = keys.f_gt_tensor(&queries.f_unsqueeze(1)?)?;
         let mut blocked = future.f_view([1, 1, new_len, total])?;
         if let Some(m) = decoder_attention_mask {
-            let m = attention_mask_to_bool(m, "decoder_attention_mask", &[batch, total])?
-                .f_to_device(device)?;
+            let m = attention_mask_to_bool(m, "decoder_attention_mask", &[batch, total])?.f_to_device(device)?;
             blocked = blocked.f_logical_or(&m.f_logical_not()?.f_view([batch, 1, 1, total])?)?;
         }
-        let mask_bias = Tensor::f_zeros(blocked.size(), (kind, device))?
-            .f_masked_fill(&blocked, min_value(kind))?;
+        let mask_bias = Tensor::f_zeros(blocked.size(), (kind, device))?.f_masked_fill(&blocked, min_value(kind))?;
         self_bias = self_bias.f_add(&mask_bias)?;
         let cross_bias = encoder
             .attention_mask
@@ -797,13 +729,7 @@ impl T5ForConditionalGeneration {
             .map(|m| padding_bias(m, kind))
             .transpose()?;
 
-        let embeds = Tensor::f_embedding(
-            &self.shared,
-            &decoder_input_ids.f_to_device(device)?,
-            -1,
-            false,
-            false,
-        )?;
+        let embeds = Tensor::f_embedding(&self.shared, &decoder_input_ids.f_to_device(device)?, -1, false, false)?;
         let mut h = embeds.f_dropout(self.decoder.dropout, train)?;
         let mut self_layers = Vec::with_capacity(layers);
         let mut cross_layers = Vec::with_capacity(layers);
@@ -842,12 +768,8 @@ impl T5ForConditionalGeneration {
             logits,
             last_hidden_state: h,
             cache: Seq2SeqCache {
-                self_attention: Cache {
-                    layers: self_layers,
-                },
-                cross_attention: Cache {
-                    layers: cross_layers,
-                },
+                self_attention: Cache { layers: self_layers },
+                cross_attention: Cache { layers: cross_layers },
             },
         })
     }
@@ -856,9 +778,7 @@ impl T5ForConditionalGeneration {
     /// labels but the last, with -100 replaced by the pad token.
     pub fn shift_right(&self, labels: &Tensor) -> Result<Tensor> {
         let start = self.cfg.decoder_start_token_id.ok_or_else(|| {
-            Error::Config(
-                "decoder_start_token_id must be set to derive decoder inputs from labels".into(),
-            )
+            Error::Config("decoder_start_token_id must be set to derive decoder inputs from labels".into())
         })?;
         let pad = self
             .cfg
@@ -904,27 +824,18 @@ mod tests {
     #[test]
     fn config_parses_feed_forward_like_hf() {
         let cfg = T5Config::from_json(&json!({})).unwrap();
-        assert_eq!(
-            (cfg.vocab_size, cfg.d_model, cfg.decoder_layers()),
-            (32128, 512, 6)
-        );
+        assert_eq!((cfg.vocab_size, cfg.d_model, cfg.decoder_layers()), (32128, 512, 6));
         assert_eq!(cfg.feed_forward().unwrap(), (Activation::Relu, false));
         assert_eq!(
-            tiny(json!({"feed_forward_proj": "gated-gelu"}))
-                .feed_forward()
-                .unwrap(),
+            tiny(json!({"feed_forward_proj": "gated-gelu"})).feed_forward().unwrap(),
             (Activation::GeluNew, true)
         );
         assert_eq!(
-            tiny(json!({"feed_forward_proj": "gated-silu"}))
-                .feed_forward()
-                .unwrap(),
+            tiny(json!({"feed_forward_proj": "gated-silu"})).feed_forward().unwrap(),
             (Activation::Silu, true)
         );
         assert_eq!(
-            tiny(json!({"feed_forward_proj": "gelu"}))
-                .feed_forward()
-                .unwrap(),
+            tiny(json!({"feed_forward_proj": "gelu"})).feed_forward().unwrap(),
             (Activation::Gelu, false)
         );
         assert!(T5Config::from_json(&json!({"feed_forward_proj": "fancy-gelu"})).is_err());
@@ -1000,14 +911,8 @@ mod tests {
             .double_value(&[]);
         assert!(diff < 1e-5, "{diff}");
         let dec = Tensor::from_slice2(&[[0i64, 6, 7]]);
-        let a = model
-            .decode(&dec, None, &plain, None, false)
-            .unwrap()
-            .logits;
-        let b = model
-            .decode(&dec, None, &padded, None, false)
-            .unwrap()
-            .logits;
+        let a = model.decode(&dec, None, &plain, None, false).unwrap().logits;
+        let b = model.decode(&dec, None, &padded, None, false).unwrap().logits;
         assert!((a - b).abs().max().double_value(&[]) < 1e-5);
     }
 
@@ -1015,13 +920,8 @@ mod tests {
     fn shift_right_follows_hf() {
         let cfg = tiny(json!({"pad_token_id": 0, "decoder_start_token_id": 2}));
         let (_vs, model) = random_model(&cfg);
-        let shifted = model
-            .shift_right(&Tensor::from_slice2(&[[5i64, -100, 7, 8]]))
-            .unwrap();
-        assert_eq!(
-            Vec::<i64>::try_from(shifted.reshape([-1])).unwrap(),
-            vec![2, 5, 0, 7]
-        );
+        let shifted = model.shift_right(&Tensor::from_slice2(&[[5i64, -100, 7, 8]])).unwrap();
+        assert_eq!(Vec::<i64>::try_from(shifted.reshape([-1])).unwrap(), vec![2, 5, 0, 7]);
     }
 
     #[test]
@@ -1033,25 +933,13 @@ mod tests {
             .unwrap();
         assert!(
             model
-                .decode(
-                    &Tensor::from_slice2(&[[0i64], [0]]),
-                    None,
-                    &encoder,
-                    None,
-                    false
-                )
+                .decode(&Tensor::from_slice2(&[[0i64], [0]]), None, &encoder, None, false)
                 .is_err(),
             "batch"
         );
         assert!(
             model
-                .decode(
-                    &Tensor::from_slice2(&[[0i64, 40]]),
-                    None,
-                    &encoder,
-                    None,
-                    false
-                )
+                .decode(&Tensor::from_slice2(&[[0i64, 40]]), None, &encoder, None, false)
                 .is_err(),
             "id"
         );

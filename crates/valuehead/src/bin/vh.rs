@@ -66,22 +66,17 @@ fn load(args: &ModelArgs) -> Result<CausalLmWithValueHead> {
 
 fn forward(model: &ModelArgs, inputs: &PathBuf, out: &PathBuf) -> Result<()> {
     let vh = load(model)?;
-    let mut tensors: HashMap<String, Tensor> =
-        vh_hub::read_safetensors(inputs)?.into_iter().collect();
+    let mut tensors: HashMap<String, Tensor> = vh_hub::read_safetensors(inputs)?.into_iter().collect();
     let known = ["input_ids", "attention_mask", "labels"];
     if let Some(other) = tensors.keys().find(|k| !known.contains(&k.as_str())) {
-        bail!(
-            "{}: unexpected tensor `{other}` (expected {known:?})",
-            inputs.display()
-        );
+        bail!("{}: unexpected tensor `{other}` (expected {known:?})", inputs.display());
     }
     let input_ids = tensors
         .remove("input_ids")
         .with_context(|| format!("{} has no `input_ids`", inputs.display()))?;
     let attention_mask = tensors.remove("attention_mask");
     let labels = tensors.remove("labels");
-    let output =
-        tch::no_grad(|| vh.forward(&input_ids, attention_mask.as_ref(), None, labels.as_ref()))?;
+    let output = tch::no_grad(|| vh.forward(&input_ids, attention_mask.as_ref(), None, labels.as_ref()))?;
     let mut written = vec![
         ("logits".to_string(), output.logits),
         ("values".to_string(), output.values),
@@ -98,10 +93,7 @@ fn parse_ids(text: &str) -> Result<Vec<i64>> {
     let ids = text
         .split(|c: char| c == ',' || c.is_whitespace())
         .filter(|s| !s.is_empty())
-        .map(|s| {
-            s.parse::<i64>()
-                .with_context(|| format!("`{s}` is not a token id"))
-        })
+        .map(|s| s.parse::<i64>().with_context(|| format!("`{s}` is not a token id")))
         .collect::<Result<Vec<_>>>()?;
     if ids.is_empty() {
         bail!("no token ids given");
@@ -116,10 +108,7 @@ fn score(model: &ModelArgs, input_ids: &str) -> Result<()> {
     let output = tch::no_grad(|| vh.forward(&input, None, None, None))?;
     let logprobs = output.logits.log_softmax(-1, Kind::Float);
     println!("model: {}", model.model.display());
-    println!(
-        "{:>4}  {:>8}  {:>12}  {:>10}",
-        "pos", "token", "log p(token)", "value"
-    );
+    println!("{:>4}  {:>8}  {:>12}  {:>10}", "pos", "token", "log p(token)", "value");
     for (t, id) in ids.iter().enumerate() {
         let value = output.values.double_value(&[0, t as i64]);
         let logprob = if t == 0 {

@@ -1,0 +1,190 @@
+//! `Seq2SeqLmWithValueHead`: an encoder-decoder language model plus a value head on the
+//! decoder, as TRL's `AutoModelForSeq2SeqLMWithValueHead`.
+
+use crate::error::{Error, Result};
+use crate::options::LoadOptions;
+use crate::wrapper::{check_before_load, model_type, wrapper_accessors, Wrapped};
+use serde_json::Value;
+use std::path::Path;
+use tch::{nn::VarStore, Kind, Tensor};
+use vh_core::error::invalid;
+use vh_core::tensor::{check_labels, expect_rank, seq2seq_lm_loss};
+use vh_hub::ModelFolder;
+use vh_models::t5::{EncoderOutput, Seq2SeqCache, T5Config, T5ForConditionalGeneration};
+
+/// The inputs of a seq2seq forward pass. The encoder side is `input_ids` (with
+/// `attention_mask`) or precomputed `encoder_outputs`; the decoder side is `decoder_input_ids`,
+/// or `labels` shifted right.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Seq2SeqLmInput<'a> {
+    /// Encoder token ids, i64 [batch, src].
+    pub input_ids: Option<&'a Tensor>,
+    /// Encoder padding mask [batch, src] (1 = attend); also masks cross-attention.
+    pub attention_mask: Option<&'a Tensor>,
+    /// Decoder token ids [batch, tgt].
+    pub decoder_input_ids: Option<&'a Tensor>,
+    /// Decoder mask [batch, past + tgt].
+    pub decoder_attention_mask: Option<&'a Tensor>,
+    /// The encoder's output from an earlier pass, reused instead of running the encoder.
+    pub encoder_outputs: Option<&'a EncoderOutput>,
+    /// The caches returned by the previous pass.
+    pub past: Option<&'a Seq2SeqCache>,
+    /// Targets [batch, tgt]; -100 is ignored.
+    pub labels: Option<&'a Tensor>,
+}
+
+/// The outputs of a seq2seq forward pass.
+#[derive(Debug)]
+pub struct Seq2SeqLmOutput {
+    /// Next-token logits, f32 [batch, tgt, vocab].
+    pub logits: Tensor,
+    /// Mean cross-entropy, f32 scalar, when labels were given.
+    pub loss: Option<Tensor>,
+    /// One value per decoder token, f32 [batch, tgt].
+    pub values: Tensor,
+    /// Decoder self- and cross-attention caches for the next pass.
+    pub past: Seq2SeqCache,
+    /// The encoder's output, to pass back as `encoder_outputs`.
+    pub encoder_outputs: EncoderOutput,
+}
+
+/// An encoder-decoder language model with a value head on the decoder.
+#[derive(Debug)]
+pub struct Seq2SeqLmWithValueHead {
+    wrapped: Wrapped,
+    model: T5ForConditionalGeneration,
+}
+
+wrapper_accessors!(Seq2SeqLmWithValueHead);
+
+impl Seq2SeqLmWithValueHead {
+    /// Loads a local checkpoint folder (config.json + model.safetensors), the value head as for
+    /// [`crate::CausalLmWithValueHead::from_folder`].
+    pub fn from_folder(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
+        let folder = ModelFolder::open(dir)?;
+        let config = folder.config()?;
+        let tensors = folder.tensors()?;
+        Self::from_parts(config, tensors, options)
+    }
+
+    /// Builds the model from a parsed config.json and the checkpoint's named tensors.
+    pub fn from_parts(config: Value, tensors: Vec<(String, Tensor)>, options: &LoadOptions) -> Result<Self> {
+        check_before_load(&config, options)?;
+        let vs = VarStore::new(options.device);
+        let model = match model_type(&config)? {
+            "t5" => T5ForConditionalGeneration::new(vs.root(), &T5Config::from_json(&config)?)?,
+            other => return Err(Error::UnsupportedModel(other.to_string())),
+        };
+        let wrapped = Wrapped::load(vs, config, tensors, options, |key| model.parameter_name(key))?;
+        Ok(Self { wrapped, model })
+    }
+
+    /// Runs the model; see [`Seq2SeqLmInput`] for what each argument may be.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        input_ids: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+        decoder_input_ids: Option<&Tensor>,
+        decoder_attention_mask: Option<&Tensor>,
+        encoder_outputs: Option<&EncoderOutput>,
+        past: Option<&Seq2SeqCache>,
+        labels: Option<&Tensor>,
+    ) -> Result<Seq2SeqLmOutput> {
+        self.forward_with(&Seq2SeqLmInput {
+            input_ids,
+            attention_mask,
+            decoder_input_ids,
+            decoder_attention_mask,
+            encoder_outputs,
+            past,
+            labels,
+        })
+    }
+
+    /// Runs the encoder alone, e.g. once before decoding step by step.
+    pub fn encode(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<EncoderOutput> {
+        Ok(self.model.encode(input_ids, attention_mask, self.wrapped.train)?)
+    }
+
+    /// Runs the model on the given inputs.
+    pub fn forward_with(&self, input: &Seq2SeqLmInput<'_>) -> Result<Seq2SeqLmOutput> {
+        let train = self.wrapped.train;
+        let encoder_outputs = match (input.encoder_outputs, input.input_ids) {
+            (Some(enc), _) => {
+                let mut enc = enc.shallow_clone();
+                if enc.attention_mask.is_none() {
+                    if let Some(mask) = input.attention_mask {
+                        let size = enc.last_hidden_state.size();
+                        let mask = vh_core::tensor::attention_mask_to_bool(mask, "attention_mask", &size[..2])?;
+                        enc.attention_mask = Some(mask.f_to_device(enc.last_hidden_state.device())?);
+                    }
+                }
+                enc
+            }
+            (None, Some(ids)) => self.encode(ids, input.attention_mask)?,
+            (None, None) => {
+                return Err(invalid("a decoder pass needs encoder input: `input_ids` or `encoder_outputs`").into())
+            }
+        };
+        let shifted;
+        let decoder_input_ids = match (input.decoder_input_ids, input.labels) {
+            (Some(ids), _) => ids,
+            (None, Some(labels)) => {
+                shifted = self.model.shift_right(labels)?;
+                &shifted
+            }
+            (None, None) => return Err(invalid("`decoder_input_ids` or `labels` is required").into()),
+        };
+        expect_rank(decoder_input_ids, "decoder_input_ids", 2)?;
+        if let Some(labels) = input.labels {
+            let size = decoder_input_ids.size();
+            check_labels(labels, size[0], size[1], self.model.config().vocab_size)?;
+        }
+        let out = self.model.decode(
+            decoder_input_ids,
+            input.decoder_attention_mask,
+            &encoder_outputs,
+            input.past,
+            train,
+        )?;
+        let values = self.wrapped.v_head.forward(&out.last_hidden_state, train)?;
+        let logits = if out.logits.kind() == Kind::Float {
+            out.logits
+        } else {
+            out.logits.f_to_kind(Kind::Float)?
+        };
+        let loss = input
+            .labels
+            .map(|labels| seq2seq_lm_loss(&logits, labels))
+            .transpose()?;
+        Ok(Seq2SeqLmOutput {
+            logits,
+            loss,
+            values,
+            past: out.cache,
+            encoder_outputs,
+        })
+    }
+
+    /// The encoder-decoder backbone.
+    pub fn model(&self) -> &T5ForConditionalGeneration {
+        &self.model
+    }
+
+    /// The vocabulary size.
+    pub fn vocab_size(&self) -> i64 {
+        self.model.config().vocab_size
+    }
+
+    fn tied_aliases(&self) -> Vec<(&'static str, &'static str)> {
+        let mut aliases = vec![
+            ("encoder.embed_tokens.weight", "shared.weight"),
+            ("decoder.embed_tokens.weight", "shared.weight"),
+        ];
+        if self.model.config().tie_word_embeddings {
+            aliases.push(("lm_head.weight", "shared.weight"));
+        }
+        aliases
+    }
+}

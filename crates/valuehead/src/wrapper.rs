@@ -1,0 +1,193 @@
+//! What the causal and the seq2seq wrappers share, as TRL's `PreTrainedModelWrapper`: the var
+//! store, the value head, loading a checkpoint into both, the state dict, train mode.
+
+use crate::error::{Error, Result};
+use crate::options::{check_device, LoadOptions};
+use serde_json::Value;
+use tch::{nn::VarStore, Tensor};
+use vh_core::state::{cast_variables, load_variables};
+use vh_core::{ValueHead, ValueHeadConfig};
+
+/// Prefix of the value head's tensors in state dicts and checkpoints.
+pub const V_HEAD_PREFIX: &str = "v_head.";
+
+/// The parts every value-head model has besides its backbone.
+#[derive(Debug)]
+pub(crate) struct Wrapped {
+    pub(crate) vs: VarStore,
+    pub(crate) v_head: ValueHead,
+    pub(crate) config: Value,
+    pub(crate) train: bool,
+}
+
+/// Checks the options and config.json before anything is built: the device exists, the dtype
+/// is a float kind, and the listed architectures (if any) have an LM head.
+pub(crate) fn check_before_load(config: &Value, options: &LoadOptions) -> Result<()> {
+    check_device(options.device)?;
+    if !vh_core::tensor::is_float_kind(options.dtype) {
+        return Err(Error::InvalidOption(format!(
+            "dtype must be a float kind, got {:?}",
+            options.dtype
+        )));
+    }
+    let archs = config
+        .get("architectures")
+        .and_then(Value::as_array)
+        .filter(|a| !a.is_empty());
+    if let Some(archs) = archs {
+        let has_head = archs.iter().filter_map(Value::as_str).any(|a| {
+            a.ends_with("LMHeadModel") || a.ends_with("ForCausalLM") || a.ends_with("ForConditionalGeneration")
+        });
+        if !has_head {
+            return Err(Error::NoLmHead(format!(
+                "config.json lists architectures {} and none has an LM head (*LMHeadModel, *ForCausalLM, *ForConditionalGeneration)",
+                config["architectures"]
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The `model_type` of a config.json.
+pub(crate) fn model_type(config: &Value) -> Result<&str> {
+    config.get("model_type").and_then(Value::as_str).ok_or_else(|| {
+        Error::Model(vh_core::Error::Config(
+            "config.json has no `model_type` string".to_string(),
+        ))
+    })
+}
+
+impl Wrapped {
+    /// Adds a value head to `vs` (which already holds the backbone's parameters) and fills both
+    /// from the checkpoint: backbone tensors through `parameter_name` (`None` skips a key), the
+    /// head from `v_head.*` when present, else freshly initialised with a warning, as TRL does.
+    /// Finally casts the backbone to the options' dtype; the head stays f32.
+    pub(crate) fn load(
+        vs: VarStore,
+        config: Value,
+        tensors: Vec<(String, Tensor)>,
+        options: &LoadOptions,
+        parameter_name: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self> {
+        let head_config = ValueHeadConfig::resolve(&config, &options.value_head)?;
+        let v_head = ValueHead::new(vs.root().sub("v_head"), &head_config)?;
+
+        let mut backbone_tensors = Vec::new();
+        let mut head_tensors = Vec::new();
+        for (key, tensor) in tensors {
+            if key.starts_with(V_HEAD_PREFIX) {
+                head_tensors.push((key, tensor));
+            } else if let Some(name) = parameter_name(&key) {
+                backbone_tensors.push((name, tensor));
+            }
+        }
+        let report = load_variables(&vs, backbone_tensors)?;
+        let missing: Vec<&String> = report
+            .missing
+            .iter()
+            .filter(|n| !n.starts_with(V_HEAD_PREFIX))
+            .collect();
+        if missing.iter().any(|n| n.as_str() == "lm_head.weight") {
+            return Err(Error::NoLmHead(
+                "the checkpoint has no `lm_head.weight` and its config does not tie the embeddings".to_string(),
+            ));
+        }
+        if let Some(first) = missing.first() {
+            return Err(vh_core::Error::MissingTensor(first.to_string()).into());
+        }
+        if !report.unexpected.is_empty() {
+            log::warn!(
+                "ignoring checkpoint tensors the model does not use: {}",
+                report.unexpected.join(", ")
+            );
+        }
+        if head_tensors.is_empty() {
+            log::warn!(
+                "the checkpoint has no value head (v_head.*): a fresh one was initialised; \
+                 this is expected when starting training, not when resuming it"
+            );
+        } else {
+            let head_report = load_variables(&vs, head_tensors)?;
+            let head_missing: Vec<&String> = head_report
+                .missing
+                .iter()
+                .filter(|n| n.starts_with(V_HEAD_PREFIX))
+                .collect();
+            if !head_missing.is_empty() {
+                log::warn!(
+                    "value-head tensors missing from the checkpoint, left freshly initialised: {head_missing:?}"
+                );
+            }
+            if !head_report.unexpected.is_empty() {
+                log::warn!(
+                    "ignoring unknown value-head tensors: {}",
+                    head_report.unexpected.join(", ")
+                );
+            }
+        }
+        cast_variables(&vs, options.dtype, |name| !name.starts_with(V_HEAD_PREFIX))?;
+        Ok(Self {
+            vs,
+            v_head,
+            config,
+            train: false,
+        })
+    }
+
+    /// Every parameter under its HF name, plus the tied aliases HF's state dict also lists
+    /// (alias, parameter), sorted by name.
+    pub(crate) fn state_dict(&self, aliases: &[(&str, &str)]) -> Vec<(String, Tensor)> {
+        let mut entries = vh_core::state::state_dict(&self.vs);
+        for (alias, target) in aliases {
+            if let Some(t) = entries
+                .iter()
+                .find(|(n, _)| n == target)
+                .map(|(_, t)| t.shallow_clone())
+            {
+                entries.push((alias.to_string(), t));
+            }
+        }
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        entries
+    }
+}
+
+/// The accessors both wrappers expose; each has a `wrapped: Wrapped` field and a
+/// `tied_aliases()` method.
+macro_rules! wrapper_accessors {
+    ($ty:ty) => {
+        impl $ty {
+            /// Every tensor under its HF name: the backbone's (tied aliases included, as HF lists
+            /// them) and the value head's as `v_head.summary.weight` / `v_head.summary.bias`.
+            pub fn state_dict(&self) -> Vec<(String, tch::Tensor)> {
+                self.wrapped.state_dict(&self.tied_aliases())
+            }
+
+            /// The var store holding every parameter (for optimisers).
+            pub fn var_store(&self) -> &tch::nn::VarStore {
+                &self.wrapped.vs
+            }
+
+            /// The value head.
+            pub fn v_head(&self) -> &vh_core::ValueHead {
+                &self.wrapped.v_head
+            }
+
+            /// config.json as loaded.
+            pub fn config(&self) -> &serde_json::Value {
+                &self.wrapped.config
+            }
+
+            /// Switches dropout on (train) or off (eval, the default).
+            pub fn set_train(&mut self, train: bool) {
+                self.wrapped.train = train;
+            }
+
+            /// Whether the model is in train mode.
+            pub fn is_train(&self) -> bool {
+                self.wrapped.train
+            }
+        }
+    };
+}
+pub(crate) use wrapper_accessors;
