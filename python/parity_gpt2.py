@@ -91,7 +91,7 @@ def rewrite_checkpoint(folder, how, n_layer, n_positions):
 
 
 def main(out_dir):
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     os.makedirs(out_dir, exist_ok=True)
     manifest = []
     for seed, (name, overrides, vh_kwargs, rewrite) in enumerate(CASES):

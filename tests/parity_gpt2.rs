@@ -5,54 +5,20 @@
 mod common;
 
 use common::*;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::OnceLock;
 use valuehead::{CausalLmWithValueHead, LoadOptions};
 
 /// Tokens fed in the first pass of the incremental check; the rest go one at a time.
 const PROMPT_LEN: i64 = 6;
 
-fn reference() -> &'static Path {
-    // See vh_forward_cli_matches_trl: one intra-op thread keeps CPU results reproducible.
-    tch::set_num_threads(1);
-    static DATA: OnceLock<PathBuf> = OnceLock::new();
-    DATA.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("parity-gpt2");
-        let _ = std::fs::remove_dir_all(&dir);
-        run_reference("parity_gpt2.py", &[&dir]);
-        dir
-    })
-}
-
-struct Case {
-    name: String,
-    fresh_v_head: bool,
-    dir: PathBuf,
-}
-
 fn cases() -> Vec<Case> {
-    let root = reference();
-    let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(root.join("cases.json")).unwrap()).unwrap();
-    let cases: Vec<Case> = manifest
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| {
-            let name = c["name"].as_str().unwrap().to_string();
-            Case {
-                dir: root.join(&name),
-                fresh_v_head: c["fresh_v_head"].as_bool().unwrap(),
-                name,
-            }
-        })
-        .collect();
+    static DATA: OnceLock<PathBuf> = OnceLock::new();
+    // One intra-op thread keeps CPU results reproducible (see common::vh_forward).
+    tch::set_num_threads(1);
+    let cases = read_cases(DATA.get_or_init(|| generate_reference("parity_gpt2.py", "parity-gpt2")));
     assert!(cases.len() >= 15, "the reference produced only {} cases", cases.len());
     cases
-}
-
-fn fmt(err: f64) -> String {
-    format!("{err:.2e}")
 }
 
 #[test]
@@ -116,10 +82,10 @@ fn gpt2_matches_trl_full_and_incremental() {
         }
         rows.push(vec![
             case.name.clone(),
-            fmt(logits_err),
-            values_err.map_or("n/a (fresh head)".to_string(), fmt),
-            fmt(loss_err),
-            fmt(step_err),
+            fmt_err(logits_err),
+            values_err.map_or("n/a (fresh head)".to_string(), fmt_err),
+            fmt_err(loss_err),
+            fmt_err(step_err),
             if ok { "ok" } else { "FAIL" }.to_string(),
         ]);
     }
@@ -145,44 +111,21 @@ fn vh_forward_cli_matches_trl() {
     let out_dir = tempfile::tempdir().unwrap();
     let mut rows = Vec::new();
     for case in cases() {
-        let out = out_dir.path().join(format!("{}.safetensors", case.name));
-        let status = std::process::Command::new(env!("CARGO_BIN_EXE_vh"))
-            // One intra-op thread: with two threads on a loaded 2-core machine, libtorch's CPU
-            // kernels were seen to split the work differently and drift by ~1e-4 from the
-            // reference; one thread is reproducible.
-            .env("OMP_NUM_THREADS", "1")
-            .args(["forward", "--model"])
-            .arg(&case.dir)
-            .arg("--inputs")
-            .arg(case.dir.join("inputs.safetensors"))
-            .arg("--out")
-            .arg(&out)
-            .output()
-            .unwrap();
-        assert!(
-            status.status.success(),
-            "{}: {}",
-            case.name,
-            String::from_utf8_lossy(&status.stderr)
-        );
-        let got = read_tensors(&out);
+        let got = vh_forward(&case, out_dir.path());
         let expected = read_tensors(&case.dir.join("expected.safetensors"));
         let mask = &read_tensors(&case.dir.join("inputs.safetensors"))["attention_mask"];
+        assert_eq!(got["logits"].kind(), tch::Kind::Float);
         let logits_err = masked_max_abs_diff(&got["logits"], &expected["logits"], mask);
         let loss_err = max_abs_diff(&got["loss"], &expected["loss"]);
-        assert_eq!(got["logits"].kind(), tch::Kind::Float);
-        let values_err = if case.fresh_v_head {
-            0.0
-        } else {
-            masked_max_abs_diff(&got["values"], &expected["values"], mask)
-        };
+        let values_err =
+            if case.fresh_v_head { 0.0 } else { masked_max_abs_diff(&got["values"], &expected["values"], mask) };
         let worst = logits_err.max(loss_err).max(values_err);
         assert!(
             worst <= TOLERANCE,
             "{}: vh forward differs from TRL: logits {logits_err:e}, loss {loss_err:e}, values {values_err:e}",
             case.name
         );
-        rows.push(vec![case.name, fmt(worst)]);
+        rows.push(vec![case.name, fmt_err(worst)]);
     }
     println!("\n`vh forward` against TRL 0.26.2 (max abs error over logits, values, loss):");
     print_table(&["case", "max error"], &rows);

@@ -48,6 +48,64 @@ pub fn run_reference(script: &str, args: &[&Path]) {
     );
 }
 
+/// Has `python/<script>` write its reference cases into a fresh folder `name` under the test
+/// target's temporary folder, and returns that folder.
+pub fn generate_reference(script: &str, name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    run_reference(script, &[&dir]);
+    dir
+}
+
+/// One reference case: a model folder with inputs.safetensors and expected.safetensors.
+pub struct Case {
+    /// The case's name.
+    pub name: String,
+    /// The checkpoint has no value head, so values are not comparable.
+    pub fresh_v_head: bool,
+    /// The case's folder.
+    pub dir: PathBuf,
+}
+
+/// The cases listed in a reference folder's cases.json.
+pub fn read_cases(root: &Path) -> Vec<Case> {
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("cases.json")).expect("cases.json")).unwrap();
+    manifest
+        .as_array()
+        .expect("a list of cases")
+        .iter()
+        .map(|c| {
+            let name = c["name"].as_str().unwrap().to_string();
+            Case { dir: root.join(&name), fresh_v_head: c["fresh_v_head"].as_bool().unwrap(), name }
+        })
+        .collect()
+}
+
+/// Formats an error for the parity tables.
+pub fn fmt_err(err: f64) -> String {
+    format!("{err:.2e}")
+}
+
+/// Runs `vh forward` on a case's inputs and returns its outputs. One intra-op thread: with two
+/// threads on a loaded 2-core machine, libtorch's CPU kernels were seen to split work
+/// differently and drift by ~1e-4 from the reference; one thread is reproducible.
+pub fn vh_forward(case: &Case, out_dir: &Path) -> HashMap<String, Tensor> {
+    let out = out_dir.join(format!("{}.safetensors", case.name));
+    let result = Command::new(env!("CARGO_BIN_EXE_vh"))
+        .env("OMP_NUM_THREADS", "1")
+        .args(["forward", "--model"])
+        .arg(&case.dir)
+        .arg("--inputs")
+        .arg(case.dir.join("inputs.safetensors"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("starting vh");
+    assert!(result.status.success(), "{}: {}", case.name, String::from_utf8_lossy(&result.stderr));
+    read_tensors(&out)
+}
+
 /// Reads a safetensors file into a name -> tensor map.
 pub fn read_tensors(path: &Path) -> HashMap<String, Tensor> {
     vh_hub::read_safetensors(path)
