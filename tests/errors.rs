@@ -3,11 +3,11 @@
 
 mod common;
 
-use common::write_tiny_gpt2;
+use common::{write_tiny_gpt2, write_tiny_t5};
 use serde_json::json;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
-use valuehead::{CausalLmWithValueHead, Error, LoadOptions};
+use valuehead::{CausalLmWithValueHead, Error, LoadOptions, Seq2SeqLmWithValueHead};
 use vh_hub::HubError;
 
 fn load(dir: &Path) -> Result<CausalLmWithValueHead, Error> {
@@ -288,6 +288,245 @@ fn cli_reports_errors_without_panicking() {
             .filter(|l| l.trim_start().starts_with(char::is_numeric))
             .count(),
         3,
+        "{table}"
+    );
+}
+
+fn tiny_t5() -> (tempfile::TempDir, Seq2SeqLmWithValueHead) {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_t5(dir.path(), json!({}));
+    let model = Seq2SeqLmWithValueHead::from_folder(dir.path(), &LoadOptions::default()).unwrap();
+    (dir, model)
+}
+
+#[test]
+fn seq2seq_bad_encoder_and_decoder_inputs_are_invalid_input() {
+    let (_dir, model) = tiny_t5();
+    let src = Tensor::from_slice2(&[[3i64, 4, 5], [6, 7, 8]]);
+    let tgt = Tensor::from_slice2(&[[0i64, 9], [0, 10]]);
+    let f = |src: Option<&Tensor>,
+             mask: Option<&Tensor>,
+             tgt: Option<&Tensor>,
+             dmask: Option<&Tensor>,
+             labels: Option<&Tensor>| { model.forward(src, mask, tgt, dmask, None, None, labels) };
+    assert!(f(Some(&src), None, Some(&tgt), None, None).is_ok());
+    assert!(
+        is_invalid_input(f(None, None, Some(&tgt), None, None)),
+        "decoder input without encoder input"
+    );
+    assert!(
+        is_invalid_input(f(Some(&src), None, None, None, None)),
+        "no decoder input and no labels"
+    );
+    assert!(
+        is_invalid_input(f(Some(&src.unsqueeze(0)), None, Some(&tgt), None, None)),
+        "rank-3 encoder ids"
+    );
+    assert!(
+        is_invalid_input(f(Some(&src), None, Some(&tgt.unsqueeze(0)), None, None)),
+        "rank-3 decoder ids"
+    );
+    let bad_src = Tensor::from_slice2(&[[3i64, 40, 5], [6, 7, 8]]);
+    assert!(
+        is_invalid_input(f(Some(&bad_src), None, Some(&tgt), None, None)),
+        "encoder id >= vocab"
+    );
+    let bad_tgt = Tensor::from_slice2(&[[0i64, -3], [0, 10]]);
+    assert!(
+        is_invalid_input(f(Some(&src), None, Some(&bad_tgt), None, None)),
+        "negative decoder id"
+    );
+    let mask = Tensor::ones([2, 4], (Kind::Int64, Device::Cpu));
+    assert!(
+        is_invalid_input(f(Some(&src), Some(&mask), Some(&tgt), None, None)),
+        "encoder mask shape"
+    );
+    let dmask = Tensor::ones([2, 3], (Kind::Int64, Device::Cpu));
+    assert!(
+        is_invalid_input(f(Some(&src), None, Some(&tgt), Some(&dmask), None)),
+        "decoder mask shape"
+    );
+    let labels = Tensor::from_slice2(&[[1i64, 2, 3], [1, 2, 3]]);
+    assert!(
+        is_invalid_input(f(Some(&src), None, Some(&tgt), None, Some(&labels))),
+        "labels shape"
+    );
+    let labels = Tensor::from_slice2(&[[1i64, 40], [1, 2]]);
+    assert!(
+        is_invalid_input(f(Some(&src), None, Some(&tgt), None, Some(&labels))),
+        "label out of range"
+    );
+    let other_batch = Tensor::from_slice2(&[[0i64, 9]]);
+    assert!(
+        is_invalid_input(f(Some(&src), None, Some(&other_batch), None, None)),
+        "batch sizes differ"
+    );
+    let out = f(Some(&src), None, Some(&tgt), None, None).unwrap();
+    let step = Tensor::from_slice2(&[[11i64], [12], [13]]);
+    let err = model.forward(
+        None,
+        None,
+        Some(&step),
+        None,
+        Some(&out.encoder_outputs),
+        Some(&out.past),
+        None,
+    );
+    assert!(is_invalid_input(err), "cache batch differs");
+}
+
+#[test]
+fn seq2seq_decoder_padding_mask_is_applied() {
+    let (_dir, model) = tiny_t5();
+    let src = Tensor::from_slice2(&[[3i64, 4, 5]]);
+    let plain = model.forward(
+        Some(&src),
+        None,
+        Some(&Tensor::from_slice2(&[[0i64, 9, 10]])),
+        None,
+        None,
+        None,
+        None,
+    );
+    let padded_ids = Tensor::from_slice2(&[[0i64, 9, 10, 0, 0]]);
+    let dmask = Tensor::from_slice2(&[[1i64, 1, 1, 0, 0]]);
+    let padded = model
+        .forward(Some(&src), None, Some(&padded_ids), Some(&dmask), None, None, None)
+        .unwrap();
+    let plain = plain.unwrap();
+    let diff = (padded.logits.narrow(1, 0, 3) - &plain.logits)
+        .abs()
+        .max()
+        .double_value(&[]);
+    assert!(
+        diff < 1e-5,
+        "right-padded decoder rows must match unpadded ones: {diff}"
+    );
+    assert!(padded.logits.isfinite().all().int64_value(&[]) != 0);
+}
+
+#[test]
+fn seq2seq_labels_build_decoder_inputs_and_loss() {
+    let (_dir, model) = tiny_t5();
+    let src = Tensor::from_slice2(&[[3i64, 4, 5]]);
+    let labels = Tensor::from_slice2(&[[7i64, 8, -100]]);
+    let from_labels = model
+        .forward(Some(&src), None, None, None, None, None, Some(&labels))
+        .unwrap();
+    let shifted = Tensor::from_slice2(&[[0i64, 7, 8]]);
+    let explicit = model
+        .forward(Some(&src), None, Some(&shifted), None, None, None, Some(&labels))
+        .unwrap();
+    assert!(from_labels.logits.equal(&explicit.logits));
+    let loss = from_labels.loss.unwrap().double_value(&[]);
+    assert!(loss.is_finite() && loss > 0.0);
+    let all_ignored = Tensor::from_slice2(&[[-100i64, -100, -100]]);
+    assert!(is_invalid_input(model.forward(
+        Some(&src),
+        None,
+        Some(&shifted),
+        None,
+        None,
+        None,
+        Some(&all_ignored)
+    )));
+}
+
+#[test]
+fn seq2seq_checkpoint_without_lm_head_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_t5(dir.path(), json!({"architectures": ["T5EncoderModel"]}));
+    assert!(matches!(
+        Seq2SeqLmWithValueHead::from_folder(dir.path(), &LoadOptions::default()),
+        Err(Error::NoLmHead(_))
+    ));
+    write_tiny_t5(dir.path(), json!({"tie_word_embeddings": false}));
+    let weights = dir.path().join("model.safetensors");
+    let tensors: Vec<_> = vh_hub::read_safetensors(&weights)
+        .unwrap()
+        .into_iter()
+        .filter(|(n, _)| n != "lm_head.weight")
+        .collect();
+    vh_hub::write_safetensors(&weights, &tensors).unwrap();
+    assert!(matches!(
+        Seq2SeqLmWithValueHead::from_folder(dir.path(), &LoadOptions::default()),
+        Err(Error::NoLmHead(_))
+    ));
+    write_tiny_t5(dir.path(), json!({}));
+    let config = dir.path().join("config.json");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("\"d_ff\"", "\"feed_forward_proj\": \"gated-fancy\", \"d_ff\"");
+    std::fs::write(&config, text).unwrap();
+    assert!(matches!(
+        Seq2SeqLmWithValueHead::from_folder(dir.path(), &LoadOptions::default()),
+        Err(Error::Model(vh_core::Error::Config(_)))
+    ));
+}
+
+#[test]
+fn seq2seq_state_dict_and_dtypes() {
+    let (dir, model) = tiny_t5();
+    let names: Vec<String> = model.state_dict().into_iter().map(|(n, _)| n).collect();
+    for n in [
+        "shared.weight",
+        "encoder.embed_tokens.weight",
+        "lm_head.weight",
+        "v_head.summary.weight",
+        "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+        "decoder.block.1.layer.1.EncDecAttention.q.weight",
+    ] {
+        assert!(names.iter().any(|x| x == n), "{n} missing");
+    }
+    let src = Tensor::from_slice2(&[[3i64, 4, 5]]);
+    let tgt = Tensor::from_slice2(&[[0i64, 9, 10]]);
+    let reference = model
+        .forward(Some(&src), None, Some(&tgt), None, None, None, None)
+        .unwrap();
+    let options = LoadOptions {
+        dtype: Kind::BFloat16,
+        ..Default::default()
+    };
+    let bf16 = Seq2SeqLmWithValueHead::from_folder(dir.path(), &options).unwrap();
+    let out = bf16
+        .forward(Some(&src), None, Some(&tgt), None, None, None, None)
+        .unwrap();
+    assert_eq!((out.logits.kind(), out.values.kind()), (Kind::Float, Kind::Float));
+    let err = (&out.values - &reference.values).abs().max().double_value(&[]);
+    assert!(err < 0.1, "bf16 values differ from f32 by {err}");
+}
+
+#[test]
+fn cli_scores_seq2seq_models_and_needs_decoder_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_t5(dir.path(), json!({}));
+    let model = dir.path().to_str().unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_vh"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let missing = run(&["score", "--model", model, "--input-ids", "3 4 5"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("--decoder-input-ids"));
+    let ok = run(&[
+        "score",
+        "--model",
+        model,
+        "--input-ids",
+        "3 4 5",
+        "--decoder-input-ids",
+        "0 7 8 9",
+    ]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let table = String::from_utf8_lossy(&ok.stdout);
+    assert_eq!(
+        table
+            .lines()
+            .filter(|l| l.trim_start().starts_with(char::is_numeric))
+            .count(),
+        4,
         "{table}"
     );
 }

@@ -117,8 +117,11 @@ fn vh_forward_cli_matches_trl() {
         assert_eq!(got["logits"].kind(), tch::Kind::Float);
         let logits_err = masked_max_abs_diff(&got["logits"], &expected["logits"], mask);
         let loss_err = max_abs_diff(&got["loss"], &expected["loss"]);
-        let values_err =
-            if case.fresh_v_head { 0.0 } else { masked_max_abs_diff(&got["values"], &expected["values"], mask) };
+        let values_err = if case.fresh_v_head {
+            0.0
+        } else {
+            masked_max_abs_diff(&got["values"], &expected["values"], mask)
+        };
         let worst = logits_err.max(loss_err).max(values_err);
         assert!(
             worst <= TOLERANCE,

@@ -44,7 +44,15 @@ fn t5_matches_trl_full_and_incremental() {
         // Incremental: encode once, the first decoder tokens, then one at a time through the caches.
         let encoder = tch::no_grad(|| model.encode(ids, Some(mask))).unwrap();
         let first = tch::no_grad(|| {
-            model.forward(None, None, Some(&decoder_ids.narrow(1, 0, PROMPT_LEN)), None, Some(&encoder), None, None)
+            model.forward(
+                None,
+                None,
+                Some(&decoder_ids.narrow(1, 0, PROMPT_LEN)),
+                None,
+                Some(&encoder),
+                None,
+                None,
+            )
         })
         .unwrap();
         let mut step_err = max_abs_diff(&first.logits, &expected["logits"].narrow(1, 0, PROMPT_LEN));
@@ -52,7 +60,15 @@ fn t5_matches_trl_full_and_incremental() {
         let tgt = decoder_ids.size()[1];
         for t in PROMPT_LEN..tgt {
             let step = tch::no_grad(|| {
-                model.forward(None, None, Some(&decoder_ids.narrow(1, t, 1)), None, Some(&encoder), Some(&past), None)
+                model.forward(
+                    None,
+                    None,
+                    Some(&decoder_ids.narrow(1, t, 1)),
+                    None,
+                    Some(&encoder),
+                    Some(&past),
+                    None,
+                )
             })
             .unwrap();
             step_err = step_err.max(max_abs_diff(&step.logits, &expected["logits"].narrow(1, t, 1)));
@@ -63,7 +79,9 @@ fn t5_matches_trl_full_and_incremental() {
         }
         assert_eq!(past.seq_len(), tgt);
 
-        let worst = [logits_err, loss_err, values_err.unwrap_or(0.0), step_err].into_iter().fold(0.0, f64::max);
+        let worst = [logits_err, loss_err, values_err.unwrap_or(0.0), step_err]
+            .into_iter()
+            .fold(0.0, f64::max);
         let ok = worst <= TOLERANCE;
         if !ok {
             failures.push(case.name.clone());
@@ -91,7 +109,11 @@ fn vh_forward_cli_matches_trl_on_t5() {
         let expected = read_tensors(&case.dir.join("expected.safetensors"));
         let logits_err = max_abs_diff(&got["logits"], &expected["logits"]);
         let loss_err = max_abs_diff(&got["loss"], &expected["loss"]);
-        let values_err = if case.fresh_v_head { 0.0 } else { max_abs_diff(&got["values"], &expected["values"]) };
+        let values_err = if case.fresh_v_head {
+            0.0
+        } else {
+            max_abs_diff(&got["values"], &expected["values"])
+        };
         let worst = logits_err.max(loss_err).max(values_err);
         assert!(
             worst <= TOLERANCE,

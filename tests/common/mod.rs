@@ -77,7 +77,11 @@ pub fn read_cases(root: &Path) -> Vec<Case> {
         .iter()
         .map(|c| {
             let name = c["name"].as_str().unwrap().to_string();
-            Case { dir: root.join(&name), fresh_v_head: c["fresh_v_head"].as_bool().unwrap(), name }
+            Case {
+                dir: root.join(&name),
+                fresh_v_head: c["fresh_v_head"].as_bool().unwrap(),
+                name,
+            }
         })
         .collect()
 }
@@ -102,7 +106,12 @@ pub fn vh_forward(case: &Case, out_dir: &Path) -> HashMap<String, Tensor> {
         .arg(&out)
         .output()
         .expect("starting vh");
-    assert!(result.status.success(), "{}: {}", case.name, String::from_utf8_lossy(&result.stderr));
+    assert!(
+        result.status.success(),
+        "{}: {}",
+        case.name,
+        String::from_utf8_lossy(&result.stderr)
+    );
     read_tensors(&out)
 }
 
@@ -162,6 +171,39 @@ pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
+/// Writes a small random T5 checkpoint (config.json + model.safetensors with a value head) into
+/// `dir`, built on the Rust side; `config` overrides the default tiny config.
+pub fn write_tiny_t5(dir: &Path, config: serde_json::Value) {
+    let mut cfg = serde_json::json!({
+        "model_type": "t5", "architectures": ["T5ForConditionalGeneration"], "vocab_size": 40, "d_model": 16,
+        "d_kv": 4, "d_ff": 24, "num_layers": 2, "num_heads": 4, "decoder_start_token_id": 0, "pad_token_id": 0
+    });
+    for (k, v) in config.as_object().unwrap() {
+        cfg[k] = v.clone();
+    }
+    tch::manual_seed(11);
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let parsed = vh_models::t5::T5Config::from_json(&cfg).unwrap();
+    let _model = vh_models::t5::T5ForConditionalGeneration::new(vs.root(), &parsed).unwrap();
+    write_random_checkpoint(dir, &cfg, &vs, parsed.d_model);
+}
+
+/// Writes config.json and a model.safetensors holding random values for every variable of
+/// `vs` plus a value head of width `hidden`.
+fn write_random_checkpoint(dir: &Path, cfg: &serde_json::Value, vs: &tch::nn::VarStore, hidden: i64) {
+    let cpu = (Kind::Float, tch::Device::Cpu);
+    let mut tensors: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .map(|(n, v)| (n, Tensor::randn(v.size(), cpu) * 0.2))
+        .collect();
+    tensors.push(("v_head.summary.weight".into(), Tensor::randn([1, hidden], cpu)));
+    tensors.push(("v_head.summary.bias".into(), Tensor::zeros([1], cpu)));
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(cfg).unwrap()).unwrap();
+    vh_hub::write_safetensors(&dir.join("model.safetensors"), &tensors).unwrap();
+}
+
 /// Writes a small random GPT-2 checkpoint (config.json + model.safetensors with a value head)
 /// into `dir`, built on the Rust side; `config` overrides the default tiny config.
 pub fn write_tiny_gpt2(dir: &Path, config: serde_json::Value) {
@@ -176,20 +218,5 @@ pub fn write_tiny_gpt2(dir: &Path, config: serde_json::Value) {
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
     let parsed = vh_models::gpt2::Gpt2Config::from_json(&cfg).unwrap();
     let _model = vh_models::gpt2::Gpt2LmHeadModel::new(vs.root(), &parsed).unwrap();
-    let mut tensors: Vec<(String, Tensor)> = vs
-        .variables()
-        .into_iter()
-        .map(|(n, v)| (n, Tensor::randn(v.size(), (Kind::Float, tch::Device::Cpu)) * 0.2))
-        .collect();
-    tensors.push((
-        "v_head.summary.weight".into(),
-        Tensor::randn([1, parsed.n_embd], (Kind::Float, tch::Device::Cpu)),
-    ));
-    tensors.push((
-        "v_head.summary.bias".into(),
-        Tensor::zeros([1], (Kind::Float, tch::Device::Cpu)),
-    ));
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
-    vh_hub::write_safetensors(&dir.join("model.safetensors"), &tensors).unwrap();
+    write_random_checkpoint(dir, &cfg, &vs, parsed.n_embd);
 }

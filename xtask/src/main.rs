@@ -183,7 +183,15 @@ fn test(extra: &[String]) -> Result<()> {
 fn parity(extra: &[String]) -> Result<()> {
     setup()?;
     run(cargo()
-        .args(["test", "-p", "valuehead", "--test", "parity_gpt2"])
+        .args([
+            "test",
+            "-p",
+            "valuehead",
+            "--test",
+            "parity_gpt2",
+            "--test",
+            "parity_t5",
+        ])
         .args(extra)
         .args(["--", "--nocapture", "--test-threads=1"]))
 }
