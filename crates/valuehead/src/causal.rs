@@ -2,11 +2,13 @@
 //! `AutoModelForCausalLMWithValueHead`.
 
 use crate::error::{Error, Result};
+use crate::generation::{decode_loop, GenerateOutput, GenerationConfig, StepOutput};
 use crate::options::LoadOptions;
 use crate::wrapper::{check_before_load, model_type, wrapper_accessors, Wrapped};
 use serde_json::Value;
 use std::path::Path;
 use tch::{nn::VarStore, Kind, Tensor};
+use vh_core::error::invalid;
 use vh_core::tensor::{causal_lm_loss, check_labels, expect_rank};
 use vh_hub::ModelFolder;
 use vh_models::gpt2::{Gpt2Config, Gpt2LmHeadModel};
@@ -46,6 +48,13 @@ impl CausalBackbone {
     fn vocab_size(&self) -> i64 {
         match self {
             Self::Gpt2(m) => m.transformer.config().vocab_size,
+        }
+    }
+
+    /// The longest sequence (cache included) the model accepts, if it has a limit.
+    fn max_positions(&self) -> Option<i64> {
+        match self {
+            Self::Gpt2(m) => Some(m.transformer.config().n_positions),
         }
     }
 
@@ -154,8 +163,10 @@ impl CausalLmWithValueHead {
     pub fn from_folder(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
         let folder = ModelFolder::open(dir)?;
         let config = folder.config()?;
-        let tensors = folder.tensors()?;
-        Self::from_parts(config, tensors, options)
+        let generation_config = folder.generation_config()?;
+        let mut model = Self::from_parts(config, folder.tensors()?, options)?;
+        model.wrapped.generation_config = generation_config;
+        Ok(model)
     }
 
     /// Builds the model from a parsed config.json and the checkpoint's named tensors.
@@ -205,6 +216,67 @@ impl CausalLmWithValueHead {
             loss,
             values,
             past: out.cache,
+        })
+    }
+
+    /// Generates up to `max_new_tokens` per row after `input_ids` [batch, prompt] (left-padded,
+    /// with `attention_mask`), feeding only the new token through the cache at each step, and
+    /// returns, with the tokens, each new token's value and log-probability from the same passes.
+    ///
+    /// A row whose mask is all padding, a prompt with no room left before the position limit,
+    /// and invalid settings (see [`GenerationConfig::validate`]) are errors.
+    pub fn generate(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        config: &GenerationConfig,
+    ) -> Result<GenerateOutput> {
+        config.validate(self.vocab_size())?;
+        let (batch, prompt_len) = vh_core::tensor::check_input_ids(input_ids, self.vocab_size())?;
+        let device = self.wrapped.vs.device();
+        let mut mask = match attention_mask {
+            Some(m) => vh_core::tensor::attention_mask_to_bool(m, "attention_mask", &[batch, prompt_len])?,
+            None => Tensor::f_ones([batch, prompt_len], (Kind::Bool, device))?,
+        }
+        .f_to_device(device)?
+        .f_to_kind(Kind::Int64)?;
+        if mask
+            .f_sum_dim_intlist(1, false, Kind::Int64)?
+            .f_eq(0)?
+            .f_any()?
+            .f_int64_value(&[])?
+            != 0
+        {
+            return Err(invalid("a prompt row is all padding: there is nothing to continue").into());
+        }
+        let max_new = config.new_tokens(prompt_len as usize)?;
+        if let Some(limit) = self.backbone.max_positions() {
+            if prompt_len + max_new as i64 > limit {
+                return Err(invalid(format!(
+                    "prompt of {prompt_len} tokens plus {max_new} new ones exceeds the model's {limit} positions"
+                ))
+                .into());
+            }
+        }
+        let input_ids = input_ids.f_to_device(device)?;
+        let mut past: Option<Cache> = None;
+        decode_loop(&input_ids, max_new, config, |next| {
+            let ids = match next {
+                None => &input_ids,
+                Some(next) => {
+                    mask = Tensor::f_cat(&[&mask, &Tensor::f_ones([batch, 1], (Kind::Int64, device))?], 1)?;
+                    next
+                }
+            };
+            let out = self.forward_with(&CausalLmInput {
+                past: past.as_ref(),
+                ..CausalLmInput::new(ids).attention_mask(&mask)
+            })?;
+            past = Some(out.past);
+            Ok(StepOutput {
+                logits: out.logits.f_select(1, -1)?,
+                values: out.values.f_select(1, -1)?,
+            })
         })
     }
 

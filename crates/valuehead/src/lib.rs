@@ -26,12 +26,14 @@
 
 pub mod causal;
 pub mod error;
+pub mod generation;
 pub mod options;
 pub mod seq2seq;
 mod wrapper;
 
 pub use causal::{CausalBackbone, CausalLmInput, CausalLmOutput, CausalLmWithValueHead};
 pub use error::{Error, Result};
+pub use generation::{GenerateOutput, GenerationConfig};
 pub use options::{parse_device, parse_dtype, LoadOptions};
 pub use seq2seq::{Seq2SeqLmInput, Seq2SeqLmOutput, Seq2SeqLmWithValueHead};
 pub use vh_core::{InitStrategy, ValueHead, ValueHeadConfig, ValueHeadOptions};
@@ -64,11 +66,16 @@ impl ValueHeadModel {
             .get("model_type")
             .and_then(serde_json::Value::as_str)
             .is_some_and(is_seq2seq_model_type);
+        let generation_config = folder.generation_config()?;
         let tensors = folder.tensors()?;
         Ok(if seq2seq {
-            Self::Seq2Seq(Seq2SeqLmWithValueHead::from_parts(config, tensors, options)?)
+            let mut model = Seq2SeqLmWithValueHead::from_parts(config, tensors, options)?;
+            model.set_generation_config_json(generation_config);
+            Self::Seq2Seq(model)
         } else {
-            Self::Causal(CausalLmWithValueHead::from_parts(config, tensors, options)?)
+            let mut model = CausalLmWithValueHead::from_parts(config, tensors, options)?;
+            model.set_generation_config_json(generation_config);
+            Self::Causal(model)
         })
     }
 }

@@ -2,6 +2,7 @@
 //! decoder, as TRL's `AutoModelForSeq2SeqLMWithValueHead`.
 
 use crate::error::{Error, Result};
+use crate::generation::{decode_loop, GenerateOutput, GenerationConfig, StepOutput};
 use crate::options::LoadOptions;
 use crate::wrapper::{check_before_load, model_type, wrapper_accessors, Wrapped};
 use serde_json::Value;
@@ -63,8 +64,10 @@ impl Seq2SeqLmWithValueHead {
     pub fn from_folder(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
         let folder = ModelFolder::open(dir)?;
         let config = folder.config()?;
-        let tensors = folder.tensors()?;
-        Self::from_parts(config, tensors, options)
+        let generation_config = folder.generation_config()?;
+        let mut model = Self::from_parts(config, folder.tensors()?, options)?;
+        model.wrapped.generation_config = generation_config;
+        Ok(model)
     }
 
     /// Builds the model from a parsed config.json and the checkpoint's named tensors.
@@ -164,6 +167,54 @@ impl Seq2SeqLmWithValueHead {
             values,
             past: out.cache,
             encoder_outputs,
+        })
+    }
+
+    /// Generates up to `max_new_tokens` decoder tokens per row for the encoder input
+    /// `input_ids` [batch, src] (padded, with `attention_mask`): the encoder runs once, then the
+    /// decoder from `decoder_start_token_id`, one new token per step through the caches. Returns,
+    /// with the tokens, each new token's value and log-probability from the same passes.
+    pub fn generate(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        config: &GenerationConfig,
+    ) -> Result<GenerateOutput> {
+        let model_config = self.model.config();
+        config.validate(model_config.vocab_size)?;
+        let start = config
+            .decoder_start_token_id
+            .or(model_config.decoder_start_token_id)
+            .ok_or_else(|| {
+                Error::InvalidOption(
+                    "decoder_start_token_id is set neither in the generation config nor in config.json".into(),
+                )
+            })?;
+        let (batch, src_len) = vh_core::tensor::check_input_ids(input_ids, model_config.vocab_size)?;
+        if let Some(mask) = attention_mask {
+            let mask = vh_core::tensor::attention_mask_to_bool(mask, "attention_mask", &[batch, src_len])?;
+            if mask.f_any_dim(1, false)?.f_logical_not()?.f_any()?.f_int64_value(&[])? != 0 {
+                return Err(invalid("an encoder row is all padding: there is nothing to condition on").into());
+            }
+        }
+        let max_new = config.new_tokens(1)?;
+        let encoder = self.encode(input_ids, attention_mask)?;
+        let device = encoder.last_hidden_state.device();
+        let start_ids = Tensor::f_full([batch, 1], start, (Kind::Int64, device))?;
+        let mut past: Option<Seq2SeqCache> = None;
+        decode_loop(&start_ids, max_new, config, |next| {
+            let ids = next.unwrap_or(&start_ids);
+            let out = self.forward_with(&Seq2SeqLmInput {
+                decoder_input_ids: Some(ids),
+                encoder_outputs: Some(&encoder),
+                past: past.as_ref(),
+                ..Default::default()
+            })?;
+            past = Some(out.past);
+            Ok(StepOutput {
+                logits: out.logits.f_select(1, -1)?,
+                values: out.values.f_select(1, -1)?,
+            })
         })
     }
 

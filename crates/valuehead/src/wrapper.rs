@@ -17,6 +17,7 @@ pub(crate) struct Wrapped {
     pub(crate) vs: VarStore,
     pub(crate) v_head: ValueHead,
     pub(crate) config: Value,
+    pub(crate) generation_config: Option<Value>,
     pub(crate) train: bool,
 }
 
@@ -130,6 +131,7 @@ impl Wrapped {
             vs,
             v_head,
             config,
+            generation_config: None,
             train: false,
         })
     }
@@ -176,6 +178,17 @@ macro_rules! wrapper_accessors {
             /// config.json as loaded.
             pub fn config(&self) -> &serde_json::Value {
                 &self.wrapped.config
+            }
+
+            /// The generation defaults of this model: its folder's generation_config.json over its
+            /// config.json over HF's defaults.
+            pub fn default_generation_config(&self) -> Result<crate::GenerationConfig> {
+                crate::GenerationConfig::from_model(&self.wrapped.config, self.wrapped.generation_config.as_ref())
+            }
+
+            /// Sets the generation_config.json contents the defaults come from.
+            pub fn set_generation_config_json(&mut self, generation_config: Option<serde_json::Value>) {
+                self.wrapped.generation_config = generation_config;
             }
 
             /// Switches dropout on (train) or off (eval, the default).

@@ -9,6 +9,8 @@ use tch::Tensor;
 pub const SAFETENSORS_WEIGHTS: &str = "model.safetensors";
 /// The model configuration file.
 pub const CONFIG: &str = "config.json";
+/// The generation defaults file.
+pub const GENERATION_CONFIG: &str = "generation_config.json";
 
 /// Reads and parses a JSON file.
 pub fn read_json(path: &Path) -> Result<Value> {
@@ -54,6 +56,15 @@ impl ModelFolder {
             });
         }
         Ok(value)
+    }
+
+    /// generation_config.json, when the folder has one.
+    pub fn generation_config(&self) -> Result<Option<Value>> {
+        let path = self.dir.join(GENERATION_CONFIG);
+        if !path.exists() {
+            return Ok(None);
+        }
+        read_json(&path).map(Some)
     }
 
     /// Every tensor of the checkpoint's weights, on the CPU.

@@ -1,0 +1,493 @@
+//! Generation for both wrappers, HF-compatible decoding plus, from the same passes, each
+//! generated token's value and log-probability (what PPO needs, without a second forward).
+
+use crate::error::{Error, Result};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::Value;
+use tch::{Device, Kind, Tensor};
+use vh_core::error::invalid;
+
+/// Decoding settings, as HF's `GenerationConfig`. Defaults come from the model folder's
+/// generation_config.json and config.json ([`GenerationConfig::from_model`]); every field can be
+/// overridden.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationConfig {
+    /// Tokens to generate at most (default: from `max_new_tokens`, else `max_length` minus the
+    /// prompt, else HF's `max_length` of 20).
+    pub max_new_tokens: Option<usize>,
+    /// HF's `max_length`: prompt plus new tokens (decoder start plus new tokens for seq2seq);
+    /// used when `max_new_tokens` is not set.
+    pub max_length: Option<usize>,
+    /// End-of-sequence tokens are forbidden until this many tokens are generated.
+    pub min_new_tokens: usize,
+    /// Sample instead of taking the most likely token.
+    pub do_sample: bool,
+    /// Sampling temperature (> 0).
+    pub temperature: f64,
+    /// Keep the k most likely tokens when sampling (0 = all); HF's default is 50.
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches `top_p` when sampling, in (0, 1].
+    pub top_p: f64,
+    /// HF's repetition penalty (> 0; 1 = none) on tokens already in the sequence.
+    pub repetition_penalty: f64,
+    /// Tokens that end a row.
+    pub eos_token_id: Vec<i64>,
+    /// The token that continues finished rows (default: the first eos token).
+    pub pad_token_id: Option<i64>,
+    /// The first decoder token of seq2seq models.
+    pub decoder_start_token_id: Option<i64>,
+    /// Seeds the sampler; the same seed gives the same output. `None` draws a random seed.
+    pub seed: Option<u64>,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: None,
+            max_length: None,
+            min_new_tokens: 0,
+            do_sample: false,
+            temperature: 1.0,
+            top_k: 50,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            eos_token_id: Vec::new(),
+            pad_token_id: None,
+            decoder_start_token_id: None,
+            seed: None,
+        }
+    }
+}
+
+fn token_ids(v: &Value, key: &str) -> Result<Option<Vec<i64>>> {
+    let bad = || Error::InvalidOption(format!("`{key}` must be a token id or a list of them, got {v}"));
+    match v {
+        Value::Null => Ok(None),
+        Value::Number(n) => Ok(Some(vec![n.as_i64().ok_or_else(bad)?])),
+        Value::Array(items) => Ok(Some(
+            items
+                .iter()
+                .map(|i| i.as_i64().ok_or_else(bad))
+                .collect::<Result<_>>()?,
+        )),
+        _ => Err(bad()),
+    }
+}
+
+impl GenerationConfig {
+    /// Defaults from a model's generation_config.json (when it has one) over its config.json,
+    /// as HF's `GenerationConfig.from_model_config`, over HF's own defaults.
+    pub fn from_model(config: &Value, generation_config: Option<&Value>) -> Result<Self> {
+        let mut out = Self::default();
+        let sources: Vec<&Value> = [Some(config), generation_config].into_iter().flatten().collect();
+        for source in sources {
+            let get = |key: &str| source.get(key).filter(|v| !v.is_null());
+            let as_usize = |key: &str| -> Result<Option<usize>> {
+                get(key)
+                    .map(|v| {
+                        v.as_u64()
+                            .map(|n| n as usize)
+                            .ok_or_else(|| Error::InvalidOption(format!("`{key}` must be a count, got {v}")))
+                    })
+                    .transpose()
+            };
+            let as_f64 = |key: &str| -> Result<Option<f64>> {
+                get(key)
+                    .map(|v| {
+                        v.as_f64()
+                            .ok_or_else(|| Error::InvalidOption(format!("`{key}` must be a number, got {v}")))
+                    })
+                    .transpose()
+            };
+            if let Some(v) = as_usize("max_new_tokens")? {
+                out.max_new_tokens = Some(v);
+            }
+            if let Some(v) = as_usize("max_length")? {
+                out.max_length = Some(v);
+            }
+            if let Some(v) = as_usize("min_new_tokens")? {
+                out.min_new_tokens = v;
+            }
+            if let Some(v) = get("do_sample") {
+                out.do_sample = v
+                    .as_bool()
+                    .ok_or_else(|| Error::InvalidOption(format!("`do_sample` must be a bool, got {v}")))?;
+            }
+            if let Some(v) = as_f64("temperature")? {
+                out.temperature = v;
+            }
+            if let Some(v) = as_usize("top_k")? {
+                out.top_k = v;
+            }
+            if let Some(v) = as_f64("top_p")? {
+                out.top_p = v;
+            }
+            if let Some(v) = as_f64("repetition_penalty")? {
+                out.repetition_penalty = v;
+            }
+            if let Some(ids) = get("eos_token_id")
+                .map(|v| token_ids(v, "eos_token_id"))
+                .transpose()?
+                .flatten()
+            {
+                out.eos_token_id = ids;
+            }
+            if let Some(ids) = get("pad_token_id")
+                .map(|v| token_ids(v, "pad_token_id"))
+                .transpose()?
+                .flatten()
+            {
+                out.pad_token_id = ids.first().copied();
+            }
+            if let Some(ids) = get("decoder_start_token_id")
+                .map(|v| token_ids(v, "decoder_start_token_id"))
+                .transpose()?
+                .flatten()
+            {
+                out.decoder_start_token_id = ids.first().copied();
+            }
+        }
+        Ok(out)
+    }
+
+    /// Checks the settings against a vocabulary: temperature > 0 and top_p in (0, 1] when
+    /// sampling, a positive repetition penalty, token ids inside the vocabulary.
+    pub fn validate(&self, vocab_size: i64) -> Result<()> {
+        if self.do_sample && !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            return Err(Error::InvalidOption(format!(
+                "temperature must be > 0 when sampling, got {}",
+                self.temperature
+            )));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(Error::InvalidOption(format!(
+                "top_p must be in (0, 1], got {}",
+                self.top_p
+            )));
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return Err(Error::InvalidOption(format!(
+                "repetition_penalty must be > 0, got {}",
+                self.repetition_penalty
+            )));
+        }
+        let ids = self
+            .eos_token_id
+            .iter()
+            .chain(self.pad_token_id.iter())
+            .chain(self.decoder_start_token_id.iter());
+        if let Some(bad) = ids.copied().find(|&id| id < 0 || id >= vocab_size) {
+            return Err(Error::InvalidOption(format!(
+                "token id {bad} is outside the vocabulary 0..{vocab_size}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// New tokens to generate for a prompt of `prompt_len` tokens (`start_len` = 1 for seq2seq,
+    /// counting the decoder start token as HF's `max_length` does).
+    pub fn new_tokens(&self, start_len: usize) -> Result<usize> {
+        let n = match (self.max_new_tokens, self.max_length) {
+            (Some(n), _) => n,
+            (None, Some(max_length)) => max_length.saturating_sub(start_len),
+            (None, None) => 20usize.saturating_sub(start_len),
+        };
+        if n == 0 {
+            return Err(Error::InvalidOption(format!(
+                "nothing to generate: max_new_tokens is 0 (max_new_tokens {:?}, max_length {:?}, prompt {start_len})",
+                self.max_new_tokens, self.max_length
+            )));
+        }
+        Ok(n)
+    }
+
+    /// The token that continues finished rows.
+    pub fn pad(&self) -> Option<i64> {
+        self.pad_token_id.or_else(|| self.eos_token_id.first().copied())
+    }
+}
+
+/// What `generate` returns.
+#[derive(Debug)]
+pub struct GenerateOutput {
+    /// Token ids as transformers returns them: causal = prompt + new tokens; seq2seq = decoder
+    /// start + new tokens. i64 [batch, len].
+    pub sequences: Tensor,
+    /// The new tokens alone, i64 [batch, new].
+    pub new_tokens: Tensor,
+    /// For each new token, the value of the state it was generated from (the value at the
+    /// position before it, as TRL's PPO aligns values with log-probs), f32 [batch, new].
+    pub values: Tensor,
+    /// For each new token, its log-probability under the model's own distribution (raw logits,
+    /// before repetition penalty, temperature, top-k and top-p), f32 [batch, new].
+    pub logprobs: Tensor,
+    /// True for tokens generated before the row finished (its eos included); false for the
+    /// padding that continues finished rows. bool [batch, new].
+    pub generated_mask: Tensor,
+}
+
+/// One decoding step's raw outputs at the last position: logits f32 [B, V] and values f32 [B].
+pub(crate) struct StepOutput {
+    pub(crate) logits: Tensor,
+    pub(crate) values: Tensor,
+}
+
+/// HF's repetition penalty: scores of tokens present in `seen` [B, L] are divided by the penalty
+/// when positive and multiplied when negative.
+pub(crate) fn apply_repetition_penalty(scores: &Tensor, seen: &Tensor, penalty: f64) -> Result<Tensor> {
+    let score = scores.f_gather(1, seen, false)?;
+    let penalised = score
+        .f_mul_scalar(penalty)?
+        .f_where_self(&score.f_lt(0.0)?, &score.f_div_scalar(penalty)?)?;
+    Ok(scores.f_scatter(1, seen, &penalised)?)
+}
+
+/// HF's top-k warper: scores below the k-th largest become -inf (ties with it are kept).
+pub(crate) fn top_k_filter(scores: &Tensor, k: usize) -> Result<Tensor> {
+    let vocab = scores.size()[1];
+    let k = (k as i64).min(vocab);
+    let (top, _) = scores.f_topk(k, -1, true, true)?;
+    let kth = top.f_narrow(1, k - 1, 1)?;
+    Ok(scores.f_masked_fill(&scores.f_lt_tensor(&kth)?, f64::NEG_INFINITY)?)
+}
+
+/// HF's top-p warper: the least likely tokens whose cumulative probability stays within
+/// 1 - top_p become -inf; the most likely token is always kept.
+pub(crate) fn top_p_filter(scores: &Tensor, top_p: f64) -> Result<Tensor> {
+    let (sorted, indices) = scores.f_sort(-1, false)?;
+    let cumulative = sorted.f_softmax(-1, Kind::Float)?.f_cumsum(-1, Kind::Float)?;
+    let vocab = scores.size()[1];
+    let remove = cumulative.f_le(1.0 - top_p)?;
+    let mut most_likely = remove.f_narrow(1, vocab - 1, 1)?;
+    let _ = most_likely.f_fill_(0)?;
+    let remove = remove.f_scatter(1, &indices, &remove)?;
+    Ok(scores.f_masked_fill(&remove, f64::NEG_INFINITY)?)
+}
+
+/// The processed scores from which the next token is chosen: repetition penalty, min-new-tokens
+/// eos suppression, then (sampling only) temperature, top-k and top-p, in HF's order.
+pub(crate) fn process_scores(
+    logits: &Tensor,
+    seen: &Tensor,
+    generated: usize,
+    config: &GenerationConfig,
+) -> Result<Tensor> {
+    let mut scores = logits.shallow_clone();
+    if config.repetition_penalty != 1.0 {
+        scores = apply_repetition_penalty(&scores, seen, config.repetition_penalty)?;
+    }
+    if generated < config.min_new_tokens && !config.eos_token_id.is_empty() {
+        let eos = Tensor::f_from_slice(&config.eos_token_id)?.f_to_device(scores.device())?;
+        let vocab = Tensor::f_arange(scores.size()[1], (Kind::Int64, scores.device()))?;
+        scores = scores.f_masked_fill(&Tensor::f_isin(&vocab, &eos, false, false)?, f64::NEG_INFINITY)?;
+    }
+    if config.do_sample {
+        if config.temperature != 1.0 {
+            scores = scores.f_div_scalar(config.temperature)?;
+        }
+        if config.top_k != 0 {
+            scores = top_k_filter(&scores, config.top_k)?;
+        }
+        if config.top_p < 1.0 {
+            scores = top_p_filter(&scores, config.top_p)?;
+        }
+    }
+    Ok(scores)
+}
+
+/// Draws one token per row from softmax(scores) with `rng`.
+pub(crate) fn sample(scores: &Tensor, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+    let probs = scores.f_softmax(-1, Kind::Double)?.f_to_device(Device::Cpu)?;
+    let (batch, vocab) = (probs.size()[0], probs.size()[1]);
+    let flat: Vec<f64> = Vec::<f64>::try_from(probs.f_reshape([-1])?).map_err(Error::from)?;
+    let mut picks = Vec::with_capacity(batch as usize);
+    for row in flat.chunks(vocab as usize) {
+        let u: f64 = rng.gen::<f64>() * row.iter().sum::<f64>();
+        let mut acc = 0.0;
+        let mut pick = None;
+        for (i, p) in row.iter().enumerate() {
+            if *p > 0.0 {
+                acc += p;
+                pick = Some(i as i64);
+                if u < acc {
+                    break;
+                }
+            }
+        }
+        picks.push(pick.ok_or_else(|| invalid("every token has probability 0 after filtering"))?);
+    }
+    Ok(Tensor::f_from_slice(&picks)?.f_to_device(scores.device())?)
+}
+
+/// The decoding loop shared by both wrappers. `step(None)` runs the model on the prompt (causal)
+/// or the decoder start (seq2seq); `step(Some(next))` feeds one new token per row [B, 1] through
+/// the caches. `seen` is what the repetition penalty looks at before any token is generated
+/// (HF's `input_ids`).
+pub(crate) fn decode_loop(
+    seen: &Tensor,
+    max_new: usize,
+    config: &GenerationConfig,
+    mut step: impl FnMut(Option<&Tensor>) -> Result<StepOutput>,
+) -> Result<GenerateOutput> {
+    let batch = seen.size()[0];
+    let device = seen.device();
+    let pad = config.pad();
+    if pad.is_none() && !config.eos_token_id.is_empty() {
+        return Err(Error::InvalidOption(
+            "pad_token_id is needed to continue finished rows".into(),
+        ));
+    }
+    let eos = (!config.eos_token_id.is_empty())
+        .then(|| Tensor::f_from_slice(&config.eos_token_id).and_then(|t| t.f_to_device(device)))
+        .transpose()?;
+    let mut rng = ChaCha8Rng::seed_from_u64(config.seed.unwrap_or_else(rand::random));
+    let mut seen = seen.shallow_clone();
+    let mut unfinished = Tensor::f_ones([batch], (Kind::Bool, device))?;
+    let (mut tokens, mut values, mut logprobs, mut generated_mask) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut out = step(None)?;
+    for n in 0..max_new {
+        let scores = process_scores(&out.logits, &seen, n, config)?;
+        let mut next = if config.do_sample {
+            sample(&scores, &mut rng)?
+        } else {
+            scores.f_argmax(-1, false)?
+        };
+        if let Some(pad) = pad {
+            next = next.f_where_self(&unfinished, &Tensor::f_full([batch], pad, (Kind::Int64, device))?)?;
+        }
+        let logprob = out
+            .logits
+            .f_log_softmax(-1, Kind::Float)?
+            .f_gather(1, &next.f_unsqueeze(1)?, false)?
+            .f_squeeze_dim(1)?;
+        tokens.push(next.shallow_clone());
+        values.push(out.values.shallow_clone());
+        logprobs.push(logprob);
+        generated_mask.push(unfinished.shallow_clone());
+        seen = Tensor::f_cat(&[&seen, &next.f_unsqueeze(1)?], 1)?;
+        if let Some(eos) = &eos {
+            unfinished = unfinished.f_logical_and(&Tensor::f_isin(&next, eos, false, false)?.f_logical_not()?)?;
+            if unfinished.f_any()?.f_int64_value(&[])? == 0 {
+                break;
+            }
+        }
+        if n + 1 < max_new {
+            out = step(Some(&next.f_unsqueeze(1)?))?;
+        }
+    }
+    Ok(GenerateOutput {
+        sequences: seen,
+        new_tokens: Tensor::f_stack(&tokens, 1)?,
+        values: Tensor::f_stack(&values, 1)?,
+        logprobs: Tensor::f_stack(&logprobs, 1)?,
+        generated_mask: Tensor::f_stack(&generated_mask, 1)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn config_defaults_come_from_generation_config_over_config() {
+        let config = json!({"eos_token_id": 5, "pad_token_id": null, "decoder_start_token_id": 0, "max_length": 30});
+        let generation = json!({"eos_token_id": [5, 6], "max_new_tokens": 7, "do_sample": true, "top_k": 0});
+        let cfg = GenerationConfig::from_model(&config, Some(&generation)).unwrap();
+        assert_eq!(cfg.eos_token_id, vec![5, 6]);
+        assert_eq!(cfg.pad(), Some(5));
+        assert_eq!(
+            (cfg.max_new_tokens, cfg.max_length, cfg.do_sample, cfg.top_k),
+            (Some(7), Some(30), true, 0)
+        );
+        assert_eq!(cfg.decoder_start_token_id, Some(0));
+        assert_eq!(cfg.new_tokens(3).unwrap(), 7);
+        let plain = GenerationConfig::from_model(&json!({"max_length": 12}), None).unwrap();
+        assert_eq!(plain.new_tokens(4).unwrap(), 8);
+        assert_eq!(GenerationConfig::default().new_tokens(1).unwrap(), 19);
+        assert!(GenerationConfig {
+            max_new_tokens: Some(0),
+            ..Default::default()
+        }
+        .new_tokens(3)
+        .is_err());
+        assert!(GenerationConfig::from_model(&json!({"eos_token_id": "x"}), None).is_err());
+    }
+
+    #[test]
+    fn validation_rejects_bad_settings() {
+        let ok = GenerationConfig {
+            do_sample: true,
+            ..Default::default()
+        };
+        assert!(ok.validate(10).is_ok());
+        assert!(GenerationConfig {
+            temperature: 0.0,
+            ..ok.clone()
+        }
+        .validate(10)
+        .is_err());
+        assert!(GenerationConfig {
+            temperature: -1.0,
+            ..ok.clone()
+        }
+        .validate(10)
+        .is_err());
+        assert!(GenerationConfig {
+            top_p: 0.0,
+            ..ok.clone()
+        }
+        .validate(10)
+        .is_err());
+        assert!(GenerationConfig {
+            top_p: 1.5,
+            ..ok.clone()
+        }
+        .validate(10)
+        .is_err());
+        assert!(GenerationConfig {
+            repetition_penalty: 0.0,
+            ..ok.clone()
+        }
+        .validate(10)
+        .is_err());
+        assert!(GenerationConfig {
+            eos_token_id: vec![10],
+            ..ok.clone()
+        }
+        .validate(10)
+        .is_err());
+        // Temperature only matters when sampling, as in HF.
+        assert!(GenerationConfig {
+            temperature: 0.0,
+            ..Default::default()
+        }
+        .validate(10)
+        .is_ok());
+    }
+
+    #[test]
+    fn warpers_follow_hf() {
+        let scores = Tensor::from_slice(&[1.0f32, 3.0, 2.0, 2.0, -1.0]).unsqueeze(0);
+        let k = top_k_filter(&scores, 2).unwrap();
+        // 3.0 and both 2.0s survive (ties with the k-th are kept).
+        assert_eq!(
+            Vec::<f32>::try_from(k.isfinite().to_kind(Kind::Float).reshape([-1])).unwrap(),
+            vec![0.0, 1.0, 1.0, 1.0, 0.0]
+        );
+        // Probabilities: 0.07, 0.53, 0.19, 0.19, 0.01.
+        let kept = |top_p: f64| {
+            let p = top_p_filter(&scores, top_p).unwrap();
+            Vec::<f32>::try_from(p.isfinite().to_kind(Kind::Float).reshape([-1])).unwrap()
+        };
+        assert_eq!(kept(0.5), vec![0.0, 1.0, 0.0, 0.0, 0.0]);
+        assert_eq!(kept(0.8), vec![0.0, 1.0, 1.0, 1.0, 0.0]);
+        assert_eq!(kept(1.0), vec![1.0; 5]);
+        let penalised = apply_repetition_penalty(&scores, &Tensor::from_slice2(&[[1i64, 4, 4]]), 2.0).unwrap();
+        assert_eq!(
+            Vec::<f32>::try_from(penalised.reshape([-1])).unwrap(),
+            vec![1.0, 1.5, 2.0, 2.0, -2.0]
+        );
+    }
+}
