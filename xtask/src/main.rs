@@ -183,14 +183,14 @@ fn test(extra: &[String]) -> Result<()> {
 fn parity(extra: &[String]) -> Result<()> {
     setup()?;
     run(cargo()
+        .args(["test", "-p", "valuehead"])
         .args([
-            "test",
-            "-p",
-            "valuehead",
             "--test",
             "parity_gpt2",
             "--test",
             "parity_t5",
+            "--test",
+            "parity_generate",
         ])
         .args(extra)
         .args(["--", "--nocapture", "--test-threads=1"]))

@@ -1,0 +1,125 @@
+"""Reference outputs for greedy generation parity.
+
+Builds a seeded random GPT-2 and a seeded random T5 (as the forward parity suites do), wraps each in
+TRL's value-head class, saves it with TRL's save_pretrained, and records the token sequences that
+TRL's `generate` (which is transformers' `generate`) returns with do_sample=False on padded batches:
+plain, with a repetition penalty, and with eos tokens that end some rows early after min_new_tokens.
+
+usage: python parity_generate.py OUT_DIR
+"""
+
+import json
+import os
+import sys
+
+import torch
+from safetensors.torch import save_file
+from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
+from trl import AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import parity_gpt2  # noqa: E402
+import parity_t5  # noqa: E402
+
+MAX_NEW = 12
+
+
+def gpt2_model(seed):
+    cfg = dict(parity_gpt2.BASE, bos_token_id=96, eos_token_id=96, pad_token_id=0)
+    config = GPT2Config(**cfg)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    base = GPT2LMHeadModel(config)
+    parity_gpt2.randomize(base, seed)
+    return AutoModelForCausalLMWithValueHead.from_pretrained(base).eval(), cfg["vocab_size"]
+
+
+def t5_model(seed):
+    cfg = dict(parity_t5.BASE, feed_forward_proj="gated-gelu")
+    torch.manual_seed(seed)
+    base = T5ForConditionalGeneration(T5Config(**cfg))
+    parity_t5.randomize(base, seed)
+    return AutoModelForSeq2SeqLMWithValueHead.from_pretrained(base).eval(), cfg["vocab_size"]
+
+
+def causal_prompts(vocab):
+    g = torch.Generator().manual_seed(7)
+    input_ids = torch.randint(1, vocab - 1, (3, 8), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    for row, pad in enumerate([2, 0, 5]):
+        attention_mask[row, :pad] = 0
+        input_ids[row, :pad] = 0
+    return input_ids, attention_mask
+
+
+def seq2seq_prompts(vocab):
+    g = torch.Generator().manual_seed(8)
+    input_ids = torch.randint(2, vocab, (3, 10), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    for row, pad in enumerate([0, 3, 6]):
+        if pad:
+            attention_mask[row, -pad:] = 0
+            input_ids[row, -pad:] = 0
+    return input_ids, attention_mask
+
+
+def generate(model, input_ids, attention_mask, settings):
+    with torch.no_grad():
+        return model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            do_sample=False,
+            max_new_tokens=settings["max_new_tokens"],
+            min_new_tokens=settings["min_new_tokens"],
+            repetition_penalty=settings["repetition_penalty"],
+            eos_token_id=settings["eos_token_id"] or None,
+            pad_token_id=settings["pad_token_id"],
+        )
+
+
+def pick_eos(plain, start, min_new):
+    """Tokens that end some rows early: the first row's token right after min_new_tokens, and
+    one more that first appears late in another row."""
+    row0 = plain[0, start:].tolist()
+    eos = [row0[min_new + 1]]
+    for row in plain[1:, start:].tolist():
+        for tok in row[min_new + 3 :]:
+            if tok not in eos and tok not in row0[: min_new + 2]:
+                eos.append(tok)
+                break
+        if len(eos) == 2:
+            break
+    return eos
+
+
+def main(out_dir):
+    torch.set_num_threads(1)
+    os.makedirs(out_dir, exist_ok=True)
+    manifest = []
+    for kind, build, prompts in [("gpt2", gpt2_model, causal_prompts), ("t5", t5_model, seq2seq_prompts)]:
+        model, vocab = build(100)
+        folder = os.path.join(out_dir, kind)
+        model.save_pretrained(folder)
+        input_ids, attention_mask = prompts(vocab)
+        save_file({"input_ids": input_ids, "attention_mask": attention_mask}, os.path.join(folder, "prompts.safetensors"))
+        start = input_ids.shape[1] if kind == "gpt2" else 1
+        base = dict(max_new_tokens=MAX_NEW, min_new_tokens=0, repetition_penalty=1.0, eos_token_id=[], pad_token_id=0)
+        plain = generate(model, input_ids, attention_mask, base)
+        runs = [
+            ("greedy", base),
+            ("repetition_penalty", dict(base, repetition_penalty=1.5)),
+        ]
+        min_new = 3
+        runs.append(("eos_after_min_new_tokens", dict(base, min_new_tokens=min_new, eos_token_id=pick_eos(plain, start, min_new))))
+        for name, settings in runs:
+            sequences = generate(model, input_ids, attention_mask, settings)
+            case = f"{kind}_{name}"
+            save_file({"sequences": sequences.contiguous()}, os.path.join(folder, f"{case}.safetensors"))
+            manifest.append(dict(settings, name=case, model=kind, length=sequences.shape[1]))
+    with open(os.path.join(out_dir, "cases.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
+    print(f"wrote {len(manifest)} generation reference cases to {out_dir}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
