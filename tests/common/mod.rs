@@ -188,17 +188,30 @@ pub fn write_tiny_t5(dir: &Path, config: serde_json::Value) {
     write_random_checkpoint(dir, &cfg, &vs, parsed.d_model);
 }
 
+/// Deterministic noise, uniform in [-scale, scale), from a hash of the element index and `seed`:
+/// unlike the global RNG, it gives the same checkpoint when tests run in parallel threads.
+pub fn pseudo_random(size: &[i64], seed: f64, scale: f64) -> Tensor {
+    let n: i64 = size.iter().product();
+    let x = Tensor::arange(n, (Kind::Double, tch::Device::Cpu)) * 12.9898 + seed * 78.233;
+    let uniform = (x.sin() * 43758.5453).frac().abs();
+    ((uniform * 2.0 - 1.0) * scale).to_kind(Kind::Float).reshape(size)
+}
+
 /// Writes config.json and a model.safetensors holding random values for every variable of
 /// `vs` plus a value head of width `hidden`.
 fn write_random_checkpoint(dir: &Path, cfg: &serde_json::Value, vs: &tch::nn::VarStore, hidden: i64) {
-    let cpu = (Kind::Float, tch::Device::Cpu);
-    let mut tensors: Vec<(String, Tensor)> = vs
-        .variables()
+    let mut names: Vec<(String, Vec<i64>)> = vs.variables().into_iter().map(|(n, v)| (n, v.size())).collect();
+    names.sort();
+    let mut tensors: Vec<(String, Tensor)> = names
         .into_iter()
-        .map(|(n, v)| (n, Tensor::randn(v.size(), cpu) * 0.2))
+        .enumerate()
+        .map(|(i, (n, size))| (n, pseudo_random(&size, i as f64, 0.35)))
         .collect();
-    tensors.push(("v_head.summary.weight".into(), Tensor::randn([1, hidden], cpu)));
-    tensors.push(("v_head.summary.bias".into(), Tensor::zeros([1], cpu)));
+    tensors.push(("v_head.summary.weight".into(), pseudo_random(&[1, hidden], 1000.0, 1.7)));
+    tensors.push((
+        "v_head.summary.bias".into(),
+        Tensor::zeros([1], (Kind::Float, tch::Device::Cpu)),
+    ));
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(cfg).unwrap()).unwrap();
     vh_hub::write_safetensors(&dir.join("model.safetensors"), &tensors).unwrap();
