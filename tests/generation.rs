@@ -375,3 +375,100 @@ fn seq2seq_generation_errors_and_defaults() {
         }
     )));
 }
+
+#[test]
+fn vh_generate_prints_text_and_writes_sequences_values_logprobs() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_gpt2(dir.path(), json!({}));
+    let model = dir.path().to_str().unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_vh"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+
+    let no_tokenizer = run(&["generate", "--model", model, "--prompt", "w1 w2"]);
+    assert_eq!(no_tokenizer.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&no_tokenizer.stderr).contains("tokenizer.json"));
+
+    common::write_word_tokenizer(dir.path(), 50);
+    let out_file = dir.path().join("out.safetensors");
+    let ok = run(&[
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        "w3 w17 w8",
+        "--max-new-tokens",
+        "5",
+        "--out",
+        out_file.to_str().unwrap(),
+    ]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    assert!(stdout.lines().next().unwrap().starts_with("[0] w"), "{stdout}");
+    let out = common::read_tensors(&out_file);
+    assert_eq!(out["sequences"].size(), vec![1, 8]);
+    assert_eq!(out["sequences"].kind(), Kind::Int64);
+    assert_eq!(
+        (out["values"].size(), out["logprobs"].kind()),
+        (vec![1, 5], Kind::Float)
+    );
+
+    // The same prompt as ids through the library gives the same tokens and values.
+    let library = CausalLmWithValueHead::from_folder(dir.path(), &LoadOptions::default()).unwrap();
+    let config = GenerationConfig {
+        max_new_tokens: Some(5),
+        ..library.default_generation_config().unwrap()
+    };
+    let direct = library
+        .generate(&Tensor::from_slice2(&[[3i64, 17, 8]]), None, &config)
+        .unwrap();
+    assert!(direct.sequences.equal(&out["sequences"]));
+    assert!(direct.values.allclose(&out["values"], 1e-6, 1e-6, false));
+
+    let inputs = dir.path().join("in.safetensors");
+    vh_hub::write_safetensors(
+        &inputs,
+        &[
+            (
+                "input_ids".to_string(),
+                Tensor::from_slice2(&[[0i64, 3, 17], [4, 5, 6]]),
+            ),
+            (
+                "attention_mask".to_string(),
+                Tensor::from_slice2(&[[0i64, 1, 1], [1, 1, 1]]),
+            ),
+        ],
+    )
+    .unwrap();
+    let batch = run(&[
+        "generate",
+        "--model",
+        model,
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--max-new-tokens",
+        "3",
+        "--do-sample",
+        "--seed",
+        "3",
+    ]);
+    assert!(batch.status.success(), "{}", String::from_utf8_lossy(&batch.stderr));
+    assert!(String::from_utf8_lossy(&batch.stdout).contains("[1] "));
+
+    let bad = run(&[
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        "w1",
+        "--do-sample",
+        "--temperature",
+        "0",
+    ]);
+    assert_eq!(bad.status.code(), Some(1), "{}", String::from_utf8_lossy(&bad.stderr));
+    let bad = run(&["generate", "--model", model, "--prompt", "w1", "--max-new-tokens", "0"]);
+    assert_eq!(bad.status.code(), Some(1));
+}

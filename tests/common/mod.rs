@@ -233,3 +233,18 @@ pub fn write_tiny_gpt2(dir: &Path, config: serde_json::Value) {
     let _model = vh_models::gpt2::Gpt2LmHeadModel::new(vs.root(), &parsed).unwrap();
     write_random_checkpoint(dir, &cfg, &vs, parsed.n_embd);
 }
+
+/// Writes a word-level tokenizer.json into `dir` whose vocabulary is `w0`, `w1`, ... (`size`
+/// words, `w0` doubling as the unknown token).
+pub fn write_word_tokenizer(dir: &Path, size: u32) {
+    use tokenizers::models::wordlevel::WordLevel;
+    let vocab: HashMap<String, u32> = (0..size).map(|i| (format!("w{i}"), i)).collect();
+    let model = WordLevel::builder()
+        .vocab(vocab.into_iter().collect())
+        .unk_token("w0".into())
+        .build()
+        .unwrap();
+    let mut tokenizer = tokenizers::Tokenizer::new(model);
+    tokenizer.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::whitespace::Whitespace {}));
+    tokenizer.save(dir.join("tokenizer.json"), false).unwrap();
+}

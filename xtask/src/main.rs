@@ -199,20 +199,30 @@ fn parity(extra: &[String]) -> Result<()> {
 fn demo(extra: &[String]) -> Result<()> {
     setup()?;
     let model = root().join("assets").join("tiny-gpt2-vh");
-    run(cargo()
-        .args([
-            "run",
-            "--quiet",
-            "--release",
-            "-p",
-            "valuehead",
-            "--bin",
-            "vh",
-            "--",
-            "score",
-            "--model",
-        ])
-        .arg(&model)
-        .args(["--input-ids", "17 42 256 3 99 511 8 120 64 7"])
-        .args(extra))
+    let vh = |args: &[&str]| {
+        let mut cmd = cargo();
+        cmd.args(["run", "--quiet", "--release", "-p", "valuehead", "--bin", "vh", "--"])
+            .args(args);
+        cmd
+    };
+    let model = model.to_str().context("the checkout's path is not UTF-8")?;
+    println!("== scoring token ids: each token's log-probability and value ==");
+    run(&mut vh(&[
+        "score",
+        "--model",
+        model,
+        "--input-ids",
+        "17 42 256 3 99 511 8 120 64 7",
+    ]))?;
+    println!("\n== generating from text: new tokens with their log-probabilities and values ==");
+    run(vh(&[
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        "the value of an expression is",
+        "--max-new-tokens",
+        "10",
+    ])
+    .args(extra))
 }

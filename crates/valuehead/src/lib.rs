@@ -79,3 +79,40 @@ impl ValueHeadModel {
         })
     }
 }
+
+impl ValueHeadModel {
+    /// Generates from `input_ids` (see the wrappers' `generate`).
+    pub fn generate(
+        &self,
+        input_ids: &tch::Tensor,
+        attention_mask: Option<&tch::Tensor>,
+        config: &GenerationConfig,
+    ) -> Result<GenerateOutput> {
+        match self {
+            Self::Causal(m) => m.generate(input_ids, attention_mask, config),
+            Self::Seq2Seq(m) => m.generate(input_ids, attention_mask, config),
+        }
+    }
+
+    /// The model's generation defaults.
+    pub fn default_generation_config(&self) -> Result<GenerationConfig> {
+        match self {
+            Self::Causal(m) => m.default_generation_config(),
+            Self::Seq2Seq(m) => m.default_generation_config(),
+        }
+    }
+}
+
+/// Loads the folder's tokenizer.json, if it has one.
+pub fn load_tokenizer(dir: impl AsRef<Path>) -> Result<Option<tokenizers::Tokenizer>> {
+    let path = dir.as_ref().join("tokenizer.json");
+    if !path.exists() {
+        return Ok(None);
+    }
+    tokenizers::Tokenizer::from_file(&path).map(Some).map_err(|e| {
+        Error::Hub(vh_hub::HubError::Json {
+            path,
+            message: e.to_string(),
+        })
+    })
+}

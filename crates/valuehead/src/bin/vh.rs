@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use tch::{Kind, Tensor};
-use valuehead::{parse_device, parse_dtype, LoadOptions, ValueHeadModel};
+use valuehead::{load_tokenizer, parse_device, parse_dtype, GenerateOutput, LoadOptions, ValueHeadModel};
 
 #[derive(Parser)]
 #[command(
@@ -56,6 +56,49 @@ enum Command {
         #[arg(long)]
         decoder_input_ids: Option<String>,
     },
+    /// Generate a continuation and print it with each new token's log-probability and value.
+    Generate(GenerateArgs),
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt text, encoded with the folder's tokenizer.json.
+    #[arg(long, required_unless_present = "inputs", conflicts_with = "inputs")]
+    prompt: Option<String>,
+    /// Prompt token ids instead: a safetensors file with `input_ids` (i64 [B,T], left-padded for
+    /// decoder-only models) and optionally `attention_mask`.
+    #[arg(long)]
+    inputs: Option<PathBuf>,
+    /// Tokens to generate at most (default: the model's generation config).
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// End-of-sequence tokens are forbidden until this many tokens are generated.
+    #[arg(long)]
+    min_new_tokens: Option<usize>,
+    /// Sample instead of decoding greedily.
+    #[arg(long)]
+    do_sample: bool,
+    /// Sampling temperature (> 0).
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// Sample from the k most likely tokens (0 = all).
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Sample from the most likely tokens whose probability reaches p, in (0, 1].
+    #[arg(long)]
+    top_p: Option<f64>,
+    /// Penalty (> 0, 1 = none) on tokens already in the sequence.
+    #[arg(long)]
+    repetition_penalty: Option<f64>,
+    /// Seed of the sampler.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Write `sequences` (i64), `values` and `logprobs` (f32, per generated token) and
+    /// `generated_mask` (bool) to this safetensors file.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 fn load(args: &ModelArgs) -> Result<ValueHeadModel> {
@@ -169,6 +212,106 @@ fn score(model: &ModelArgs, input_ids: &str, decoder_input_ids: Option<&str>) ->
     Ok(())
 }
 
+fn generate(args: &GenerateArgs) -> Result<()> {
+    let vh = load(&args.model)?;
+    let tokenizer = load_tokenizer(&args.model.model)?;
+    let (input_ids, attention_mask) = match (&args.prompt, &args.inputs) {
+        (Some(prompt), _) => {
+            let tokenizer = tokenizer.as_ref().with_context(|| {
+                format!(
+                    "{} has no tokenizer.json: pass token ids with --inputs",
+                    args.model.model.display()
+                )
+            })?;
+            let encoding = tokenizer
+                .encode(prompt.as_str(), true)
+                .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+            let ids: Vec<i64> = encoding.get_ids().iter().map(|&i| i as i64).collect();
+            if ids.is_empty() {
+                bail!("the prompt encodes to no tokens");
+            }
+            (Tensor::from_slice(&ids).unsqueeze(0), None)
+        }
+        (None, Some(path)) => {
+            let mut tensors: HashMap<String, Tensor> = vh_hub::read_safetensors(path)?.into_iter().collect();
+            let ids = tensors
+                .remove("input_ids")
+                .with_context(|| format!("{} has no `input_ids`", path.display()))?;
+            (ids, tensors.remove("attention_mask"))
+        }
+        (None, None) => bail!("give --prompt or --inputs"),
+    };
+    let mut config = vh.default_generation_config()?;
+    config.max_new_tokens = args.max_new_tokens.or(config.max_new_tokens);
+    config.min_new_tokens = args.min_new_tokens.unwrap_or(config.min_new_tokens);
+    config.do_sample |= args.do_sample;
+    config.temperature = args.temperature.unwrap_or(config.temperature);
+    config.top_k = args.top_k.unwrap_or(config.top_k);
+    config.top_p = args.top_p.unwrap_or(config.top_p);
+    config.repetition_penalty = args.repetition_penalty.unwrap_or(config.repetition_penalty);
+    config.seed = args.seed.or(config.seed);
+    let start = std::time::Instant::now();
+    let out = tch::no_grad(|| vh.generate(&input_ids, attention_mask.as_ref(), &config))?;
+    let seconds = start.elapsed().as_secs_f64();
+    print_generation(&out, tokenizer.as_ref(), seconds)?;
+    if let Some(path) = &args.out {
+        vh_hub::write_safetensors(
+            path,
+            &[
+                ("sequences".to_string(), out.sequences.shallow_clone()),
+                ("values".to_string(), out.values.shallow_clone()),
+                ("logprobs".to_string(), out.logprobs.shallow_clone()),
+                ("generated_mask".to_string(), out.generated_mask.shallow_clone()),
+            ],
+        )?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// Prints each row's text (when there is a tokenizer) and a table of its new tokens.
+fn print_generation(out: &GenerateOutput, tokenizer: Option<&tokenizers::Tokenizer>, seconds: f64) -> Result<()> {
+    let tokens: Vec<Vec<i64>> = Vec::<Vec<i64>>::try_from(&out.new_tokens)?;
+    let values: Vec<Vec<f64>> = Vec::<Vec<f64>>::try_from(&out.values.to_kind(Kind::Double))?;
+    let logprobs: Vec<Vec<f64>> = Vec::<Vec<f64>>::try_from(&out.logprobs.to_kind(Kind::Double))?;
+    let kept: Vec<Vec<bool>> = Vec::<Vec<bool>>::try_from(&out.generated_mask)?;
+    let mut generated = 0usize;
+    for (row, ids) in tokens.iter().enumerate() {
+        let real: Vec<u32> = ids
+            .iter()
+            .zip(&kept[row])
+            .filter(|(_, k)| **k)
+            .map(|(id, _)| *id as u32)
+            .collect();
+        generated += real.len();
+        if let Some(tok) = tokenizer {
+            let text = tok.decode(&real, true).map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
+            println!("[{row}] {text}");
+        }
+        println!(
+            "{:>5}  {:>8}  {:<16}  {:>10}  {:>10}",
+            "step", "token", "text", "log-prob", "value"
+        );
+        for (t, id) in ids.iter().enumerate() {
+            if !kept[row][t] {
+                break;
+            }
+            let text = tokenizer
+                .and_then(|tok| tok.id_to_token(*id as u32))
+                .unwrap_or_default();
+            println!(
+                "{t:>5}  {id:>8}  {:<16}  {:>10.4}  {:>10.4}",
+                text, logprobs[row][t], values[row][t]
+            );
+        }
+    }
+    println!(
+        "{generated} tokens in {seconds:.2} s ({:.1} tokens/s)",
+        generated as f64 / seconds.max(1e-9)
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
@@ -179,5 +322,6 @@ fn main() -> Result<()> {
             input_ids,
             decoder_input_ids,
         } => score(model, input_ids, decoder_input_ids.as_deref()),
+        Command::Generate(args) => generate(args),
     }
 }
