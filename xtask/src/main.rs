@@ -66,11 +66,14 @@ fn cache_dir() -> Result<PathBuf> {
     Ok(PathBuf::from(home).join(".cache").join("valuehead"))
 }
 
-/// First 16 hex digits of the SHA-256 of the requirements file: the environment's cache key.
-fn requirements_key(requirements: &Path) -> Result<String> {
-    let bytes = std::fs::read(requirements).with_context(|| format!("reading {}", requirements.display()))?;
-    let digest = Sha256::digest(&bytes);
-    Ok(digest.iter().take(8).map(|b| format!("{b:02x}")).collect())
+/// First 16 hex digits of the SHA-256 of the requirements files: the environment's cache key.
+fn requirements_key(files: &[PathBuf]) -> Result<String> {
+    let mut hasher = Sha256::new();
+    for file in files {
+        let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+        hasher.update(&bytes);
+    }
+    Ok(hasher.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect())
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
@@ -113,14 +116,15 @@ fn relink(link: &Path, target: &Path) -> Result<()> {
 fn setup() -> Result<PathBuf> {
     let root = root();
     let requirements = root.join("python").join("requirements.txt");
-    let key = requirements_key(&requirements)?;
+    let no_deps = root.join("python").join("requirements-nodeps.txt");
+    let key = requirements_key(&[requirements.clone(), no_deps.clone()])?;
     let cache = cache_dir()?;
     let env_dir = cache.join(format!("pyenv-{key}"));
     let marker = env_dir.join(".complete");
     if marker.exists() {
         eprintln!("setup: reusing the reference environment {}", env_dir.display());
     } else {
-        create_env(&cache, &env_dir, &requirements)?;
+        create_env(&cache, &env_dir, &requirements, &no_deps)?;
     }
     relink(&root.join(".venv"), &env_dir)?;
     let python = root.join(".venv").join("bin").join("python");
@@ -136,7 +140,7 @@ fn setup() -> Result<PathBuf> {
     Ok(python)
 }
 
-fn create_env(cache: &Path, env_dir: &Path, requirements: &Path) -> Result<()> {
+fn create_env(cache: &Path, env_dir: &Path, requirements: &Path, no_deps: &Path) -> Result<()> {
     std::fs::create_dir_all(cache).with_context(|| format!("creating {}", cache.display()))?;
     // Built aside and renamed into place, so an interrupted setup never leaves a folder
     // that a later run would take for a complete environment.
@@ -154,6 +158,9 @@ fn create_env(cache: &Path, env_dir: &Path, requirements: &Path) -> Result<()> {
     run(Command::new(&python)
         .args(["-m", "pip", "install", "--disable-pip-version-check", "-r"])
         .arg(requirements))?;
+    run(Command::new(&python)
+        .args(["-m", "pip", "install", "--disable-pip-version-check", "--no-deps", "-r"])
+        .arg(no_deps))?;
     let versions = output(Command::new(&python).args([
         "-c",
         "import torch, transformers, trl, safetensors; print(torch.__version__, transformers.__version__, trl.__version__)",

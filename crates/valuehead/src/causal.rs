@@ -12,6 +12,7 @@ use vh_core::error::invalid;
 use vh_core::tensor::{causal_lm_loss, check_labels, expect_rank};
 use vh_hub::ModelFolder;
 use vh_models::gpt2::{Gpt2Config, Gpt2LmHeadModel};
+use vh_models::llama::{LlamaConfig, LlamaForCausalLM};
 use vh_models::Cache;
 
 /// The causal backbones this library implements.
@@ -19,6 +20,8 @@ use vh_models::Cache;
 pub enum CausalBackbone {
     /// GPT-2 (`model_type` "gpt2").
     Gpt2(Gpt2LmHeadModel),
+    /// The Llama family (`model_type` "llama", e.g. SmolLM2, or "qwen2").
+    Llama(LlamaForCausalLM),
 }
 
 /// What a backbone pass gives the wrapper.
@@ -35,6 +38,10 @@ impl CausalBackbone {
                 vs.root(),
                 &Gpt2Config::from_json(config)?,
             )?)),
+            "llama" | "qwen2" => Ok(Self::Llama(LlamaForCausalLM::new(
+                vs.root(),
+                &LlamaConfig::from_json(config)?,
+            )?)),
             other => Err(Error::UnsupportedModel(other.to_string())),
         }
     }
@@ -42,12 +49,14 @@ impl CausalBackbone {
     fn parameter_name(&self, key: &str) -> Option<String> {
         match self {
             Self::Gpt2(m) => m.parameter_name(key),
+            Self::Llama(m) => m.parameter_name(key),
         }
     }
 
     fn vocab_size(&self) -> i64 {
         match self {
             Self::Gpt2(m) => m.transformer.config().vocab_size,
+            Self::Llama(m) => m.config().vocab_size,
         }
     }
 
@@ -55,26 +64,31 @@ impl CausalBackbone {
     fn max_positions(&self) -> Option<i64> {
         match self {
             Self::Gpt2(m) => Some(m.transformer.config().n_positions),
+            // Rotary positions have no hard limit (HF enforces none); rope_scaling governs quality.
+            Self::Llama(_) => None,
         }
     }
 
     fn forward(&self, input: &CausalLmInput<'_>, train: bool) -> Result<BackboneOutput> {
-        match self {
+        let i = input;
+        Ok(match self {
             Self::Gpt2(m) => {
-                let out = m.forward(
-                    input.input_ids,
-                    input.attention_mask,
-                    input.position_ids,
-                    input.past,
-                    train,
-                )?;
-                Ok(BackboneOutput {
+                let out = m.forward(i.input_ids, i.attention_mask, i.position_ids, i.past, train)?;
+                BackboneOutput {
                     logits: out.logits,
                     last_hidden_state: out.last_hidden_state,
                     cache: out.cache,
-                })
+                }
             }
-        }
+            Self::Llama(m) => {
+                let out = m.forward(i.input_ids, i.attention_mask, i.position_ids, i.past, train)?;
+                BackboneOutput {
+                    logits: out.logits,
+                    last_hidden_state: out.last_hidden_state,
+                    cache: out.cache,
+                }
+            }
+        })
     }
 
     /// The tied-weight aliases HF's state dict lists besides the parameters: (alias, parameter).
@@ -82,6 +96,8 @@ impl CausalBackbone {
         match self {
             Self::Gpt2(m) if m.is_tied() => vec![("lm_head.weight", "transformer.wte.weight")],
             Self::Gpt2(_) => vec![],
+            Self::Llama(m) if m.config().tie_word_embeddings => vec![("lm_head.weight", "model.embed_tokens.weight")],
+            Self::Llama(_) => vec![],
         }
     }
 }

@@ -3,6 +3,7 @@
 pub mod activation;
 pub mod cache;
 pub mod gpt2;
+pub mod llama;
 pub mod t5;
 
 pub use activation::Activation;
