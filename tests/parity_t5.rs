@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use valuehead::{LoadOptions, Seq2SeqLmWithValueHead};
 
 /// Decoder tokens fed in the first pass of the incremental check; the rest go one at a time.
-const PROMPT_LEN: i64 = 5;
+const DECODER_PROMPT_LEN: i64 = 5;
 
 fn cases() -> Vec<Case> {
     static DATA: OnceLock<PathBuf> = OnceLock::new();
@@ -47,7 +47,7 @@ fn t5_matches_trl_full_and_incremental() {
             model.forward(
                 None,
                 None,
-                Some(&decoder_ids.narrow(1, 0, PROMPT_LEN)),
+                Some(&decoder_ids.narrow(1, 0, DECODER_PROMPT_LEN)),
                 None,
                 Some(&encoder),
                 None,
@@ -55,10 +55,10 @@ fn t5_matches_trl_full_and_incremental() {
             )
         })
         .unwrap();
-        let mut step_err = max_abs_diff(&first.logits, &expected["logits"].narrow(1, 0, PROMPT_LEN));
+        let mut step_err = max_abs_diff(&first.logits, &expected["logits"].narrow(1, 0, DECODER_PROMPT_LEN));
         let mut past = first.past;
         let tgt = decoder_ids.size()[1];
-        for t in PROMPT_LEN..tgt {
+        for t in DECODER_PROMPT_LEN..tgt {
             let step = tch::no_grad(|| {
                 model.forward(
                     None,

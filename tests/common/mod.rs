@@ -63,6 +63,9 @@ pub struct Case {
     pub name: String,
     /// The checkpoint has no value head, so values are not comparable.
     pub fresh_v_head: bool,
+    /// Whether incremental decoding can be compared with the full pass (false where the model,
+    /// like HF's, recomputes positions per sequence length).
+    pub incremental: bool,
     /// The case's folder.
     pub dir: PathBuf,
 }
@@ -80,6 +83,10 @@ pub fn read_cases(root: &Path) -> Vec<Case> {
             Case {
                 dir: root.join(&name),
                 fresh_v_head: c["fresh_v_head"].as_bool().unwrap(),
+                incremental: c
+                    .get("incremental")
+                    .and_then(serde_json::Value::as_bool)
+                    .unwrap_or(true),
                 name,
             }
         })
@@ -247,4 +254,101 @@ pub fn write_word_tokenizer(dir: &Path, size: u32) {
     let mut tokenizer = tokenizers::Tokenizer::new(model);
     tokenizer.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::whitespace::Whitespace {}));
     tokenizer.save(dir.join("tokenizer.json"), false).unwrap();
+}
+
+/// Tokens fed in the first pass of the incremental checks; the rest go one at a time.
+pub const PROMPT_LEN: i64 = 6;
+
+/// Loads each causal case with `CausalLmWithValueHead` and compares logits and values (at
+/// attended positions) and the loss with TRL's, for the full pass and, where the case allows,
+/// for incremental decoding through the cache; prints the table and fails on any error above
+/// [`TOLERANCE`].
+pub fn check_causal_cases(title: &str, cases: Vec<Case>) {
+    use valuehead::{CausalLmWithValueHead, LoadOptions};
+    let mut rows = Vec::new();
+    let mut failures = Vec::new();
+    for case in cases {
+        let model = CausalLmWithValueHead::from_folder(&case.dir, &LoadOptions::default())
+            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        let inputs = read_tensors(&case.dir.join("inputs.safetensors"));
+        let expected = read_tensors(&case.dir.join("expected.safetensors"));
+        let (ids, mask, labels) = (&inputs["input_ids"], &inputs["attention_mask"], &inputs["labels"]);
+        let out = tch::no_grad(|| model.forward(ids, Some(mask), None, Some(labels))).unwrap();
+        let logits_err = masked_max_abs_diff(&out.logits, &expected["logits"], mask);
+        let loss_err = max_abs_diff(out.loss.as_ref().unwrap(), &expected["loss"]);
+        let values_err = (!case.fresh_v_head).then(|| masked_max_abs_diff(&out.values, &expected["values"], mask));
+
+        // Incremental decoding: the prompt, then one token at a time through the cache.
+        let step_err = case.incremental.then(|| {
+            let seq = ids.size()[1];
+            let prompt_mask = mask.narrow(1, 0, PROMPT_LEN);
+            let first =
+                tch::no_grad(|| model.forward(&ids.narrow(1, 0, PROMPT_LEN), Some(&prompt_mask), None, None)).unwrap();
+            let mut err = masked_max_abs_diff(
+                &first.logits,
+                &expected["logits"].narrow(1, 0, PROMPT_LEN),
+                &prompt_mask,
+            );
+            let mut past = first.past;
+            for t in PROMPT_LEN..seq {
+                let step_mask = mask.narrow(1, 0, t + 1);
+                let step =
+                    tch::no_grad(|| model.forward(&ids.narrow(1, t, 1), Some(&step_mask), Some(&past), None)).unwrap();
+                err = err.max(max_abs_diff(&step.logits, &expected["logits"].narrow(1, t, 1)));
+                if !case.fresh_v_head {
+                    err = err.max(max_abs_diff(&step.values, &expected["values"].narrow(1, t, 1)));
+                }
+                past = step.past;
+            }
+            assert_eq!(past.seq_len(), seq);
+            err
+        });
+
+        let worst = [logits_err, loss_err, values_err.unwrap_or(0.0), step_err.unwrap_or(0.0)]
+            .into_iter()
+            .fold(0.0, f64::max);
+        let ok = worst <= TOLERANCE;
+        if !ok {
+            failures.push(case.name.clone());
+        }
+        rows.push(vec![
+            case.name.clone(),
+            fmt_err(logits_err),
+            values_err.map_or("n/a (fresh head)".to_string(), fmt_err),
+            fmt_err(loss_err),
+            step_err.map_or("n/a (see docs)".to_string(), fmt_err),
+            if ok { "ok" } else { "FAIL" }.to_string(),
+        ]);
+    }
+    println!("\n{title} (max abs error, tolerance {TOLERANCE:e}):");
+    print_table(&["case", "logits", "values", "loss", "incremental", "result"], &rows);
+    assert!(failures.is_empty(), "parity failed for {failures:?}");
+}
+
+/// Runs `vh forward` on each causal case and compares its outputs with TRL's.
+pub fn check_causal_cli(title: &str, cases: Vec<Case>) {
+    let out_dir = tempfile::tempdir().unwrap();
+    let mut rows = Vec::new();
+    for case in cases {
+        let got = vh_forward(&case, out_dir.path());
+        let expected = read_tensors(&case.dir.join("expected.safetensors"));
+        let mask = &read_tensors(&case.dir.join("inputs.safetensors"))["attention_mask"];
+        assert_eq!(got["logits"].kind(), Kind::Float);
+        let logits_err = masked_max_abs_diff(&got["logits"], &expected["logits"], mask);
+        let loss_err = max_abs_diff(&got["loss"], &expected["loss"]);
+        let values_err = if case.fresh_v_head {
+            0.0
+        } else {
+            masked_max_abs_diff(&got["values"], &expected["values"], mask)
+        };
+        let worst = logits_err.max(loss_err).max(values_err);
+        assert!(
+            worst <= TOLERANCE,
+            "{}: vh forward differs from TRL: logits {logits_err:e}, loss {loss_err:e}, values {values_err:e}",
+            case.name
+        );
+        rows.push(vec![case.name, fmt_err(worst)]);
+    }
+    println!("\n{title} (max abs error over logits, values, loss):");
+    print_table(&["case", "max error"], &rows);
 }
