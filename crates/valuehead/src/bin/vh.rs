@@ -67,6 +67,9 @@ struct GenerateArgs {
     /// Prompt text, encoded with the folder's tokenizer.json.
     #[arg(long, required_unless_present = "inputs", conflicts_with = "inputs")]
     prompt: Option<String>,
+    /// Format the prompt as a user message with the folder's chat template.
+    #[arg(long, requires = "prompt")]
+    chat: bool,
     /// Prompt token ids instead: a safetensors file with `input_ids` (i64 [B,T], left-padded for
     /// decoder-only models) and optionally `attention_mask`.
     #[arg(long)]
@@ -223,8 +226,18 @@ fn generate(args: &GenerateArgs) -> Result<()> {
                     args.model.model.display()
                 )
             })?;
+            // A chat-formatted prompt already holds its special tokens, as with HF's apply_chat_template.
+            let (text, add_special_tokens) = if args.chat {
+                let messages = [valuehead::Message::user(prompt.as_str())];
+                (
+                    valuehead::apply_chat_template(&args.model.model, &messages, true)?,
+                    false,
+                )
+            } else {
+                (prompt.clone(), true)
+            };
             let encoding = tokenizer
-                .encode(prompt.as_str(), true)
+                .encode(text.as_str(), add_special_tokens)
                 .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
             let ids: Vec<i64> = encoding.get_ids().iter().map(|&i| i as i64).collect();
             if ids.is_empty() {
