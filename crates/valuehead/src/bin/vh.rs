@@ -309,9 +309,13 @@ fn print_generation(out: &GenerateOutput, tokenizer: Option<&tokenizers::Tokeniz
             if !kept[row][t] {
                 break;
             }
-            let text = tokenizer
-                .and_then(|tok| tok.id_to_token(*id as u32))
-                .unwrap_or_default();
+            let text = match tokenizer {
+                Some(tok) => tok
+                    .decode(&[*id as u32], false)
+                    .map_err(|e| anyhow::anyhow!("decoding: {e}"))?,
+                None => String::new(),
+            };
+            let text = format!("{text:?}");
             println!(
                 "{t:>5}  {id:>8}  {:<16}  {:>10.4}  {:>10.4}",
                 text, logprobs[row][t], values[row][t]
