@@ -19,6 +19,7 @@ from trl import AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValu
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import parity_gpt2  # noqa: E402
+import parity_llama  # noqa: E402
 import parity_t5  # noqa: E402
 
 MAX_NEW = 12
@@ -31,6 +32,11 @@ def gpt2_model(seed):
     torch.manual_seed(seed)
     base = GPT2LMHeadModel(config)
     parity_gpt2.randomize(base, seed)
+    return AutoModelForCausalLMWithValueHead.from_pretrained(base).eval(), cfg["vocab_size"]
+
+
+def llama_model(seed):
+    base, cfg = parity_llama.build("llama", {"num_key_value_heads": 2, "rope_theta": 500000.0}, seed)
     return AutoModelForCausalLMWithValueHead.from_pretrained(base).eval(), cfg["vocab_size"]
 
 
@@ -96,13 +102,14 @@ def main(out_dir):
     torch.set_num_threads(1)
     os.makedirs(out_dir, exist_ok=True)
     manifest = []
-    for kind, build, prompts in [("gpt2", gpt2_model, causal_prompts), ("t5", t5_model, seq2seq_prompts)]:
+    kinds = [("gpt2", gpt2_model, causal_prompts), ("llama", llama_model, causal_prompts), ("t5", t5_model, seq2seq_prompts)]
+    for kind, build, prompts in kinds:
         model, vocab = build(100)
         folder = os.path.join(out_dir, kind)
         model.save_pretrained(folder)
         input_ids, attention_mask = prompts(vocab)
         save_file({"input_ids": input_ids, "attention_mask": attention_mask}, os.path.join(folder, "prompts.safetensors"))
-        start = input_ids.shape[1] if kind == "gpt2" else 1
+        start = 1 if kind == "t5" else input_ids.shape[1]
         base = dict(max_new_tokens=MAX_NEW, min_new_tokens=0, repetition_penalty=1.0, eos_token_id=[], pad_token_id=0)
         plain = generate(model, input_ids, attention_mask, base)
         runs = [

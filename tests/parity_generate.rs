@@ -89,7 +89,8 @@ fn check_seq2seq_rollout(model: &Seq2SeqLmWithValueHead, ids: &Tensor, mask: &Te
 #[test]
 fn greedy_generation_matches_transformers_and_rollout_matches_full_forward() {
     let root = reference();
-    let causal = CausalLmWithValueHead::from_folder(root.join("gpt2"), &LoadOptions::default()).unwrap();
+    let gpt2 = CausalLmWithValueHead::from_folder(root.join("gpt2"), &LoadOptions::default()).unwrap();
+    let llama = CausalLmWithValueHead::from_folder(root.join("llama"), &LoadOptions::default()).unwrap();
     let seq2seq = Seq2SeqLmWithValueHead::from_folder(root.join("t5"), &LoadOptions::default()).unwrap();
     let mut rows = Vec::new();
     for run in runs() {
@@ -97,9 +98,10 @@ fn greedy_generation_matches_transformers_and_rollout_matches_full_forward() {
         let prompts = read_tensors(&folder.join("prompts.safetensors"));
         let (ids, mask) = (&prompts["input_ids"], &prompts["attention_mask"]);
         let expected = &read_tensors(&folder.join(format!("{}.safetensors", run.name)))["sequences"];
-        let (out, rollout_err) = if run.model == "gpt2" {
+        let (out, rollout_err) = if run.model != "t5" {
+            let causal = if run.model == "gpt2" { &gpt2 } else { &llama };
             let out = tch::no_grad(|| causal.generate(ids, Some(mask), &run.config)).unwrap();
-            let err = check_causal_rollout(&causal, mask, &out);
+            let err = check_causal_rollout(causal, mask, &out);
             (out, err)
         } else {
             let out = tch::no_grad(|| seq2seq.generate(ids, Some(mask), &run.config)).unwrap();

@@ -241,31 +241,21 @@ fn parity(extra: &[String]) -> Result<()> {
 
 fn demo(extra: &[String]) -> Result<()> {
     setup()?;
-    let model = root().join("assets").join("tiny-gpt2-vh");
-    let vh = |args: &[&str]| {
-        let mut cmd = cargo();
-        cmd.args(["run", "--quiet", "--release", "-p", "valuehead", "--bin", "vh", "--"])
-            .args(args);
-        cmd
-    };
+    let model = root().join(".models").join("smollm2-135m-instruct");
     let model = model.to_str().context("the checkout's path is not UTF-8")?;
-    println!("== scoring token ids: each token's log-probability and value ==");
-    run(&mut vh(&[
-        "score",
-        "--model",
-        model,
-        "--input-ids",
-        "17 42 256 3 99 511 8 120 64 7",
-    ]))?;
-    println!("\n== generating from text: new tokens with their log-probabilities and values ==");
-    run(vh(&[
-        "generate",
-        "--model",
-        model,
-        "--prompt",
-        "the value of an expression is",
-        "--max-new-tokens",
-        "10",
-    ])
-    .args(extra))
+    println!(
+        "== SmolLM2-135M-Instruct with a fresh value head: a chat reply, each token's log-probability and value =="
+    );
+    run(cargo()
+        .args(["run", "--quiet", "--release", "-p", "valuehead", "--bin", "vh", "--"])
+        .args([
+            "generate",
+            "--model",
+            model,
+            "--chat",
+            "--prompt",
+            "What is the capital of France?",
+        ])
+        .args(["--max-new-tokens", "32"])
+        .args(extra))
 }
