@@ -530,3 +530,85 @@ fn cli_scores_seq2seq_models_and_needs_decoder_ids() {
         "{table}"
     );
 }
+
+#[test]
+fn llama_family_trains_generates_and_rejects_bad_configs() {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_tiny_llama(
+        dir.path(),
+        json!({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}),
+    );
+    let mut model = CausalLmWithValueHead::from_folder(dir.path(), &LoadOptions::default()).unwrap();
+    let ids = Tensor::from_slice2(&[[0i64, 3, 4, 5], [6, 7, 8, 9]]);
+    let mask = Tensor::from_slice2(&[[0i64, 1, 1, 1], [1, 1, 1, 1]]);
+    let config = valuehead::GenerationConfig {
+        max_new_tokens: Some(4),
+        ..model.default_generation_config().unwrap()
+    };
+    let out = model.generate(&ids, Some(&mask), &config).unwrap();
+    assert_eq!(out.values.size()[0], 2);
+    model.set_train(true);
+    let out = model
+        .forward(&ids, Some(&mask), None, Some(&ids.masked_fill(&mask.eq(0), -100)))
+        .unwrap();
+    (out.loss.unwrap() + out.values.sum(Kind::Float)).backward();
+    for name in [
+        "model.layers.0.self_attn.q_proj.bias",
+        "model.layers.1.mlp.down_proj.weight",
+        "v_head.summary.weight",
+    ] {
+        let grad = model.var_store().variables()[name].grad();
+        assert!(
+            grad.defined() && grad.abs().sum(Kind::Float).double_value(&[]) > 0.0,
+            "{name} has no gradient"
+        );
+    }
+    let bf16 = CausalLmWithValueHead::from_folder(
+        dir.path(),
+        &LoadOptions {
+            dtype: Kind::BFloat16,
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        bf16.unwrap()
+            .forward(&ids, Some(&mask), None, None)
+            .unwrap()
+            .values
+            .kind(),
+        Kind::Float
+    );
+
+    let config_path = dir.path().join("config.json");
+    let good = std::fs::read_to_string(&config_path).unwrap();
+    for (bad, why) in [
+        (r#""num_key_value_heads": 3"#, "heads not a multiple of kv heads"),
+        (
+            r#""rope_scaling": {"rope_type": "yarn", "factor": 4.0}"#,
+            "unknown rope scaling",
+        ),
+        (
+            r#""rope_scaling": {"rope_type": "linear"}"#,
+            "rope scaling without factor",
+        ),
+        (r#""hidden_act": "swiglu_fancy""#, "unknown activation"),
+        (r#""use_sliding_window": true"#, "Qwen2 sliding windows"),
+    ] {
+        let key = bad.split(':').next().unwrap();
+        let text = good.replacen(&format!("{{\n"), &format!("{{\n  {bad},\n"), 1);
+        let text = if good.contains(key) {
+            // Replace the existing field rather than duplicating it.
+            let start = good.find(key).unwrap();
+            let end = start + good[start..].find('\n').unwrap();
+            format!("{}{bad},{}", &good[..start], &good[end..])
+        } else {
+            text
+        };
+        std::fs::write(&config_path, &text).unwrap();
+        let err = CausalLmWithValueHead::from_folder(dir.path(), &LoadOptions::default());
+        assert!(
+            matches!(err, Err(Error::Model(vh_core::Error::Config(_)))),
+            "{why}: {err:?}"
+        );
+    }
+}

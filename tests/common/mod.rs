@@ -204,6 +204,23 @@ pub fn pseudo_random(size: &[i64], seed: f64, scale: f64) -> Tensor {
     ((uniform * 2.0 - 1.0) * scale).to_kind(Kind::Float).reshape(size)
 }
 
+/// Writes a small random Llama-family checkpoint into `dir`; `config` overrides the default
+/// tiny config (grouped-query attention, untied).
+pub fn write_tiny_llama(dir: &Path, config: serde_json::Value) {
+    let mut cfg = serde_json::json!({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 50, "hidden_size": 16,
+        "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 64, "eos_token_id": 2, "pad_token_id": 0
+    });
+    for (k, v) in config.as_object().unwrap() {
+        cfg[k] = v.clone();
+    }
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let parsed = vh_models::llama::LlamaConfig::from_json(&cfg).unwrap();
+    let _model = vh_models::llama::LlamaForCausalLM::new(vs.root(), &parsed).unwrap();
+    write_random_checkpoint(dir, &cfg, &vs, parsed.hidden_size);
+}
+
 /// Writes config.json and a model.safetensors holding random values for every variable of
 /// `vs` plus a value head of width `hidden`.
 fn write_random_checkpoint(dir: &Path, cfg: &serde_json::Value, vs: &tch::nn::VarStore, hidden: i64) {
