@@ -4,13 +4,12 @@
 use crate::error::{Error, Result};
 use crate::generation::{decode_loop, GenerateOutput, GenerationConfig, StepOutput};
 use crate::options::LoadOptions;
-use crate::wrapper::{check_before_load, model_type, wrapper_accessors, Wrapped};
+use crate::wrapper::{check_before_load, model_type, read_folder, wrapper_accessors, Wrapped};
 use serde_json::Value;
 use std::path::Path;
 use tch::{nn::VarStore, Kind, Tensor};
 use vh_core::error::invalid;
 use vh_core::tensor::{causal_lm_loss, check_labels, expect_rank};
-use vh_hub::ModelFolder;
 use vh_models::gpt2::{Gpt2Config, Gpt2LmHeadModel};
 use vh_models::llama::{LlamaConfig, LlamaForCausalLM};
 use vh_models::Cache;
@@ -177,11 +176,9 @@ impl CausalLmWithValueHead {
     /// from the checkpoint's `v_head.*` tensors when it has them; otherwise a fresh head is
     /// initialised from the options and a warning is logged.
     pub fn from_folder(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
-        let folder = ModelFolder::open(dir)?;
-        let config = folder.config()?;
-        let generation_config = folder.generation_config()?;
-        let mut model = Self::from_parts(config, folder.tensors()?, options)?;
-        model.wrapped.generation_config = generation_config;
+        let contents = read_folder(dir.as_ref())?;
+        let mut model = Self::from_parts(contents.config, contents.tensors, options)?;
+        model.wrapped.generation_config = contents.generation_config;
         Ok(model)
     }
 

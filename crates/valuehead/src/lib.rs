@@ -62,14 +62,13 @@ pub fn is_seq2seq_model_type(model_type: &str) -> bool {
 impl ValueHeadModel {
     /// Loads a local checkpoint folder as the wrapper its `model_type` calls for.
     pub fn from_folder(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
-        let folder = vh_hub::ModelFolder::open(dir)?;
-        let config = folder.config()?;
-        let seq2seq = config
+        let contents = wrapper::read_folder(dir.as_ref())?;
+        let seq2seq = contents
+            .config
             .get("model_type")
             .and_then(serde_json::Value::as_str)
             .is_some_and(is_seq2seq_model_type);
-        let generation_config = folder.generation_config()?;
-        let tensors = folder.tensors()?;
+        let (config, tensors, generation_config) = (contents.config, contents.tensors, contents.generation_config);
         Ok(if seq2seq {
             let mut model = Seq2SeqLmWithValueHead::from_parts(config, tensors, options)?;
             model.set_generation_config_json(generation_config);

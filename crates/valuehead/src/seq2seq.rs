@@ -4,13 +4,12 @@
 use crate::error::{Error, Result};
 use crate::generation::{decode_loop, GenerateOutput, GenerationConfig, StepOutput};
 use crate::options::LoadOptions;
-use crate::wrapper::{check_before_load, model_type, wrapper_accessors, Wrapped};
+use crate::wrapper::{check_before_load, model_type, read_folder, wrapper_accessors, Wrapped};
 use serde_json::Value;
 use std::path::Path;
 use tch::{nn::VarStore, Kind, Tensor};
 use vh_core::error::invalid;
 use vh_core::tensor::{check_labels, expect_rank, seq2seq_lm_loss};
-use vh_hub::ModelFolder;
 use vh_models::t5::{EncoderOutput, Seq2SeqCache, T5Config, T5ForConditionalGeneration};
 
 /// The inputs of a seq2seq forward pass. The encoder side is `input_ids` (with
@@ -62,11 +61,9 @@ impl Seq2SeqLmWithValueHead {
     /// Loads a local checkpoint folder (config.json + model.safetensors), the value head as for
     /// [`crate::CausalLmWithValueHead::from_folder`].
     pub fn from_folder(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
-        let folder = ModelFolder::open(dir)?;
-        let config = folder.config()?;
-        let generation_config = folder.generation_config()?;
-        let mut model = Self::from_parts(config, folder.tensors()?, options)?;
-        model.wrapped.generation_config = generation_config;
+        let contents = read_folder(dir.as_ref())?;
+        let mut model = Self::from_parts(contents.config, contents.tensors, options)?;
+        model.wrapped.generation_config = contents.generation_config;
         Ok(model)
     }
 

@@ -49,6 +49,23 @@ pub(crate) fn check_before_load(config: &Value, options: &LoadOptions) -> Result
     Ok(())
 }
 
+/// What a local checkpoint folder holds for loading.
+pub(crate) struct FolderContents {
+    pub(crate) config: Value,
+    pub(crate) generation_config: Option<Value>,
+    pub(crate) tensors: Vec<(String, Tensor)>,
+}
+
+/// Reads config.json, generation_config.json (if any) and the weights of a model folder.
+pub(crate) fn read_folder(dir: &std::path::Path) -> Result<FolderContents> {
+    let folder = vh_hub::ModelFolder::open(dir)?;
+    Ok(FolderContents {
+        config: folder.config()?,
+        generation_config: folder.generation_config()?,
+        tensors: folder.tensors()?,
+    })
+}
+
 /// The `model_type` of a config.json.
 pub(crate) fn model_type(config: &Value) -> Result<&str> {
     config.get("model_type").and_then(Value::as_str).ok_or_else(|| {

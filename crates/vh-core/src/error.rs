@@ -34,3 +34,16 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub fn invalid(msg: impl Into<String>) -> Error {
     Error::InvalidInput(msg.into())
 }
+
+/// Checks that every named size is positive.
+pub fn check_positive(sizes: &[(&str, i64)]) -> Result<()> {
+    match sizes.iter().find(|(_, v)| *v <= 0) {
+        Some((name, v)) => Err(Error::Config(format!("{name} must be positive, got {v}"))),
+        None => Ok(()),
+    }
+}
+
+/// Deserialises a model config from config.json, naming the architecture in the error.
+pub fn parse_config<T: serde::de::DeserializeOwned>(config: &serde_json::Value, architecture: &str) -> Result<T> {
+    serde_json::from_value(config.clone()).map_err(|e| Error::Config(format!("{architecture} config.json: {e}")))
+}

@@ -6,6 +6,7 @@ use crate::cache::{Cache, LayerCache};
 use serde::Deserialize;
 use tch::{nn, Device, Kind, Tensor};
 use vh_core::error::invalid;
+use vh_core::error::{check_positive, parse_config};
 use vh_core::tensor::{
     attention_mask_to_bool, check_input_ids, expect_integer, expect_shape, int_range, min_value, position_ids_from_mask,
 };
@@ -92,8 +93,7 @@ pub struct Gpt2Config {
 impl Gpt2Config {
     /// Parses a config.json value and checks that the sizes are consistent.
     pub fn from_json(config: &serde_json::Value) -> Result<Self> {
-        let cfg: Self =
-            serde_json::from_value(config.clone()).map_err(|e| Error::Config(format!("GPT-2 config.json: {e}")))?;
+        let cfg: Self = parse_config(config, "GPT-2")?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -101,18 +101,14 @@ impl Gpt2Config {
     /// Checks sizes and names: positive sizes, heads dividing the width, a known activation,
     /// dropout probabilities in [0, 1].
     pub fn validate(&self) -> Result<()> {
-        for (name, v) in [
+        check_positive(&[
             ("vocab_size", self.vocab_size),
             ("n_positions", self.n_positions),
             ("n_embd", self.n_embd),
             ("n_layer", self.n_layer),
             ("n_head", self.n_head),
             ("n_inner", self.inner_dim()),
-        ] {
-            if v <= 0 {
-                return Err(Error::Config(format!("{name} must be positive, got {v}")));
-            }
-        }
+        ])?;
         if self.n_embd % self.n_head != 0 {
             return Err(Error::Config(format!(
                 "n_embd ({}) must be divisible by n_head ({})",
@@ -623,15 +619,9 @@ mod tests {
     }
 
     fn random_model(cfg: &Gpt2Config) -> (VarStore, Gpt2LmHeadModel) {
-        tch::manual_seed(3);
         let vs = VarStore::new(Device::Cpu);
         let model = Gpt2LmHeadModel::new(vs.root(), cfg).unwrap();
-        tch::no_grad(|| {
-            for (_, mut v) in vs.variables() {
-                let r = Tensor::randn(v.size(), (Kind::Float, Device::Cpu)) * 0.2;
-                v.copy_(&r);
-            }
-        });
+        crate::test_util::randomize(&vs, 3, 0.2);
         (vs, model)
     }
 

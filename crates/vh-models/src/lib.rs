@@ -9,3 +9,21 @@ pub mod t5;
 pub use activation::Activation;
 pub use cache::{Cache, LayerCache};
 pub use vh_core::{Error, Result};
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    use tch::{nn::VarStore, Kind, Tensor};
+
+    /// Fills every variable of `vs` with seeded N(0, scale) noise.
+    pub fn randomize(vs: &VarStore, seed: i64, scale: f64) {
+        tch::manual_seed(seed);
+        tch::no_grad(|| {
+            let mut vars: Vec<_> = vs.variables().into_iter().collect();
+            vars.sort_by(|a, b| a.0.cmp(&b.0));
+            for (_, mut v) in vars {
+                let noise = Tensor::randn(v.size(), (Kind::Float, v.device())) * scale;
+                v.copy_(&noise);
+            }
+        });
+    }
+}

@@ -9,6 +9,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use tch::{nn, Device, Kind, Tensor};
 use vh_core::error::invalid;
+use vh_core::error::{check_positive, parse_config};
 use vh_core::tensor::{
     attention_mask_to_bool, check_input_ids, expect_integer, expect_shape, int_range, min_value, position_ids_from_mask,
 };
@@ -154,8 +155,7 @@ pub struct LlamaConfig {
 impl LlamaConfig {
     /// Parses a config.json value (`model_type` "llama" or "qwen2") and checks it.
     pub fn from_json(config: &Value) -> Result<Self> {
-        let raw: RawConfig =
-            serde_json::from_value(config.clone()).map_err(|e| Error::Config(format!("Llama config.json: {e}")))?;
+        let raw: RawConfig = parse_config(config, "Llama")?;
         let model_type = raw.model_type.clone().unwrap_or_else(|| "llama".to_string());
         let qwen = model_type == "qwen2";
         if !matches!(model_type.as_str(), "llama" | "qwen2") {
@@ -202,18 +202,14 @@ impl LlamaConfig {
 
     /// Checks sizes and names.
     pub fn validate(&self) -> Result<()> {
-        for (name, v) in [
+        check_positive(&[
             ("vocab_size", self.vocab_size),
             ("intermediate_size", self.intermediate_size),
             ("num_hidden_layers", self.num_hidden_layers),
             ("num_key_value_heads", self.num_key_value_heads),
             ("head_dim", self.head_dim),
             ("max_position_embeddings", self.max_position_embeddings),
-        ] {
-            if v <= 0 {
-                return Err(Error::Config(format!("{name} must be positive, got {v}")));
-            }
-        }
+        ])?;
         if self.num_attention_heads % self.num_key_value_heads != 0 {
             return Err(Error::Config(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
@@ -738,15 +734,9 @@ mod tests {
     }
 
     fn random_model(cfg: &LlamaConfig) -> (VarStore, LlamaForCausalLM) {
-        tch::manual_seed(9);
         let vs = VarStore::new(Device::Cpu);
         let model = LlamaForCausalLM::new(vs.root(), cfg).unwrap();
-        tch::no_grad(|| {
-            for (_, mut v) in vs.variables() {
-                let r = Tensor::randn(v.size(), (Kind::Float, Device::Cpu)) * 0.3;
-                v.copy_(&r);
-            }
-        });
+        crate::test_util::randomize(&vs, 9, 0.3);
         (vs, model)
     }
 

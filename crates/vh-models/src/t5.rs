@@ -7,6 +7,7 @@ use crate::cache::{Cache, LayerCache};
 use serde::Deserialize;
 use tch::{nn, Device, Kind, Tensor};
 use vh_core::error::invalid;
+use vh_core::error::{check_positive, parse_config};
 use vh_core::tensor::{attention_mask_to_bool, check_input_ids, expect_rank, min_value};
 use vh_core::{Error, Result};
 
@@ -109,15 +110,14 @@ pub struct T5Config {
 impl T5Config {
     /// Parses a config.json value and checks it.
     pub fn from_json(config: &serde_json::Value) -> Result<Self> {
-        let cfg: Self =
-            serde_json::from_value(config.clone()).map_err(|e| Error::Config(format!("T5 config.json: {e}")))?;
+        let cfg: Self = parse_config(config, "T5")?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     /// Checks sizes, the feed-forward name and the dropout rate.
     pub fn validate(&self) -> Result<()> {
-        for (name, v) in [
+        check_positive(&[
             ("vocab_size", self.vocab_size),
             ("d_model", self.d_model),
             ("d_kv", self.d_kv),
@@ -126,11 +126,7 @@ impl T5Config {
             ("num_decoder_layers", self.decoder_layers()),
             ("num_heads", self.num_heads),
             ("relative_attention_num_buckets", self.relative_attention_num_buckets),
-        ] {
-            if v <= 0 {
-                return Err(Error::Config(format!("{name} must be positive, got {v}")));
-            }
-        }
+        ])?;
         if self.relative_attention_num_buckets < 4
             || self.relative_attention_max_distance <= self.relative_attention_num_buckets / 4
         {
@@ -809,15 +805,9 @@ mod tests {
     }
 
     fn random_model(cfg: &T5Config) -> (VarStore, T5ForConditionalGeneration) {
-        tch::manual_seed(5);
         let vs = VarStore::new(Device::Cpu);
         let model = T5ForConditionalGeneration::new(vs.root(), cfg).unwrap();
-        tch::no_grad(|| {
-            for (_, mut v) in vs.variables() {
-                let r = Tensor::randn(v.size(), (Kind::Float, Device::Cpu)) * 0.3;
-                v.copy_(&r);
-            }
-        });
+        crate::test_util::randomize(&vs, 5, 0.3);
         (vs, model)
     }
 
