@@ -208,6 +208,24 @@ macro_rules! wrapper_accessors {
                 self.wrapped.generation_config = generation_config;
             }
 
+            /// Saves the model as TRL's `save_pretrained` does: config.json (as loaded),
+            /// generation_config.json (when the model has one), and the backbone under HF names
+            /// with the value head as `v_head.summary.*`, tied weights stored once, in one
+            /// model.safetensors or, above `max_shard_size` bytes, in shards with an index. The
+            /// folder is written aside and swapped in, so an interrupted save leaves no folder
+            /// that loads as a valid checkpoint.
+            pub fn save_pretrained(&self, dir: impl AsRef<std::path::Path>, max_shard_size: Option<u64>) -> Result<()> {
+                let tensors = vh_core::state::state_dict(&self.wrapped.vs);
+                vh_hub::write_checkpoint(
+                    dir.as_ref(),
+                    &self.wrapped.config,
+                    self.wrapped.generation_config.as_ref(),
+                    &tensors,
+                    max_shard_size,
+                )?;
+                Ok(())
+            }
+
             /// Switches dropout on (train) or off (eval, the default).
             pub fn set_train(&mut self, train: bool) {
                 self.wrapped.train = train;

@@ -67,9 +67,47 @@ impl ModelFolder {
         read_json(&path).map(Some)
     }
 
-    /// Every tensor of the checkpoint's weights, on the CPU.
+    /// Every tensor of the checkpoint's weights, on the CPU: `model.safetensors`, or the shards
+    /// that `model.safetensors.index.json` lists (every shard must exist and hold the tensors the
+    /// index assigns to it).
     pub fn tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        crate::read_safetensors(&self.dir.join(SAFETENSORS_WEIGHTS))
+        let single = self.dir.join(SAFETENSORS_WEIGHTS);
+        let index_path = self.dir.join(crate::checkpoint::SAFETENSORS_INDEX);
+        if single.exists() || !index_path.exists() {
+            return crate::read_safetensors(&single);
+        }
+        let index = read_json(&index_path)?;
+        let bad = |message: &str| HubError::Json {
+            path: index_path.clone(),
+            message: message.to_string(),
+        };
+        let weight_map = index
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| bad("no `weight_map` object"))?;
+        let mut shards: Vec<&str> = Vec::new();
+        for file in weight_map.values() {
+            let file = file
+                .as_str()
+                .ok_or_else(|| bad("`weight_map` values must be file names"))?;
+            if file.contains('/') || file.contains('\\') {
+                return Err(bad("shard names must be plain file names"));
+            }
+            if !shards.contains(&file) {
+                shards.push(file);
+            }
+        }
+        let mut tensors = Vec::with_capacity(weight_map.len());
+        for file in shards {
+            tensors.extend(crate::read_safetensors(&self.dir.join(file))?);
+        }
+        if let Some(missing) = weight_map.keys().find(|name| !tensors.iter().any(|(n, _)| n == *name)) {
+            return Err(HubError::safetensors(
+                &index_path,
+                format!("the index lists `{missing}` but its shard lacks it"),
+            ));
+        }
+        Ok(tensors)
     }
 }
 

@@ -2,10 +2,12 @@
 //!
 //! This crate knows files and tensors, not architectures.
 
+pub mod checkpoint;
 pub mod error;
 pub mod folder;
 pub mod safetensors_io;
 
+pub use checkpoint::write_checkpoint;
 pub use error::{HubError, Result};
 pub use folder::ModelFolder;
 pub use safetensors_io::{read_safetensors, write_safetensors};

@@ -1,0 +1,159 @@
+//! save_pretrained: folders saved here load back here with the same outputs (one file and
+//! sharded), and load in Python through TRL's from_pretrained with the same outputs.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use std::path::Path;
+use tch::Tensor;
+use valuehead::{CausalLmWithValueHead, LoadOptions, Seq2SeqLmWithValueHead};
+
+fn causal_outputs(dir: &Path, ids: &Tensor, mask: &Tensor) -> (Tensor, Tensor) {
+    let model = CausalLmWithValueHead::from_folder(dir, &LoadOptions::default()).unwrap();
+    let out = tch::no_grad(|| model.forward(ids, Some(mask), None, None)).unwrap();
+    (out.logits, out.values)
+}
+
+/// Runs TRL's from_pretrained on `dir` and returns its (logits, values) on `inputs`.
+fn python_outputs(kind: &str, dir: &Path, inputs: &[(String, Tensor)]) -> (Tensor, Tensor) {
+    let scratch = tempfile::tempdir().unwrap();
+    let (inputs_path, out_path) = (
+        scratch.path().join("in.safetensors"),
+        scratch.path().join("out.safetensors"),
+    );
+    vh_hub::write_safetensors(&inputs_path, inputs).unwrap();
+    run_reference("load_saved.py", &[Path::new(kind), dir, &inputs_path, &out_path]);
+    let out = read_tensors(&out_path);
+    (out["logits"].shallow_clone(), out["values"].shallow_clone())
+}
+
+#[test]
+fn causal_models_round_trip_and_load_in_trl() {
+    tch::set_num_threads(1);
+    let ids = Tensor::from_slice2(&[[0i64, 3, 4, 5, 6], [7, 8, 9, 10, 11]]);
+    let mask = Tensor::from_slice2(&[[0i64, 1, 1, 1, 1], [1, 1, 1, 1, 1]]);
+    // Full position ids for Python (TRL's forward does not derive them from the mask).
+    let positions = Tensor::from_slice2(&[[1i64, 0, 1, 2, 3], [0, 1, 2, 3, 4]]);
+    for (kind, config) in [
+        ("gpt2 tied", json!({})),
+        ("gpt2 untied", json!({"tie_word_embeddings": false})),
+        ("llama", json!({"model_type": "llama"})),
+        (
+            "qwen2 tied",
+            json!({"model_type": "qwen2", "tie_word_embeddings": true}),
+        ),
+    ] {
+        let source = tempfile::tempdir().unwrap();
+        if kind.starts_with("gpt2") {
+            write_tiny_gpt2(source.path(), config);
+        } else {
+            write_tiny_llama(source.path(), config);
+        }
+        let (logits, values) = causal_outputs(source.path(), &ids, &mask);
+        let model = CausalLmWithValueHead::from_folder(source.path(), &LoadOptions::default()).unwrap();
+        let saved = tempfile::tempdir().unwrap();
+        let single = saved.path().join("single");
+        model.save_pretrained(&single, None).unwrap();
+        let sharded = saved.path().join("sharded");
+        model.save_pretrained(&sharded, Some(4096)).unwrap();
+        assert!(
+            sharded.join("model.safetensors.index.json").exists(),
+            "{kind}: expected shards"
+        );
+        for dir in [&single, &sharded] {
+            let (l, v) = causal_outputs(dir, &ids, &mask);
+            assert!(
+                l.equal(&logits) && v.equal(&values),
+                "{kind}: reloaded outputs differ ({})",
+                dir.display()
+            );
+        }
+        // Tied weights are stored once, as transformers stores them.
+        let names: Vec<String> = vh_hub::read_safetensors(&single.join("model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert!(names.iter().any(|n| n == "v_head.summary.weight"));
+        assert_eq!(
+            names.iter().any(|n| n == "lm_head.weight"),
+            kind.contains("untied") || kind == "llama",
+            "{kind}"
+        );
+
+        let inputs = [
+            ("input_ids".to_string(), ids.shallow_clone()),
+            ("attention_mask".to_string(), mask.shallow_clone()),
+            ("position_ids".to_string(), positions.shallow_clone()),
+        ];
+        let (pl, pv) = python_outputs("causal", &single, &inputs);
+        let (le, ve) = (
+            masked_max_abs_diff(&pl, &logits, &mask),
+            masked_max_abs_diff(&pv, &values, &mask),
+        );
+        assert!(
+            le <= TOLERANCE && ve <= TOLERANCE,
+            "{kind}: TRL loads the saved folder with logits {le:e}, values {ve:e}"
+        );
+        println!("{kind}: saved (single and sharded) -> reloaded identically; TRL from_pretrained: logits {le:.1e}, values {ve:.1e}");
+    }
+}
+
+#[test]
+fn seq2seq_models_round_trip_and_load_in_trl() {
+    tch::set_num_threads(1);
+    let source = tempfile::tempdir().unwrap();
+    write_tiny_t5(source.path(), json!({}));
+    let model = Seq2SeqLmWithValueHead::from_folder(source.path(), &LoadOptions::default()).unwrap();
+    let ids = Tensor::from_slice2(&[[3i64, 4, 5, 0], [6, 7, 8, 9]]);
+    let mask = Tensor::from_slice2(&[[1i64, 1, 1, 0], [1, 1, 1, 1]]);
+    let decoder = Tensor::from_slice2(&[[0i64, 9, 10], [0, 11, 12]]);
+    let run = |m: &Seq2SeqLmWithValueHead| {
+        tch::no_grad(|| m.forward(Some(&ids), Some(&mask), Some(&decoder), None, None, None, None)).unwrap()
+    };
+    let reference = run(&model);
+    let saved = tempfile::tempdir().unwrap();
+    for shard in [None, Some(2048)] {
+        let dir = saved.path().join(format!("{shard:?}"));
+        model.save_pretrained(&dir, shard).unwrap();
+        let back = run(&Seq2SeqLmWithValueHead::from_folder(&dir, &LoadOptions::default()).unwrap());
+        assert!(back.logits.equal(&reference.logits) && back.values.equal(&reference.values));
+    }
+    let inputs = [
+        ("input_ids".to_string(), ids.shallow_clone()),
+        ("attention_mask".to_string(), mask.shallow_clone()),
+        ("decoder_input_ids".to_string(), decoder.shallow_clone()),
+    ];
+    let (pl, pv) = python_outputs("seq2seq", &saved.path().join("None"), &inputs);
+    let (le, ve) = (
+        max_abs_diff(&pl, &reference.logits),
+        max_abs_diff(&pv, &reference.values),
+    );
+    assert!(
+        le <= TOLERANCE && ve <= TOLERANCE,
+        "TRL loads the saved T5 with logits {le:e}, values {ve:e}"
+    );
+    println!(
+        "t5: saved (single and sharded) -> reloaded identically; TRL from_pretrained: logits {le:.1e}, values {ve:.1e}"
+    );
+}
+
+#[test]
+fn saving_over_a_folder_keeps_other_files_and_leaves_nothing_half_written() {
+    let source = tempfile::tempdir().unwrap();
+    write_tiny_gpt2(source.path(), json!({}));
+    write_word_tokenizer(source.path(), 50);
+    let model = CausalLmWithValueHead::from_folder(source.path(), &LoadOptions::default()).unwrap();
+    // Save over the folder it was loaded from: the tokenizer stays, the weights are replaced.
+    model.save_pretrained(source.path(), Some(4096)).unwrap();
+    assert!(source.path().join("tokenizer.json").exists());
+    assert!(!source.path().join("model.safetensors").exists());
+    let parent = source.path().parent().unwrap();
+    let stray = std::fs::read_dir(parent)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .any(|e| e.file_name().to_string_lossy().contains(".saving-"));
+    assert!(!stray, "a staging folder was left behind");
+    CausalLmWithValueHead::from_folder(source.path(), &LoadOptions::default()).unwrap();
+}
