@@ -40,6 +40,11 @@ def llama_model(seed):
     return AutoModelForCausalLMWithValueHead.from_pretrained(base).eval(), cfg["vocab_size"]
 
 
+def qwen2_model(seed):
+    base, cfg = parity_llama.build("qwen2", {"num_key_value_heads": 1, "tie_word_embeddings": True}, seed)
+    return AutoModelForCausalLMWithValueHead.from_pretrained(base).eval(), cfg["vocab_size"]
+
+
 def t5_model(seed):
     cfg = dict(parity_t5.BASE, feed_forward_proj="gated-gelu")
     torch.manual_seed(seed)
@@ -102,7 +107,12 @@ def main(out_dir):
     torch.set_num_threads(1)
     os.makedirs(out_dir, exist_ok=True)
     manifest = []
-    kinds = [("gpt2", gpt2_model, causal_prompts), ("llama", llama_model, causal_prompts), ("t5", t5_model, seq2seq_prompts)]
+    kinds = [
+        ("gpt2", gpt2_model, causal_prompts),
+        ("llama", llama_model, causal_prompts),
+        ("qwen2", qwen2_model, causal_prompts),
+        ("t5", t5_model, seq2seq_prompts),
+    ]
     for kind, build, prompts in kinds:
         model, vocab = build(100)
         folder = os.path.join(out_dir, kind)

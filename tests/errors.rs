@@ -612,3 +612,17 @@ fn llama_family_trains_generates_and_rejects_bad_configs() {
         );
     }
 }
+
+#[test]
+fn seq2seq_dropout_acts_only_in_train_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_t5(dir.path(), json!({"dropout_rate": 0.3}));
+    let mut model = Seq2SeqLmWithValueHead::from_folder(dir.path(), &LoadOptions::default()).unwrap();
+    let src = Tensor::from_slice2(&[[3i64, 4, 5]]);
+    let tgt = Tensor::from_slice2(&[[0i64, 9, 10]]);
+    let run = |m: &Seq2SeqLmWithValueHead| m.forward(Some(&src), None, Some(&tgt), None, None, None, None).unwrap();
+    let (a, b) = (run(&model), run(&model));
+    assert!(a.logits.equal(&b.logits) && a.values.equal(&b.values));
+    model.set_train(true);
+    assert!(!run(&model).logits.equal(&a.logits));
+}

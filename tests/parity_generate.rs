@@ -91,6 +91,7 @@ fn greedy_generation_matches_transformers_and_rollout_matches_full_forward() {
     let root = reference();
     let gpt2 = CausalLmWithValueHead::from_folder(root.join("gpt2"), &LoadOptions::default()).unwrap();
     let llama = CausalLmWithValueHead::from_folder(root.join("llama"), &LoadOptions::default()).unwrap();
+    let qwen2 = CausalLmWithValueHead::from_folder(root.join("qwen2"), &LoadOptions::default()).unwrap();
     let seq2seq = Seq2SeqLmWithValueHead::from_folder(root.join("t5"), &LoadOptions::default()).unwrap();
     let mut rows = Vec::new();
     for run in runs() {
@@ -99,7 +100,11 @@ fn greedy_generation_matches_transformers_and_rollout_matches_full_forward() {
         let (ids, mask) = (&prompts["input_ids"], &prompts["attention_mask"]);
         let expected = &read_tensors(&folder.join(format!("{}.safetensors", run.name)))["sequences"];
         let (out, rollout_err) = if run.model != "t5" {
-            let causal = if run.model == "gpt2" { &gpt2 } else { &llama };
+            let causal = match run.model.as_str() {
+                "gpt2" => &gpt2,
+                "llama" => &llama,
+                _ => &qwen2,
+            };
             let out = tch::no_grad(|| causal.generate(ids, Some(mask), &run.config)).unwrap();
             let err = check_causal_rollout(causal, mask, &out);
             (out, err)
