@@ -157,3 +157,49 @@ fn saving_over_a_folder_keeps_other_files_and_leaves_nothing_half_written() {
     assert!(!stray, "a staging folder was left behind");
     CausalLmWithValueHead::from_folder(source.path(), &LoadOptions::default()).unwrap();
 }
+
+#[test]
+fn folders_saved_by_python_in_every_format_load_with_the_same_outputs() {
+    tch::set_num_threads(1);
+    let ids = Tensor::from_slice2(&[[0i64, 3, 4, 5, 6], [7, 8, 9, 10, 11]]);
+    let mask = Tensor::from_slice2(&[[0i64, 1, 1, 1, 1], [1, 1, 1, 1, 1]]);
+    for kind in ["gpt2", "llama", "t5"] {
+        let source = tempfile::tempdir().unwrap();
+        match kind {
+            "gpt2" => write_tiny_gpt2(source.path(), json!({})),
+            "llama" => write_tiny_llama(source.path(), json!({})),
+            _ => write_tiny_t5(source.path(), json!({})),
+        }
+        let resaved = tempfile::tempdir().unwrap();
+        let role = if kind == "t5" { "seq2seq" } else { "causal" };
+        run_reference("resave.py", &[Path::new(role), source.path(), resaved.path()]);
+        let outputs = |dir: &Path| -> (Tensor, Tensor) {
+            if kind == "t5" {
+                let m = Seq2SeqLmWithValueHead::from_folder(dir, &LoadOptions::default()).unwrap();
+                let dec = Tensor::from_slice2(&[[0i64, 9], [0, 10]]);
+                let out =
+                    tch::no_grad(|| m.forward(Some(&ids), Some(&mask), Some(&dec), None, None, None, None)).unwrap();
+                (out.logits, out.values)
+            } else {
+                causal_outputs(dir, &ids, &mask)
+            }
+        };
+        let (logits, values) = outputs(source.path());
+        for format in ["bin", "bin_sharded", "safetensors_sharded"] {
+            let dir = resaved.path().join(format);
+            let files: Vec<String> = std::fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            let expected_file = match format {
+                "bin" => "pytorch_model.bin",
+                "bin_sharded" => "pytorch_model.bin.index.json",
+                _ => "model.safetensors.index.json",
+            };
+            assert!(files.iter().any(|f| f == expected_file), "{kind}/{format}: {files:?}");
+            let (l, v) = outputs(&dir);
+            assert!(l.equal(&logits) && v.equal(&values), "{kind}/{format}: outputs differ");
+        }
+        println!("{kind}: Python-saved pytorch_model.bin, sharded .bin and sharded safetensors load identically");
+    }
+}

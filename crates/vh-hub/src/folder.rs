@@ -7,6 +7,10 @@ use tch::Tensor;
 
 /// The weights file of a single-file safetensors checkpoint.
 pub const SAFETENSORS_WEIGHTS: &str = "model.safetensors";
+/// The weights file of a single-file PyTorch checkpoint.
+pub const TORCH_WEIGHTS: &str = "pytorch_model.bin";
+/// The index of a sharded PyTorch checkpoint.
+pub const TORCH_INDEX: &str = "pytorch_model.bin.index.json";
 /// The model configuration file.
 pub const CONFIG: &str = "config.json";
 /// The generation defaults file.
@@ -67,18 +71,44 @@ impl ModelFolder {
         read_json(&path).map(Some)
     }
 
-    /// Every tensor of the checkpoint's weights, on the CPU: `model.safetensors`, or the shards
-    /// that `model.safetensors.index.json` lists (every shard must exist and hold the tensors the
-    /// index assigns to it).
+    /// Every tensor of the checkpoint's weights, on the CPU, from the first of
+    /// `model.safetensors`, `model.safetensors.index.json` (its shards), `pytorch_model.bin` and
+    /// `pytorch_model.bin.index.json` that the folder holds. Every shard an index names must
+    /// exist and hold the tensors it assigns to it.
     pub fn tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        let single = self.dir.join(SAFETENSORS_WEIGHTS);
-        let index_path = self.dir.join(crate::checkpoint::SAFETENSORS_INDEX);
-        if single.exists() || !index_path.exists() {
-            return crate::read_safetensors(&single);
+        type Reader = fn(&Path) -> Result<Vec<(String, Tensor)>>;
+        let safetensors: Reader = crate::read_safetensors;
+        let torch_bin: Reader = crate::torch_bin::read_torch_bin;
+        let sources = [
+            (SAFETENSORS_WEIGHTS, false, safetensors),
+            (crate::checkpoint::SAFETENSORS_INDEX, true, safetensors),
+            (TORCH_WEIGHTS, false, torch_bin),
+            (TORCH_INDEX, true, torch_bin),
+        ];
+        for (file, is_index, read) in sources {
+            let path = self.dir.join(file);
+            if path.exists() {
+                return if is_index {
+                    self.read_sharded(&path, read)
+                } else {
+                    read(&path)
+                };
+            }
         }
-        let index = read_json(&index_path)?;
+        Err(HubError::NotFound {
+            what: "model weights (model.safetensors, pytorch_model.bin or an index)".into(),
+            path: self.dir.clone(),
+        })
+    }
+
+    fn read_sharded(
+        &self,
+        index_path: &Path,
+        read: fn(&Path) -> Result<Vec<(String, Tensor)>>,
+    ) -> Result<Vec<(String, Tensor)>> {
+        let index = read_json(index_path)?;
         let bad = |message: &str| HubError::Json {
-            path: index_path.clone(),
+            path: index_path.to_path_buf(),
             message: message.to_string(),
         };
         let weight_map = index
@@ -99,11 +129,11 @@ impl ModelFolder {
         }
         let mut tensors = Vec::with_capacity(weight_map.len());
         for file in shards {
-            tensors.extend(crate::read_safetensors(&self.dir.join(file))?);
+            tensors.extend(read(&self.dir.join(file))?);
         }
         if let Some(missing) = weight_map.keys().find(|name| !tensors.iter().any(|(n, _)| n == *name)) {
             return Err(HubError::safetensors(
-                &index_path,
+                index_path,
                 format!("the index lists `{missing}` but its shard lacks it"),
             ));
         }
@@ -131,5 +161,7 @@ mod tests {
         std::fs::write(dir.path().join(CONFIG), r#"{"model_type": "gpt2"}"#).unwrap();
         assert_eq!(folder.config().unwrap()["model_type"], "gpt2");
         assert!(matches!(folder.tensors(), Err(HubError::NotFound { .. })));
+        std::fs::write(dir.path().join(TORCH_WEIGHTS), b"not a zip").unwrap();
+        assert!(matches!(folder.tensors(), Err(HubError::Safetensors { .. })));
     }
 }

@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod error;
 pub mod folder;
 pub mod safetensors_io;
+pub mod torch_bin;
 
 pub use checkpoint::write_checkpoint;
 pub use error::{HubError, Result};
