@@ -172,7 +172,8 @@ pub struct CausalLmWithValueHead {
 wrapper_accessors!(CausalLmWithValueHead);
 
 impl CausalLmWithValueHead {
-    /// Loads a local checkpoint folder (config.json + model.safetensors). The value head comes
+    /// Loads a local checkpoint folder (config.json and model.safetensors, pytorch_model.bin, or
+    /// a sharded index of either, plus generation_config.json when present). The value head comes
     /// from the checkpoint's `v_head.*` tensors when it has them; otherwise a fresh head is
     /// initialised from the options and a warning is logged.
     pub fn from_folder(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {

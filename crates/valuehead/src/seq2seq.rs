@@ -58,7 +58,7 @@ pub struct Seq2SeqLmWithValueHead {
 wrapper_accessors!(Seq2SeqLmWithValueHead);
 
 impl Seq2SeqLmWithValueHead {
-    /// Loads a local checkpoint folder (config.json + model.safetensors), the value head as for
+    /// Loads a local checkpoint folder (formats as for [`crate::CausalLmWithValueHead::from_folder`]), the value head as for
     /// [`crate::CausalLmWithValueHead::from_folder`].
     pub fn from_folder(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
         let contents = read_folder(dir.as_ref())?;
