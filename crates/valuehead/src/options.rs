@@ -26,12 +26,73 @@ impl Default for LoadOptions {
     }
 }
 
+impl LoadOptions {
+    /// The option names [`LoadOptions::set`] accepts, as TRL's `from_pretrained` kwargs.
+    pub const NAMES: [&'static str; 6] = [
+        "summary_dropout_prob",
+        "v_head_initializer_range",
+        "v_head_init_strategy",
+        "dtype",
+        "torch_dtype",
+        "device",
+    ];
+
+    /// Sets one option from its TRL name and a text value; an unknown name or a bad value is an
+    /// error, never silently dropped.
+    pub fn set(&mut self, name: &str, value: &str) -> Result<()> {
+        let number = |v: &str| -> Result<f64> {
+            v.parse::<f64>()
+                .map_err(|_| Error::InvalidOption(format!("`{name}` must be a number, got `{v}`")))
+        };
+        match name {
+            "summary_dropout_prob" => {
+                let p = number(value)?;
+                if !(0.0..=1.0).contains(&p) {
+                    return Err(Error::InvalidOption(format!(
+                        "summary_dropout_prob must be in [0, 1], got {p}"
+                    )));
+                }
+                self.value_head.summary_dropout_prob = Some(p);
+            }
+            "v_head_initializer_range" => self.value_head.v_head_initializer_range = Some(number(value)?),
+            "v_head_init_strategy" => {
+                self.value_head.v_head_init_strategy = Some(
+                    value
+                        .parse()
+                        .map_err(|e: vh_core::Error| Error::InvalidOption(e.to_string()))?,
+                )
+            }
+            "dtype" | "torch_dtype" => self.dtype = parse_dtype(value)?,
+            "device" => self.device = parse_device(value)?,
+            other => {
+                return Err(Error::InvalidOption(format!(
+                    "unknown option `{other}` (known: {})",
+                    Self::NAMES.join(", ")
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    /// Options from `name=value` pairs (see [`LoadOptions::set`]).
+    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = &'a str>) -> Result<Self> {
+        let mut options = Self::default();
+        for pair in pairs {
+            let (name, value) = pair
+                .split_once('=')
+                .ok_or_else(|| Error::InvalidOption(format!("`{pair}` is not of the form name=value")))?;
+            options.set(name.trim(), value.trim())?;
+        }
+        Ok(options)
+    }
+}
+
 /// Parses a dtype name: f32/float32, f16/float16/half, bf16/bfloat16.
 pub fn parse_dtype(name: &str) -> Result<Kind> {
     match name {
-        "f32" | "float32" | "float" => Ok(Kind::Float),
-        "f16" | "float16" | "half" => Ok(Kind::Half),
-        "bf16" | "bfloat16" => Ok(Kind::BFloat16),
+        "f32" | "float32" | "float" | "torch.float32" => Ok(Kind::Float),
+        "f16" | "float16" | "half" | "torch.float16" => Ok(Kind::Half),
+        "bf16" | "bfloat16" | "torch.bfloat16" => Ok(Kind::BFloat16),
         other => Err(Error::InvalidOption(format!(
             "unknown dtype `{other}` (expected f32, f16 or bf16)"
         ))),
@@ -72,6 +133,28 @@ pub fn check_device(device: Device) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn options_by_name_and_unknown_names() {
+        let o =
+            LoadOptions::from_pairs(["summary_dropout_prob=0.2", "v_head_init_strategy=normal", "dtype=bf16"]).unwrap();
+        assert_eq!(o.value_head.summary_dropout_prob, Some(0.2));
+        assert_eq!(o.value_head.v_head_init_strategy, Some(vh_core::InitStrategy::Normal));
+        assert_eq!(o.dtype, Kind::BFloat16);
+        for bad in [
+            "summary_dropout=0.1",
+            "summary_dropout_prob=2",
+            "v_head_init_strategy=uniform",
+            "dtype=f8",
+            "device=tpu",
+            "nonsense",
+        ] {
+            assert!(
+                matches!(LoadOptions::from_pairs([bad]), Err(Error::InvalidOption(_))),
+                "{bad}"
+            );
+        }
+    }
 
     #[test]
     fn parses_names() {

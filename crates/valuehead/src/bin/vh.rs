@@ -29,6 +29,10 @@ struct ModelArgs {
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// A load option as TRL's from_pretrained takes it, e.g. `summary_dropout_prob=0.1`,
+    /// `v_head_init_strategy=normal`, `v_head_initializer_range=0.2` (repeatable).
+    #[arg(long = "option", value_name = "NAME=VALUE")]
+    options: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -105,11 +109,9 @@ struct GenerateArgs {
 }
 
 fn load(args: &ModelArgs) -> Result<ValueHeadModel> {
-    let options = LoadOptions {
-        dtype: parse_dtype(&args.dtype)?,
-        device: parse_device(&args.device)?,
-        ..Default::default()
-    };
+    let mut options = LoadOptions::from_pairs(args.options.iter().map(String::as_str))?;
+    options.dtype = parse_dtype(&args.dtype)?;
+    options.device = parse_device(&args.device)?;
     ValueHeadModel::from_folder(&args.model, &options)
         .with_context(|| format!("loading the model from {}", args.model.display()))
 }
