@@ -270,7 +270,15 @@ fn cli_reports_errors_without_panicking() {
         vec!["score", "--model", model, "--input-ids", "1 2 99"],
         vec!["score", "--model", model, "--input-ids", "1 2", "--dtype", "f8"],
         vec!["score", "--model", "/nonexistent/model", "--input-ids", "1 2"],
-        vec!["score", "--model", model, "--input-ids", "1 2", "--option", "summary_dropout=0.1"],
+        vec![
+            "score",
+            "--model",
+            model,
+            "--input-ids",
+            "1 2",
+            "--option",
+            "summary_dropout=0.1",
+        ],
     ];
     for args in cases {
         let out = run(&args);

@@ -6,6 +6,8 @@ pub mod checkpoint;
 pub mod error;
 pub mod folder;
 pub mod safetensors_io;
+#[cfg(feature = "test-server")]
+pub mod test_server;
 pub mod torch_bin;
 
 pub use checkpoint::write_checkpoint;
