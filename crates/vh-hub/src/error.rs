@@ -37,6 +37,15 @@ pub enum HubError {
         /// What is wrong.
         message: String,
     },
+    /// The Hub refused the credentials (401/403). The token is never part of the message.
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    /// A Hub request failed (after retries, for idempotent requests).
+    #[error("Hub request failed: {0}")]
+    Http(String),
+    /// The files are not in the cache and offline mode forbids downloading them.
+    #[error("offline: {0}")]
+    Offline(String),
     /// A tensor could not be created or converted.
     #[error(transparent)]
     Core(#[from] vh_core::Error),

@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod error;
 pub mod folder;
+pub mod hub;
 pub mod safetensors_io;
 #[cfg(feature = "test-server")]
 pub mod test_server;
@@ -13,6 +14,7 @@ pub mod torch_bin;
 pub use checkpoint::write_checkpoint;
 pub use error::{HubError, Result};
 pub use folder::ModelFolder;
+pub use hub::{resolve_model, HubOptions};
 pub use safetensors_io::{read_safetensors, write_safetensors};
 
 use std::io::Write;

@@ -99,6 +99,31 @@ impl HubServer {
         self.state.lock().expect("server state").requests
     }
 
+    /// Creates `repo_id` (if needed) and commits `files` to `main`, as an upload would.
+    pub fn seed(&self, repo_id: &str, files: &[(&str, Vec<u8>)]) {
+        let mut st = self.state.lock().expect("server state");
+        st.commit_counter += 1;
+        let oid = sha256_hex(format!("{repo_id}:{}", st.commit_counter).as_bytes())[..40].to_string();
+        let repo = st.repos.entry(repo_id.to_string()).or_default();
+        let mut snapshot = repo
+            .branches
+            .get("main")
+            .and_then(|c| repo.commits.get(c).cloned())
+            .unwrap_or_default();
+        for (path, bytes) in files {
+            let lfs = is_lfs(path, bytes.len() as u64);
+            snapshot.insert(
+                path.to_string(),
+                StoredFile {
+                    bytes: Arc::new(bytes.clone()),
+                    lfs,
+                },
+            );
+        }
+        repo.commits.insert(oid.clone(), snapshot);
+        repo.branches.insert("main".to_string(), oid);
+    }
+
     /// The files of a repo at a branch or commit, if both exist.
     pub fn files(&self, repo_id: &str, revision: &str) -> Option<BTreeMap<String, Vec<u8>>> {
         let state = self.state.lock().expect("server state");
@@ -203,6 +228,7 @@ fn route(
         (Method::Get, ["api", "models", rest @ ..]) => match split_repo(rest) {
             Some((repo_id, ["revision", revision @ ..])) => model_info(st, &repo_id, &revision.join("/")),
             Some((repo_id, [])) => model_info(st, &repo_id, "main"),
+            Some((repo_id, ["tree", revision @ ..])) => tree(st, &repo_id, &revision.join("/")),
             _ => error(404, "unknown route"),
         },
         (Method::Post, ["api", "models", rest @ ..]) => match split_repo(rest) {
@@ -274,6 +300,33 @@ fn model_info(st: &State, repo_id: &str, revision: &str) -> Response<std::io::Cu
         200,
         json!({ "id": repo_id, "modelId": repo_id, "sha": commit, "private": repo.private, "siblings": siblings }),
     )
+}
+
+/// The file listing of a revision (the `tree` API, recursive; every file at top level here).
+fn tree(st: &State, repo_id: &str, revision: &str) -> Response<std::io::Cursor<Vec<u8>>> {
+    let Some(repo) = st.repos.get(repo_id) else {
+        return error(404, "Repository not found");
+    };
+    let Some(commit) = repo
+        .branches
+        .get(revision)
+        .cloned()
+        .or_else(|| repo.commits.contains_key(revision).then(|| revision.to_string()))
+    else {
+        return error(404, "Revision not found");
+    };
+    let entries: Vec<Value> = repo.commits[&commit]
+        .iter()
+        .map(|(path, f)| {
+            let sha = sha256_hex(&f.bytes);
+            let mut entry = json!({ "type": "file", "path": path, "size": f.bytes.len(), "oid": &sha[..40] });
+            if f.lfs {
+                entry["lfs"] = json!({ "oid": sha, "size": f.bytes.len(), "pointerSize": 134 });
+            }
+            entry
+        })
+        .collect();
+    json_response(200, Value::Array(entries))
 }
 
 /// Files of 1 MiB and more, and weights, go through LFS, as on the Hub.
