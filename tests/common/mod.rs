@@ -31,6 +31,11 @@ pub fn python() -> PathBuf {
 /// Runs `python/<script>` with `args` in the reference environment, failing the test with its
 /// output if it fails.
 pub fn run_reference(script: &str, args: &[&Path]) {
+    run_reference_with_env(script, args, &[]);
+}
+
+/// [`run_reference`] with extra environment variables.
+pub fn run_reference_with_env(script: &str, args: &[&Path], env: &[(&str, String)]) {
     let script_path = workspace_root().join("python").join(script);
     let out = Command::new(python())
         .arg(&script_path)
@@ -38,6 +43,8 @@ pub fn run_reference(script: &str, args: &[&Path]) {
         .env("TRANSFORMERS_VERBOSITY", "error")
         .env("TOKENIZERS_PARALLELISM", "false")
         .env("HF_HUB_OFFLINE", "1")
+        // The caller's variables last, so they can override the defaults above.
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .output()
         .expect("starting the reference Python");
     assert!(

@@ -60,6 +60,11 @@ pub fn is_seq2seq_model_type(model_type: &str) -> bool {
 }
 
 impl ValueHeadModel {
+    /// Loads a local folder or a Hub repo id (see the wrappers' `from_pretrained`).
+    pub fn from_pretrained(id_or_path: &str, options: &LoadOptions) -> Result<Self> {
+        Self::from_folder(vh_hub::resolve_model(id_or_path, &options.hub)?, options)
+    }
+
     /// Loads a local checkpoint folder as the wrapper its `model_type` calls for.
     pub fn from_folder(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
         let contents = wrapper::read_folder(dir.as_ref())?;

@@ -14,6 +14,8 @@ pub struct LoadOptions {
     pub dtype: Kind,
     /// Where the parameters live.
     pub device: Device,
+    /// How to reach the Hub when loading by repo id (endpoint, token, cache, revision, offline).
+    pub hub: vh_hub::HubOptions,
 }
 
 impl Default for LoadOptions {
@@ -22,6 +24,7 @@ impl Default for LoadOptions {
             value_head: ValueHeadOptions::default(),
             dtype: Kind::Float,
             device: Device::Cpu,
+            hub: vh_hub::HubOptions::default(),
         }
     }
 }
@@ -64,6 +67,8 @@ impl LoadOptions {
             }
             "dtype" | "torch_dtype" => self.dtype = parse_dtype(value)?,
             "device" => self.device = parse_device(value)?,
+            "revision" => self.hub.revision = Some(value.to_string()),
+            "token" => self.hub.token = Some(value.to_string()),
             other => {
                 return Err(Error::InvalidOption(format!(
                     "unknown option `{other}` (known: {})",

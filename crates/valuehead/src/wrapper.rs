@@ -208,6 +208,13 @@ macro_rules! wrapper_accessors {
                 self.wrapped.generation_config = generation_config;
             }
 
+            /// Loads a checkpoint from a local folder or a Hub repo id (downloaded through the HF
+            /// cache, see [`vh_hub::HubOptions`] in `options.hub`), as TRL's `from_pretrained`.
+            pub fn from_pretrained(id_or_path: &str, options: &crate::LoadOptions) -> Result<Self> {
+                let folder = vh_hub::resolve_model(id_or_path, &options.hub)?;
+                Self::from_folder(folder, options)
+            }
+
             /// Saves the model as TRL's `save_pretrained` does: config.json (as loaded),
             /// generation_config.json (when the model has one), and the backbone under HF names
             /// with the value head as `v_head.summary.*`, tied weights stored once, in one

@@ -22,7 +22,10 @@ struct Cli {
 struct ModelArgs {
     /// Model folder (config.json + model.safetensors), e.g. saved by TRL's save_pretrained.
     #[arg(long)]
-    model: PathBuf,
+    model: String,
+    /// Branch, tag or commit when --model is a Hub repo id.
+    #[arg(long)]
+    revision: Option<String>,
     /// Backbone dtype: f32, f16 or bf16 (the value head and the outputs stay f32).
     #[arg(long, default_value = "f32")]
     dtype: String,
@@ -108,12 +111,19 @@ struct GenerateArgs {
     out: Option<PathBuf>,
 }
 
-fn load(args: &ModelArgs) -> Result<ValueHeadModel> {
+/// Loads `--model` (a folder, or a Hub repo id fetched through the HF cache: HF_ENDPOINT,
+/// HF_HOME, HF_TOKEN and HF_HUB_OFFLINE apply) and returns it with its local folder.
+fn load(args: &ModelArgs) -> Result<(ValueHeadModel, PathBuf)> {
     let mut options = LoadOptions::from_pairs(args.options.iter().map(String::as_str))?;
     options.dtype = parse_dtype(&args.dtype)?;
     options.device = parse_device(&args.device)?;
-    ValueHeadModel::from_folder(&args.model, &options)
-        .with_context(|| format!("loading the model from {}", args.model.display()))
+    if args.revision.is_some() {
+        options.hub.revision = args.revision.clone();
+    }
+    let folder = vh_hub::resolve_model(&args.model, &options.hub).with_context(|| format!("finding {}", args.model))?;
+    let model = ValueHeadModel::from_folder(&folder, &options)
+        .with_context(|| format!("loading the model from {}", folder.display()))?;
+    Ok((model, folder))
 }
 
 /// (logits, values, loss) of one forward pass.
@@ -151,7 +161,7 @@ fn run_forward(model: &ValueHeadModel, inputs: &HashMap<String, Tensor>) -> Resu
 }
 
 fn forward(model: &ModelArgs, inputs: &PathBuf, out: &PathBuf) -> Result<()> {
-    let vh = load(model)?;
+    let (vh, _) = load(model)?;
     let tensors: HashMap<String, Tensor> = vh_hub::read_safetensors(inputs)?.into_iter().collect();
     let known = [
         "input_ids",
@@ -186,7 +196,7 @@ fn parse_ids(text: &str) -> Result<Vec<i64>> {
 }
 
 fn score(model: &ModelArgs, input_ids: &str, decoder_input_ids: Option<&str>) -> Result<()> {
-    let vh = load(model)?;
+    let (vh, _) = load(model)?;
     let mut inputs = HashMap::from([(
         "input_ids".to_string(),
         Tensor::from_slice(&parse_ids(input_ids)?).unsqueeze(0),
@@ -203,7 +213,7 @@ fn score(model: &ModelArgs, input_ids: &str, decoder_input_ids: Option<&str>) ->
     };
     let (logits, values, _) = run_forward(&vh, &inputs)?;
     let logprobs = logits.log_softmax(-1, Kind::Float);
-    println!("model: {}", model.model.display());
+    println!("model: {}", model.model);
     println!("{:>4}  {:>8}  {:>12}  {:>10}", "pos", "token", "log p(token)", "value");
     for (t, id) in scored.iter().enumerate() {
         let value = values.double_value(&[0, t as i64]);
@@ -218,23 +228,20 @@ fn score(model: &ModelArgs, input_ids: &str, decoder_input_ids: Option<&str>) ->
 }
 
 fn generate(args: &GenerateArgs) -> Result<()> {
-    let vh = load(&args.model)?;
-    let tokenizer = load_tokenizer(&args.model.model)?;
+    let (vh, folder) = load(&args.model)?;
+    let tokenizer = load_tokenizer(&folder)?;
     let (input_ids, attention_mask) = match (&args.prompt, &args.inputs) {
         (Some(prompt), _) => {
             let tokenizer = tokenizer.as_ref().with_context(|| {
                 format!(
                     "{} has no tokenizer.json: pass token ids with --inputs",
-                    args.model.model.display()
+                    folder.display()
                 )
             })?;
             // A chat-formatted prompt already holds its special tokens, as with HF's apply_chat_template.
             let (text, add_special_tokens) = if args.chat {
                 let messages = [valuehead::Message::user(prompt.as_str())];
-                (
-                    valuehead::apply_chat_template(&args.model.model, &messages, true)?,
-                    false,
-                )
+                (valuehead::apply_chat_template(&folder, &messages, true)?, false)
             } else {
                 (prompt.clone(), true)
             };

@@ -1,0 +1,130 @@
+//! Loading by Hub repo id through the HF cache, against the local Hub server: the library, the
+//! `vh` command with the HF_* environment, offline mode, and Python TRL downloading the same repo.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use std::path::Path;
+use tch::Tensor;
+use valuehead::{CausalLmWithValueHead, LoadOptions};
+use vh_hub::test_server::HubServer;
+
+/// A tiny GPT-2 checkpoint (with tokenizer) published as `user/tiny` on a new server.
+fn serve_tiny() -> (HubServer, tempfile::TempDir) {
+    let source = tempfile::tempdir().unwrap();
+    write_tiny_gpt2(source.path(), json!({}));
+    write_word_tokenizer(source.path(), 50);
+    let server = HubServer::start(Some("hub-token")).unwrap();
+    let files: Vec<(String, Vec<u8>)> = std::fs::read_dir(source.path())
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.file_name().into_string().unwrap(), std::fs::read(e.path()).unwrap())
+        })
+        .collect();
+    let files: Vec<(&str, Vec<u8>)> = files.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
+    server.seed("user/tiny", &files);
+    (server, source)
+}
+
+#[test]
+fn from_pretrained_by_repo_id_matches_the_local_folder() {
+    let (server, source) = serve_tiny();
+    let cache = tempfile::tempdir().unwrap();
+    let mut options = LoadOptions::default();
+    options.hub.endpoint = Some(server.endpoint());
+    options.hub.token = Some("hub-token".into());
+    options.hub.cache_dir = Some(cache.path().into());
+    let remote = CausalLmWithValueHead::from_pretrained("user/tiny", &options).unwrap();
+    let local = CausalLmWithValueHead::from_folder(source.path(), &LoadOptions::default()).unwrap();
+    let ids = Tensor::from_slice2(&[[1i64, 2, 3, 4]]);
+    let (a, b) = (
+        remote.forward(&ids, None, None, None).unwrap(),
+        local.forward(&ids, None, None, None).unwrap(),
+    );
+    assert!(a.logits.equal(&b.logits) && a.values.equal(&b.values));
+    // A local path still wins over the Hub.
+    CausalLmWithValueHead::from_pretrained(source.path().to_str().unwrap(), &options).unwrap();
+}
+
+#[test]
+fn vh_takes_repo_ids_with_the_hf_environment() {
+    let (server, _source) = serve_tiny();
+    let home = tempfile::tempdir().unwrap();
+    let run = |home: &Path, extra: &[(&str, &str)]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vh"));
+        cmd.args([
+            "generate",
+            "--model",
+            "user/tiny",
+            "--prompt",
+            "w3 w4",
+            "--max-new-tokens",
+            "3",
+        ])
+        .env("HF_ENDPOINT", server.endpoint())
+        .env("HF_HOME", home)
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("HF_HUB_OFFLINE");
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let ok = run(home.path(), &[("HF_TOKEN", "hub-token")]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        home.path().join("hub/models--user--tiny").is_dir(),
+        "downloaded into HF_HOME/hub"
+    );
+    // Offline with the filled cache works; offline with an empty cache is a clear error.
+    let offline = run(home.path(), &[("HF_HUB_OFFLINE", "1")]);
+    assert!(offline.status.success(), "{}", String::from_utf8_lossy(&offline.stderr));
+    let empty = tempfile::tempdir().unwrap();
+    let failed = run(empty.path(), &[("HF_HUB_OFFLINE", "1"), ("HF_TOKEN", "hub-token")]);
+    assert_eq!(failed.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&failed.stderr).contains("offline"),
+        "{}",
+        String::from_utf8_lossy(&failed.stderr)
+    );
+    let denied = run(empty.path(), &[("HF_TOKEN", "not-the-token")]);
+    assert_eq!(denied.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&denied.stderr);
+    assert!(
+        stderr.contains("authentication failed") && !stderr.contains("not-the-token"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn python_trl_downloads_the_same_repo_with_the_same_outputs() {
+    tch::set_num_threads(1);
+    let (server, source) = serve_tiny();
+    let home = tempfile::tempdir().unwrap();
+    let ids = Tensor::from_slice2(&[[1i64, 2, 3, 4]]);
+    let local = CausalLmWithValueHead::from_folder(source.path(), &LoadOptions::default()).unwrap();
+    let expected = local.forward(&ids, None, None, None).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let (inputs, out) = (
+        scratch.path().join("in.safetensors"),
+        scratch.path().join("out.safetensors"),
+    );
+    vh_hub::write_safetensors(&inputs, &[("input_ids".to_string(), ids.shallow_clone())]).unwrap();
+    let env = [
+        ("HF_ENDPOINT", server.endpoint()),
+        ("HF_HOME", home.path().display().to_string()),
+        ("HF_TOKEN", "hub-token".to_string()),
+        ("HF_HUB_OFFLINE", "0".to_string()),
+        ("HF_HUB_DISABLE_XET", "1".to_string()),
+    ];
+    run_reference_with_env(
+        "load_saved.py",
+        &[Path::new("causal"), Path::new("user/tiny"), &inputs, &out],
+        &env,
+    );
+    let got = read_tensors(&out);
+    assert!(max_abs_diff(&got["logits"], &expected.logits) <= TOLERANCE);
+    assert!(max_abs_diff(&got["values"], &expected.values) <= TOLERANCE);
+}
