@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod error;
 pub mod folder;
 pub mod hub;
+pub mod push;
 pub mod safetensors_io;
 #[cfg(feature = "test-server")]
 pub mod test_server;
@@ -15,6 +16,7 @@ pub use checkpoint::write_checkpoint;
 pub use error::{HubError, Result};
 pub use folder::ModelFolder;
 pub use hub::{resolve_model, HubOptions};
+pub use push::{push_folder, PushOptions};
 pub use safetensors_io::{read_safetensors, write_safetensors};
 
 use std::io::Write;

@@ -154,3 +154,75 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[test]
+fn pushed_folders_download_identically_and_push_errors_are_clear() {
+    let server = HubServer::start(Some("tok")).unwrap();
+    let folder = tempfile::tempdir().unwrap();
+    for (name, bytes) in checkpoint_files() {
+        std::fs::write(folder.path().join(name), bytes).unwrap();
+    }
+    let push = vh_hub::PushOptions {
+        endpoint: Some(server.endpoint()),
+        token: Some("tok".into()),
+        private: true,
+        commit_message: Some("first".into()),
+        retry_base_delay: Some(Duration::from_millis(5)),
+        ..Default::default()
+    };
+    server.set_faults(Faults {
+        fail_next: 0,
+        ..Default::default()
+    });
+    let commit = vh_hub::push_folder("user/pushed", folder.path(), &push).unwrap();
+    let files = server.files("user/pushed", "main").unwrap();
+    assert_eq!(files.len(), 3);
+    assert_eq!(
+        files["model.safetensors"],
+        std::fs::read(folder.path().join("model.safetensors")).unwrap()
+    );
+    assert_eq!(server.files("user/pushed", &commit).unwrap().len(), 3);
+    // A second push to another branch, after two transient 503s (retried).
+    server.set_faults(Faults {
+        fail_next: 0,
+        ..Default::default()
+    });
+    std::fs::write(folder.path().join("config.json"), br#"{"model_type": "gpt2", "v": 2}"#).unwrap();
+    let branch = vh_hub::PushOptions {
+        revision: Some("dev".into()),
+        ..push.clone()
+    };
+    vh_hub::push_folder("user/pushed", folder.path(), &branch).unwrap();
+    assert_ne!(
+        server.files("user/pushed", "dev").unwrap()["config.json"],
+        server.files("user/pushed", "main").unwrap()["config.json"]
+    );
+
+    let cache = tempfile::tempdir().unwrap();
+    let downloaded = resolve_model("user/pushed", &options(&server, cache.path(), "tok")).unwrap();
+    assert_eq!(
+        std::fs::read(downloaded.join("model.safetensors")).unwrap(),
+        files["model.safetensors"]
+    );
+
+    let err = vh_hub::push_folder(
+        "user/pushed",
+        folder.path(),
+        &vh_hub::PushOptions {
+            token: Some("bad-secret".into()),
+            ..push.clone()
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, HubError::Auth(_)) && !err.to_string().contains("bad-secret"),
+        "{err}"
+    );
+    server.set_faults(Faults {
+        fail_next: 1000,
+        status: 502,
+        ..Default::default()
+    });
+    let err = vh_hub::push_folder("user/pushed", folder.path(), &push).unwrap_err();
+    assert!(matches!(err, HubError::Http(_)), "{err}");
+}
