@@ -128,3 +128,83 @@ fn python_trl_downloads_the_same_repo_with_the_same_outputs() {
     assert!(max_abs_diff(&got["logits"], &expected.logits) <= TOLERANCE);
     assert!(max_abs_diff(&got["values"], &expected.values) <= TOLERANCE);
 }
+
+#[test]
+fn push_to_hub_then_load_in_rust_and_in_python() {
+    tch::set_num_threads(1);
+    let (server, source) = serve_tiny();
+    let model = CausalLmWithValueHead::from_folder(source.path(), &LoadOptions::default()).unwrap();
+    let push = vh_hub::PushOptions {
+        endpoint: Some(server.endpoint()),
+        token: Some("hub-token".into()),
+        commit_message: Some("from rust".into()),
+        ..Default::default()
+    };
+    model.push_to_hub("user/pushed", &push).unwrap();
+    let files = server.files("user/pushed", "main").unwrap();
+    for name in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(files.contains_key(name), "{name} was not pushed: {:?}", files.keys());
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let mut options = LoadOptions::default();
+    options.hub = vh_hub::HubOptions {
+        endpoint: Some(server.endpoint()),
+        token: Some("hub-token".into()),
+        cache_dir: Some(cache.path().into()),
+        ..Default::default()
+    };
+    let ids = Tensor::from_slice2(&[[1i64, 2, 3, 4]]);
+    let expected = model.forward(&ids, None, None, None).unwrap();
+    let back = CausalLmWithValueHead::from_pretrained("user/pushed", &options).unwrap();
+    let got = back.forward(&ids, None, None, None).unwrap();
+    assert!(got.logits.equal(&expected.logits) && got.values.equal(&expected.values));
+
+    // Python TRL's from_pretrained through the same endpoint.
+    let home = tempfile::tempdir().unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let (inputs, out) = (
+        scratch.path().join("in.safetensors"),
+        scratch.path().join("out.safetensors"),
+    );
+    vh_hub::write_safetensors(&inputs, &[("input_ids".to_string(), ids.shallow_clone())]).unwrap();
+    let env = [
+        ("HF_ENDPOINT", server.endpoint()),
+        ("HF_HOME", home.path().display().to_string()),
+        ("HF_TOKEN", "hub-token".to_string()),
+        ("HF_HUB_OFFLINE", "0".to_string()),
+        ("HF_HUB_DISABLE_XET", "1".to_string()),
+    ];
+    run_reference_with_env(
+        "load_saved.py",
+        &[Path::new("causal"), Path::new("user/pushed"), &inputs, &out],
+        &env,
+    );
+    let python = read_tensors(&out);
+    assert!(max_abs_diff(&python["logits"], &expected.logits) <= TOLERANCE);
+    assert!(max_abs_diff(&python["values"], &expected.values) <= TOLERANCE);
+
+    // `vh push` of a folder, then the pushed repo answers.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vh"))
+        .args(["push", "--model"])
+        .arg(source.path())
+        .args(["--repo-id", "user/cli-push", "--private", "--message", "cli"])
+        .env("HF_ENDPOINT", server.endpoint())
+        .env("HF_TOKEN", "hub-token")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(server
+        .files("user/cli-push", "main")
+        .unwrap()
+        .contains_key("model.safetensors"));
+    let denied = std::process::Command::new(env!("CARGO_BIN_EXE_vh"))
+        .args(["push", "--model"])
+        .arg(source.path())
+        .args(["--repo-id", "user/cli-push"])
+        .env("HF_ENDPOINT", server.endpoint())
+        .env("HF_TOKEN", "wrong-secret")
+        .output()
+        .unwrap();
+    assert_eq!(denied.status.code(), Some(1));
+    assert!(!String::from_utf8_lossy(&denied.stderr).contains("wrong-secret"));
+}

@@ -180,6 +180,7 @@ impl CausalLmWithValueHead {
         let contents = read_folder(dir.as_ref())?;
         let mut model = Self::from_parts(contents.config, contents.tensors, options)?;
         model.wrapped.generation_config = contents.generation_config;
+        model.wrapped.source_dir = Some(dir.as_ref().to_path_buf());
         Ok(model)
     }
 

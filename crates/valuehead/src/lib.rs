@@ -67,21 +67,15 @@ impl ValueHeadModel {
 
     /// Loads a local checkpoint folder as the wrapper its `model_type` calls for.
     pub fn from_folder(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
-        let contents = wrapper::read_folder(dir.as_ref())?;
-        let seq2seq = contents
-            .config
+        let config = vh_hub::ModelFolder::open(dir.as_ref())?.config()?;
+        let seq2seq = config
             .get("model_type")
             .and_then(serde_json::Value::as_str)
             .is_some_and(is_seq2seq_model_type);
-        let (config, tensors, generation_config) = (contents.config, contents.tensors, contents.generation_config);
         Ok(if seq2seq {
-            let mut model = Seq2SeqLmWithValueHead::from_parts(config, tensors, options)?;
-            model.set_generation_config_json(generation_config);
-            Self::Seq2Seq(model)
+            Self::Seq2Seq(Seq2SeqLmWithValueHead::from_folder(dir, options)?)
         } else {
-            let mut model = CausalLmWithValueHead::from_parts(config, tensors, options)?;
-            model.set_generation_config_json(generation_config);
-            Self::Causal(model)
+            Self::Causal(CausalLmWithValueHead::from_folder(dir, options)?)
         })
     }
 }

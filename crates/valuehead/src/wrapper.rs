@@ -18,6 +18,8 @@ pub(crate) struct Wrapped {
     pub(crate) v_head: ValueHead,
     pub(crate) config: Value,
     pub(crate) generation_config: Option<Value>,
+    /// The folder the model was loaded from, whose tokenizer files a push carries along.
+    pub(crate) source_dir: Option<std::path::PathBuf>,
     pub(crate) train: bool,
 }
 
@@ -64,6 +66,39 @@ pub(crate) fn read_folder(dir: &std::path::Path) -> Result<FolderContents> {
         generation_config: folder.generation_config()?,
         tensors: folder.tensors()?,
     })
+}
+
+/// The tokenizer files a model folder may hold.
+const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "added_tokens.json",
+];
+
+/// A fresh, empty folder for staging a push.
+pub(crate) fn staging_dir() -> Result<std::path::PathBuf> {
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("valuehead-push-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(dir)
+}
+
+/// Copies the tokenizer files of `source` (if any) into `target`.
+pub(crate) fn copy_tokenizer_files(source: Option<&std::path::Path>, target: &std::path::Path) -> Result<()> {
+    let Some(source) = source else { return Ok(()) };
+    for name in TOKENIZER_FILES {
+        let from = source.join(name);
+        if from.is_file() {
+            std::fs::copy(&from, target.join(name)).map_err(|e| vh_hub::HubError::io(&from, e))?;
+        }
+    }
+    Ok(())
 }
 
 /// The `model_type` of a config.json.
@@ -149,6 +184,7 @@ impl Wrapped {
             v_head,
             config,
             generation_config: None,
+            source_dir: None,
             train: false,
         })
     }
@@ -231,6 +267,20 @@ macro_rules! wrapper_accessors {
                     max_shard_size,
                 )?;
                 Ok(())
+            }
+
+            /// Uploads the model to the Hub repo `repo_id` as TRL's `push_to_hub` does: the files
+            /// `save_pretrained` writes plus the tokenizer files of the folder it was loaded from,
+            /// in one commit (the repo is created when missing). Returns the commit id.
+            pub fn push_to_hub(&self, repo_id: &str, options: &vh_hub::PushOptions) -> Result<String> {
+                let staging = crate::wrapper::staging_dir()?;
+                let result = (|| {
+                    self.save_pretrained(&staging, None)?;
+                    crate::wrapper::copy_tokenizer_files(self.wrapped.source_dir.as_deref(), &staging)?;
+                    Ok(vh_hub::push_folder(repo_id, &staging, options)?)
+                })();
+                let _ = std::fs::remove_dir_all(&staging);
+                result
             }
 
             /// Switches dropout on (train) or off (eval, the default).

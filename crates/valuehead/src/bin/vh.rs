@@ -65,6 +65,25 @@ enum Command {
     },
     /// Generate a continuation and print it with each new token's log-probability and value.
     Generate(GenerateArgs),
+    /// Upload a model folder to a Hub repo (created when missing), in one commit. HF_ENDPOINT
+    /// and HF_TOKEN apply; the token is never printed.
+    Push {
+        /// The model folder (checked to load before anything is sent).
+        #[arg(long)]
+        model: PathBuf,
+        /// The target repo, namespace/name.
+        #[arg(long)]
+        repo_id: String,
+        /// Create the repo as private.
+        #[arg(long)]
+        private: bool,
+        /// The branch to commit to (default main).
+        #[arg(long)]
+        revision: Option<String>,
+        /// The commit message.
+        #[arg(long)]
+        message: Option<String>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -338,6 +357,26 @@ fn print_generation(out: &GenerateOutput, tokenizer: Option<&tokenizers::Tokeniz
     Ok(())
 }
 
+fn push(
+    model: &PathBuf,
+    repo_id: &str,
+    private: bool,
+    revision: Option<String>,
+    message: Option<String>,
+) -> Result<()> {
+    ValueHeadModel::from_folder(model, &LoadOptions::default())
+        .with_context(|| format!("{} does not load as a model folder", model.display()))?;
+    let options = vh_hub::PushOptions {
+        private,
+        revision,
+        commit_message: message,
+        ..Default::default()
+    };
+    let commit = vh_hub::push_folder(repo_id, model, &options).with_context(|| format!("pushing to {repo_id}"))?;
+    println!("pushed {} to {repo_id} (commit {commit})", model.display());
+    Ok(())
+}
+
 fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
@@ -349,5 +388,12 @@ fn main() -> Result<()> {
             decoder_input_ids,
         } => score(model, input_ids, decoder_input_ids.as_deref()),
         Command::Generate(args) => generate(args),
+        Command::Push {
+            model,
+            repo_id,
+            private,
+            revision,
+            message,
+        } => push(model, repo_id, *private, revision.clone(), message.clone()),
     }
 }
