@@ -208,3 +208,83 @@ fn push_to_hub_then_load_in_rust_and_in_python() {
     assert_eq!(denied.status.code(), Some(1));
     assert!(!String::from_utf8_lossy(&denied.stderr).contains("wrong-secret"));
 }
+
+#[test]
+fn progress_bars_show_on_a_terminal_only() {
+    let (server, source) = serve_tiny();
+    let vh = env!("CARGO_BIN_EXE_vh");
+    let home = tempfile::tempdir().unwrap();
+    let download = format!("{vh} generate --model user/tiny --prompt 'w3 w4' --max-new-tokens 2");
+    let upload = format!("{vh} push --model {} --repo-id user/tty", source.path().display());
+    for (command, label) in [(&download, "downloading user/tiny"), (&upload, "uploading to user/tty")] {
+        let env = |cmd: &mut std::process::Command| {
+            cmd.env("HF_ENDPOINT", server.endpoint())
+                .env("HF_HOME", home.path())
+                .env("HF_TOKEN", "hub-token")
+                .env_remove("HF_HUB_OFFLINE")
+                .env_remove("HF_HUB_CACHE");
+        };
+        // Piped stderr: silent.
+        let mut piped = std::process::Command::new("sh");
+        piped.args(["-c", command]);
+        env(&mut piped);
+        let out = piped.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            !String::from_utf8_lossy(&out.stderr).contains(label),
+            "a bar was drawn into a pipe"
+        );
+        // A pseudo-terminal (script(1) from util-linux/bsdutils): the bar is drawn.
+        let _ = std::fs::remove_dir_all(home.path().join("hub"));
+        let mut tty = std::process::Command::new("script");
+        tty.args(["-qec", command, "/dev/null"]);
+        env(&mut tty);
+        let out = tty.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(label),
+            "no bar on a terminal: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
+
+#[test]
+fn corrupt_weights_and_missing_shards_on_the_hub_are_errors() {
+    let (server, source) = serve_tiny();
+    let config = std::fs::read(source.path().join("config.json")).unwrap();
+    let good = std::fs::read(source.path().join("model.safetensors")).unwrap();
+    let mut corrupt = good.clone();
+    corrupt[8] = b'!'; // inside the JSON header
+    server.seed(
+        "user/corrupt",
+        &[("config.json", config.clone()), ("model.safetensors", corrupt)],
+    );
+    let index = serde_json::json!({"metadata": {}, "weight_map": {"transformer.wte.weight": "model-00002-of-00002.safetensors"}});
+    server.seed(
+        "user/missing-shard",
+        &[
+            ("config.json", config),
+            ("model.safetensors.index.json", index.to_string().into_bytes()),
+            ("model-00001-of-00002.safetensors", good),
+        ],
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let mut options = LoadOptions::default();
+    options.hub = vh_hub::HubOptions {
+        endpoint: Some(server.endpoint()),
+        token: Some("hub-token".into()),
+        cache_dir: Some(cache.path().into()),
+        ..Default::default()
+    };
+    let err = CausalLmWithValueHead::from_pretrained("user/corrupt", &options).unwrap_err();
+    assert!(
+        matches!(err, valuehead::Error::Hub(vh_hub::HubError::Safetensors { .. })),
+        "{err}"
+    );
+    let err = CausalLmWithValueHead::from_pretrained("user/missing-shard", &options).unwrap_err();
+    assert!(
+        matches!(err, valuehead::Error::Hub(vh_hub::HubError::NotFound { .. })),
+        "{err}"
+    );
+}

@@ -110,6 +110,9 @@ pub fn resolve_model(id_or_path: &str, options: &HubOptions) -> Result<PathBuf> 
         .maybe_revision(options.revision.clone())
         .allow_patterns(CHECKPOINT_FILES.iter().map(|p| p.to_string()).collect())
         .local_files_only(offline)
+        .progress(hf_hub::progress::Progress::new(crate::progress::DownloadBar::new(
+            &format!("downloading {id_or_path}"),
+        )))
         .send()
         .map_err(|e| {
             if offline {

@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod error;
 pub mod folder;
 pub mod hub;
+pub mod progress;
 pub mod push;
 pub mod safetensors_io;
 #[cfg(feature = "test-server")]

@@ -179,6 +179,7 @@ pub fn push_folder(repo_id: &str, folder: &Path, options: &PushOptions) -> Resul
         .collect();
     let is_lfs = |f: &FileToPush| f.size > 0 && lfs_paths.contains(&f.path_in_repo);
 
+    let bar = crate::progress::Bar::new(&format!("uploading to {repo_id}"), files.iter().map(|f| f.size).sum());
     // LFS uploads (basic transfer): the batch API says which objects it still needs, and where.
     let lfs_files: Vec<&FileToPush> = files.iter().filter(|f| is_lfs(f)).collect();
     if !lfs_files.is_empty() {
@@ -216,6 +217,7 @@ pub fn push_folder(repo_id: &str, folder: &Path, options: &PushOptions) -> Resul
                 ..client
             };
             storage.send("PUT", upload, &bytes, "application/octet-stream", true)?;
+            bar.add(file.size);
             if let Some(verify) = object["actions"]["verify"]["href"].as_str() {
                 client.post_json(verify, &json!({ "oid": oid, "size": file.size }), true)?;
             }
@@ -241,6 +243,7 @@ pub fn push_folder(repo_id: &str, folder: &Path, options: &PushOptions) -> Resul
     }
     let commit_url = format!("{}/api/models/{repo_id}/commit/{revision}", client.endpoint);
     let answer = client.send("POST", &commit_url, ndjson.as_bytes(), "application/x-ndjson", false)?;
+    bar.finish();
     let answer: Value = serde_json::from_slice(&answer).map_err(|e| HubError::Http(format!("commit: {e}")))?;
     answer["commitOid"]
         .as_str()
