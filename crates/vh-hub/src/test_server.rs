@@ -27,6 +27,16 @@ struct Repo {
     branches: HashMap<String, String>,
 }
 
+impl Repo {
+    /// The commit a branch name or commit id designates.
+    fn commit_of(&self, revision: &str) -> Option<String> {
+        self.branches
+            .get(revision)
+            .cloned()
+            .or_else(|| self.commits.contains_key(revision).then(|| revision.to_string()))
+    }
+}
+
 /// Faults the server injects, for tests of the clients' error handling.
 #[derive(Debug, Default, Clone)]
 pub struct Faults {
@@ -284,12 +294,7 @@ fn model_info(st: &State, repo_id: &str, revision: &str) -> Response<std::io::Cu
     let Some(repo) = st.repos.get(repo_id) else {
         return error(404, "Repository not found");
     };
-    let Some(commit) = repo
-        .branches
-        .get(revision)
-        .cloned()
-        .or_else(|| repo.commits.contains_key(revision).then(|| revision.to_string()))
-    else {
+    let Some(commit) = repo.commit_of(revision) else {
         return error(404, "Revision not found");
     };
     let siblings: Vec<Value> = repo.commits[&commit]
@@ -307,12 +312,7 @@ fn tree(st: &State, repo_id: &str, revision: &str) -> Response<std::io::Cursor<V
     let Some(repo) = st.repos.get(repo_id) else {
         return error(404, "Repository not found");
     };
-    let Some(commit) = repo
-        .branches
-        .get(revision)
-        .cloned()
-        .or_else(|| repo.commits.contains_key(revision).then(|| revision.to_string()))
-    else {
+    let Some(commit) = repo.commit_of(revision) else {
         return error(404, "Revision not found");
     };
     let entries: Vec<Value> = repo.commits[&commit]
@@ -448,12 +448,7 @@ fn resolve(st: &State, repo_id: &str, revision: &str, file: &str) -> Response<st
     let Some(repo) = st.repos.get(repo_id) else {
         return error(404, "Repository not found");
     };
-    let Some(commit) = repo
-        .branches
-        .get(revision)
-        .cloned()
-        .or_else(|| repo.commits.contains_key(revision).then(|| revision.to_string()))
-    else {
+    let Some(commit) = repo.commit_of(revision) else {
         return error(404, "Revision not found");
     };
     let Some(stored) = repo.commits[&commit].get(file) else {
