@@ -4,11 +4,12 @@
 use crate::activation::Activation;
 use crate::cache::{Cache, LayerCache};
 use serde::Deserialize;
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, Kind, Tensor};
 use vh_core::error::invalid;
 use vh_core::error::{check_positive, parse_config};
 use vh_core::tensor::{
-    attention_mask_to_bool, check_input_ids, expect_integer, expect_shape, int_range, min_value, position_ids_from_mask,
+    attention_mask_to_bool, causal_attention_bias, check_input_ids, expect_integer, expect_shape, int_range,
+    position_ids_from_mask,
 };
 use vh_core::{Error, Result};
 
@@ -246,7 +247,7 @@ impl Attention {
     }
 
     /// Attends from `x` [B, T, C] over the cached and new positions, adding `bias`
-    /// [B or 1, 1, T, S] to the scores (see [`attention_bias`]); `None` means every key is visible.
+    /// [B or 1, 1, T, S] to the scores (see [`causal_attention_bias`]); `None` means every key is visible.
     pub fn forward(
         &self,
         x: &Tensor,
@@ -395,39 +396,6 @@ pub struct Gpt2Model {
     cfg: Gpt2Config,
 }
 
-/// The additive attention bias [B or 1, 1, T, S]: -inf where a key is in the query's future,
-/// the dtype's most negative finite value where a visible key is padding, 0 elsewhere; `None`
-/// when nothing is hidden (one new token, no padding).
-///
-/// These are the values HF's eager attention ends up with (its causal fill plus its padding
-/// mask). They keep padded query rows defined: a row whose visible keys are all padding
-/// attends uniformly to them, and the logits there, which HF's loss reads at the last pad
-/// before a left-padded row's first token, match HF's.
-fn attention_bias(
-    key_mask: Option<&Tensor>,
-    batch: i64,
-    new_len: i64,
-    past_len: i64,
-    kind: Kind,
-    device: Device,
-) -> Result<Option<Tensor>> {
-    let total = past_len + new_len;
-    if key_mask.is_none() && new_len == 1 {
-        return Ok(None);
-    }
-    let keys = Tensor::f_arange(total, (Kind::Int64, device))?.f_unsqueeze(0)?;
-    let queries = Tensor::f_arange_start(past_len, total, (Kind::Int64, device))?.f_unsqueeze(1)?;
-    let future = keys.f_gt_tensor(&queries)?.f_view([1, 1, new_len, total])?;
-    let bias = match key_mask {
-        Some(mask) => {
-            let padding = mask.f_logical_not()?.f_view([batch, 1, 1, total])?;
-            Tensor::f_zeros([batch, 1, new_len, total], (kind, device))?.f_masked_fill(&padding, min_value(kind))?
-        }
-        None => Tensor::f_zeros([1, 1, new_len, total], (kind, device))?,
-    };
-    Ok(Some(bias.f_masked_fill(&future, f64::NEG_INFINITY)?))
-}
-
 impl Gpt2Model {
     /// Creates the transformer's parameters under `vs` (conventionally `transformer`).
     pub fn new(vs: nn::Path, cfg: &Gpt2Config) -> Result<Self> {
@@ -514,7 +482,16 @@ impl Gpt2Model {
             (None, Some(mask)) => position_ids_from_mask(mask, new_len)?,
             (None, None) => Tensor::f_arange_start(past_len, total, (Kind::Int64, device))?.f_unsqueeze(0)?,
         };
-        let bias = attention_bias(key_mask.as_ref(), batch, new_len, past_len, self.wte.kind(), device)?;
+        // -inf for future keys: HF's causal fill plus its padding mask (see causal_attention_bias).
+        let bias = causal_attention_bias(
+            key_mask.as_ref(),
+            batch,
+            new_len,
+            past_len,
+            self.wte.kind(),
+            device,
+            f64::NEG_INFINITY,
+        )?;
 
         let tokens = Tensor::f_embedding(&self.wte, &input_ids, -1, false, false)?;
         let positions = Tensor::f_embedding(&self.wpe, &position_ids, -1, false, false)?;
@@ -612,6 +589,7 @@ mod tests {
     use super::*;
     use serde_json::json;
     use tch::nn::VarStore;
+    use tch::Device;
 
     fn tiny() -> Gpt2Config {
         Gpt2Config::from_json(&json!({"vocab_size": 50, "n_positions": 16, "n_embd": 16, "n_layer": 2, "n_head": 4}))

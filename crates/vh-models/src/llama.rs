@@ -11,7 +11,8 @@ use tch::{nn, Device, Kind, Tensor};
 use vh_core::error::invalid;
 use vh_core::error::{check_positive, parse_config};
 use vh_core::tensor::{
-    attention_mask_to_bool, check_input_ids, expect_integer, expect_shape, int_range, min_value, position_ids_from_mask,
+    attention_mask_to_bool, causal_attention_bias, check_input_ids, expect_integer, expect_shape, int_range, min_value,
+    position_ids_from_mask,
 };
 use vh_core::{Error, Result};
 
@@ -688,17 +689,15 @@ impl LlamaForCausalLM {
         let (cos, sin) = self.rotary.cos_sin(&position_ids, max_position, kind)?;
 
         // HF's eager mask: the dtype's minimum wherever a key is in the future or padding.
-        let bias = if key_mask.is_none() && new_len == 1 {
-            None
-        } else {
-            let keys = Tensor::f_arange(total, (Kind::Int64, device))?.f_unsqueeze(0)?;
-            let queries = Tensor::f_arange_start(past_len, total, (Kind::Int64, device))?.f_unsqueeze(1)?;
-            let mut blocked = keys.f_gt_tensor(&queries)?.f_view([1, 1, new_len, total])?;
-            if let Some(mask) = &key_mask {
-                blocked = blocked.f_logical_or(&mask.f_logical_not()?.f_view([batch, 1, 1, total])?)?;
-            }
-            Some(Tensor::f_zeros(blocked.size(), (kind, device))?.f_masked_fill(&blocked, min_value(kind))?)
-        };
+        let bias = causal_attention_bias(
+            key_mask.as_ref(),
+            batch,
+            new_len,
+            past_len,
+            kind,
+            device,
+            min_value(kind),
+        )?;
 
         let mut h = Tensor::f_embedding(&self.embed_tokens, &input_ids.f_to_device(device)?, -1, false, false)?;
         let mut layers = Vec::with_capacity(self.layers.len());

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use tch::{nn, Device, Kind, Tensor};
 use vh_core::error::invalid;
 use vh_core::error::{check_positive, parse_config};
-use vh_core::tensor::{attention_mask_to_bool, check_input_ids, expect_rank, min_value};
+use vh_core::tensor::{attention_mask_to_bool, causal_attention_bias, check_input_ids, expect_rank, min_value};
 use vh_core::{Error, Result};
 
 fn default_vocab_size() -> i64 {
@@ -710,15 +710,24 @@ impl T5ForConditionalGeneration {
         // masks, computed once and shared by every layer as in HF.
         let queries = Tensor::f_arange_start(past_len, total, (Kind::Int64, device))?;
         let mut self_bias = self.decoder.first_attention().compute_bias(&queries, total)?;
-        let keys = Tensor::f_arange(total, (Kind::Int64, device))?.f_unsqueeze(0)?;
-        let future = keys.f_gt_tensor(&queries.f_unsqueeze(1)?)?;
-        let mut blocked = future.f_view([1, 1, new_len, total])?;
-        if let Some(m) = decoder_attention_mask {
-            let m = attention_mask_to_bool(m, "decoder_attention_mask", &[batch, total])?.f_to_device(device)?;
-            blocked = blocked.f_logical_or(&m.f_logical_not()?.f_view([batch, 1, 1, total])?)?;
+        let key_mask = decoder_attention_mask
+            .map(|m| {
+                attention_mask_to_bool(m, "decoder_attention_mask", &[batch, total])?
+                    .f_to_device(device)
+                    .map_err(Error::from)
+            })
+            .transpose()?;
+        if let Some(mask_bias) = causal_attention_bias(
+            key_mask.as_ref(),
+            batch,
+            new_len,
+            past_len,
+            kind,
+            device,
+            min_value(kind),
+        )? {
+            self_bias = self_bias.f_add(&mask_bias)?;
         }
-        let mask_bias = Tensor::f_zeros(blocked.size(), (kind, device))?.f_masked_fill(&blocked, min_value(kind))?;
-        self_bias = self_bias.f_add(&mask_bias)?;
         let cross_bias = encoder
             .attention_mask
             .as_ref()
