@@ -37,5 +37,5 @@ fn fresh_head_checkpoint_gets_a_default_initialised_head() {
 
 #[test]
 fn vh_forward_cli_matches_trl() {
-    check_causal_cli("`vh forward` on GPT-2 against TRL 0.26.2", cases());
+    check_cli("`vh forward` on GPT-2 against TRL 0.26.2", cases(), true);
 }

@@ -24,5 +24,5 @@ fn llama_family_matches_trl_full_and_incremental() {
 
 #[test]
 fn vh_forward_cli_matches_trl_on_llama() {
-    check_causal_cli("`vh forward` on Llama / Qwen2 against TRL 0.26.2", cases());
+    check_cli("`vh forward` on Llama / Qwen2 against TRL 0.26.2", cases(), true);
 }

@@ -102,26 +102,5 @@ fn t5_matches_trl_full_and_incremental() {
 
 #[test]
 fn vh_forward_cli_matches_trl_on_t5() {
-    let out_dir = tempfile::tempdir().unwrap();
-    let mut rows = Vec::new();
-    for case in cases() {
-        let got = vh_forward(&case, out_dir.path());
-        let expected = read_tensors(&case.dir.join("expected.safetensors"));
-        let logits_err = max_abs_diff(&got["logits"], &expected["logits"]);
-        let loss_err = max_abs_diff(&got["loss"], &expected["loss"]);
-        let values_err = if case.fresh_v_head {
-            0.0
-        } else {
-            max_abs_diff(&got["values"], &expected["values"])
-        };
-        let worst = logits_err.max(loss_err).max(values_err);
-        assert!(
-            worst <= TOLERANCE,
-            "{}: vh forward differs from TRL: logits {logits_err:e}, loss {loss_err:e}, values {values_err:e}",
-            case.name
-        );
-        rows.push(vec![case.name, fmt_err(worst)]);
-    }
-    println!("\n`vh forward` on T5 against TRL 0.26.2 (max abs error over logits, values, loss):");
-    print_table(&["case", "max error"], &rows);
+    check_cli("`vh forward` on T5 against TRL 0.26.2", cases(), false);
 }

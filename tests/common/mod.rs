@@ -349,14 +349,20 @@ pub fn check_causal_cases(title: &str, cases: Vec<Case>) {
     assert!(failures.is_empty(), "parity failed for {failures:?}");
 }
 
-/// Runs `vh forward` on each causal case and compares its outputs with TRL's.
-pub fn check_causal_cli(title: &str, cases: Vec<Case>) {
+/// Runs `vh forward` on each case and compares its outputs with TRL's: at attended positions
+/// (`attended_only`, for left-padded causal batches) or at every (decoder) position.
+pub fn check_cli(title: &str, cases: Vec<Case>, attended_only: bool) {
     let out_dir = tempfile::tempdir().unwrap();
     let mut rows = Vec::new();
     for case in cases {
         let got = vh_forward(&case, out_dir.path());
         let expected = read_tensors(&case.dir.join("expected.safetensors"));
-        let mask = &read_tensors(&case.dir.join("inputs.safetensors"))["attention_mask"];
+        let mask = if attended_only {
+            read_tensors(&case.dir.join("inputs.safetensors"))["attention_mask"].shallow_clone()
+        } else {
+            got["values"].ones_like()
+        };
+        let mask = &mask;
         assert_eq!(got["logits"].kind(), Kind::Float);
         let logits_err = masked_max_abs_diff(&got["logits"], &expected["logits"], mask);
         let loss_err = max_abs_diff(&got["loss"], &expected["loss"]);
