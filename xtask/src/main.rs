@@ -1,7 +1,10 @@
-//! Project tasks: `cargo xtask setup | test | parity | demo`.
+//! Project tasks: `cargo xtask setup | test | parity | bench | demo`.
 //!
 //! This crate must build on a fresh machine before anything else exists, so it depends on no
 //! crate that needs libtorch.
+
+mod bench;
+mod svg;
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
@@ -16,6 +19,8 @@ tasks:
            cache and link it into the checkout (.venv, .libtorch)
   test     setup, then run every test of the workspace, Python parity included
   parity   setup, then run the Python-parity suite and print its tables
+  bench    setup, then time our workloads against the Python reference side by side
+           (`cargo xtask bench --help` for its options; `--quick` is the CI smoke test)
   demo     setup, then load the bundled tiny GPT-2 value-head model and print per-token values
 
 environment:
@@ -35,6 +40,7 @@ fn main() -> Result<()> {
         "setup" => setup().map(|_| ()),
         "test" => test(rest),
         "parity" => parity(rest),
+        "bench" => bench::bench(rest),
         "demo" => demo(rest),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");

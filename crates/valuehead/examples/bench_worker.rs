@@ -1,0 +1,235 @@
+//! The Rust side of `cargo xtask bench`, speaking the same line protocol as
+//! python/bench_worker.py (one JSON object per line on stdin, one reply per line on stdout):
+//! `init`, `load`, `prepare`, `run`, `rss`, plus `bandwidth` (memory read speed).
+//!
+//! Every pass runs under `no_grad` with the model in eval mode, as the Python side runs under
+//! `inference_mode`.
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+use std::io::{BufRead, Write};
+use std::time::Instant;
+use tch::{Kind, Tensor};
+use valuehead::{GenerationConfig, LoadOptions, ValueHeadModel};
+
+struct Task {
+    kind: String,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    decoder_input_ids: Option<Tensor>,
+    generation: GenerationConfig,
+}
+
+#[derive(Default)]
+struct Worker {
+    model: Option<ValueHeadModel>,
+    task: Option<Task>,
+}
+
+fn ids(value: &Value, key: &str) -> Result<Tensor> {
+    let rows: Vec<Vec<i64>> = serde_json::from_value(value.get(key).cloned().context(key.to_string())?)?;
+    let width = rows.first().map_or(0, Vec::len);
+    let flat: Vec<i64> = rows.iter().flatten().copied().collect();
+    Ok(Tensor::from_slice(&flat).reshape([rows.len() as i64, width as i64]))
+}
+
+fn to_rows(t: &Tensor) -> Result<Vec<Vec<i64>>> {
+    Ok(Vec::<Vec<i64>>::try_from(t.to_kind(Kind::Int64))?)
+}
+
+fn sum(t: &Tensor) -> Result<f64> {
+    Ok(t.f_to_kind(Kind::Double)?.f_sum(Kind::Double)?.f_double_value(&[])?)
+}
+
+/// Bytes of weights one decode step reads: every parameter except the tables only indexed by a
+/// lookup (position embeddings, an untied input embedding) and, for seq2seq, the encoder, which
+/// runs once per prompt.
+fn decode_bytes(model: &ValueHeadModel) -> i64 {
+    let (entries, seq2seq, tied) = match model {
+        ValueHeadModel::Causal(m) => {
+            let tied = m
+                .config()
+                .get("tie_word_embeddings")
+                .and_then(Value::as_bool)
+                .unwrap_or(true);
+            (vh_core::state::state_dict(m.var_store()), false, tied)
+        }
+        ValueHeadModel::Seq2Seq(m) => {
+            let tied = m
+                .config()
+                .get("tie_word_embeddings")
+                .and_then(Value::as_bool)
+                .unwrap_or(true);
+            (vh_core::state::state_dict(m.var_store()), true, tied)
+        }
+    };
+    let lookup_only = |name: &str| {
+        name.contains(".wpe.")
+            || (seq2seq && (name.starts_with("encoder.") || (!tied && name == "shared.weight")))
+            || (!tied && (name == "transformer.wte.weight" || name == "model.embed_tokens.weight"))
+    };
+    entries
+        .iter()
+        .filter(|(name, _)| !lookup_only(name))
+        .map(|(_, t)| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64)
+        .sum()
+}
+
+fn peak_rss_mb() -> Result<f64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .ok_or_else(|| anyhow!("no VmHWM in /proc/self/status"))?;
+    let kb: f64 = line.split_whitespace().nth(1).context("VmHWM value")?.parse()?;
+    Ok(kb / 1024.0)
+}
+
+impl Worker {
+    fn model(&self) -> Result<&ValueHeadModel> {
+        self.model.as_ref().ok_or_else(|| anyhow!("no model loaded"))
+    }
+
+    fn load(&mut self, request: &Value) -> Result<Value> {
+        self.model = None;
+        let dir = request["dir"].as_str().context("dir")?;
+        let mut options = LoadOptions::default();
+        options.dtype = match request["dtype"].as_str() {
+            Some("f32") => Kind::Float,
+            Some("bf16") => Kind::BFloat16,
+            other => bail!("unknown dtype {other:?}"),
+        };
+        let model = ValueHeadModel::from_folder(dir, &options)?;
+        let bytes = decode_bytes(&model);
+        self.model = Some(model);
+        Ok(json!({"decode_bytes": bytes}))
+    }
+
+    fn prepare(&mut self, task: &Value) -> Result<()> {
+        let input_ids = ids(task, "input_ids")?;
+        let attention_mask = input_ids.ones_like();
+        let decoder_input_ids = task
+            .get("decoder_input_ids")
+            .map(|_| ids(task, "decoder_input_ids"))
+            .transpose()?;
+        let mut generation = match self.model()? {
+            ValueHeadModel::Causal(m) => m.default_generation_config()?,
+            ValueHeadModel::Seq2Seq(m) => m.default_generation_config()?,
+        };
+        if let Some(n) = task.get("max_new_tokens").and_then(Value::as_u64) {
+            generation.max_new_tokens = Some(n as usize);
+            generation.min_new_tokens = n as usize;
+        }
+        generation.do_sample = false;
+        self.task = Some(Task {
+            kind: task["type"].as_str().context("type")?.to_string(),
+            input_ids,
+            attention_mask,
+            decoder_input_ids,
+            generation,
+        });
+        std::fs::write("/proc/self/clear_refs", "5").context("resetting the peak RSS")?;
+        self.run_once()?;
+        Ok(())
+    }
+
+    fn run_once(&self) -> Result<Value> {
+        let task = self.task.as_ref().ok_or_else(|| anyhow!("no task prepared"))?;
+        let model = self.model()?;
+        tch::no_grad(|| -> Result<Value> {
+            match (task.kind.as_str(), model) {
+                ("forward", ValueHeadModel::Causal(m)) => {
+                    let out = m.forward(&task.input_ids, Some(&task.attention_mask), None, None)?;
+                    Ok(json!({"values_sum": sum(&out.values)?}))
+                }
+                ("forward", ValueHeadModel::Seq2Seq(m)) => {
+                    let out = m.forward(
+                        Some(&task.input_ids),
+                        Some(&task.attention_mask),
+                        task.decoder_input_ids.as_ref(),
+                        None,
+                        None,
+                        None,
+                        None,
+                    )?;
+                    Ok(json!({"values_sum": sum(&out.values)?}))
+                }
+                // Our generate returns values and log-probs from the decoding passes themselves,
+                // so generation and the rollout are the same call.
+                ("generate" | "rollout", _) => {
+                    let out = model.generate(&task.input_ids, Some(&task.attention_mask), &task.generation)?;
+                    let mut check = json!({"tokens": to_rows(&out.new_tokens)?});
+                    if task.kind == "rollout" {
+                        check["logprobs_sum"] = json!(sum(&out.logprobs)?);
+                        check["values_sum"] = json!(sum(&out.values)?);
+                    }
+                    Ok(check)
+                }
+                (other, _) => bail!("unknown task type {other}"),
+            }
+        })
+    }
+
+    fn run(&self, iters: u64) -> Result<Value> {
+        let start = Instant::now();
+        let mut check = Value::Null;
+        for _ in 0..iters.max(1) {
+            check = self.run_once()?;
+        }
+        let ms = start.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64;
+        Ok(json!({"ms": ms, "check": check}))
+    }
+}
+
+/// Read bandwidth in GB/s: the best of several sums over a buffer far larger than the caches.
+fn bandwidth() -> Result<Value> {
+    let buffer = Tensor::f_ones([1 << 27], (Kind::Float, tch::Device::Cpu))?;
+    let bytes = (buffer.numel() * 4) as f64;
+    let mut best = f64::INFINITY;
+    for _ in 0..8 {
+        let start = Instant::now();
+        let _ = buffer.f_sum(Kind::Float)?.f_double_value(&[])?;
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    Ok(json!({"gb_per_s": bytes / best / 1e9}))
+}
+
+fn handle(worker: &mut Worker, request: &Value) -> Result<Value> {
+    match request["cmd"].as_str().unwrap_or_default() {
+        "init" => {
+            let threads = request["threads"].as_i64().context("threads")?;
+            tch::set_num_threads(threads as i32);
+            tch::set_num_interop_threads(1);
+            Ok(json!({"versions": {"valuehead": env!("CARGO_PKG_VERSION")}}))
+        }
+        "load" => worker.load(request),
+        "prepare" => worker.prepare(&request["task"]).map(|_| json!({})),
+        "run" => worker.run(request["iters"].as_u64().unwrap_or(1)),
+        "rss" => Ok(json!({"peak_rss_mb": peak_rss_mb()?})),
+        "bandwidth" => bandwidth(),
+        other => bail!("unknown command {other}"),
+    }
+}
+
+fn main() -> Result<()> {
+    let mut worker = Worker::default();
+    let stdin = std::io::stdin();
+    let mut stdout = std::io::stdout();
+    for line in stdin.lock().lines() {
+        let request: Value = serde_json::from_str(&line?)?;
+        if request["cmd"] == "quit" {
+            writeln!(stdout, "{}", json!({"ok": true}))?;
+            break;
+        }
+        let reply = match handle(&mut worker, &request) {
+            Ok(mut out) => {
+                out["ok"] = json!(true);
+                out
+            }
+            Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
+        };
+        writeln!(stdout, "{reply}")?;
+        stdout.flush()?;
+    }
+    Ok(())
+}

@@ -1,0 +1,186 @@
+"""The Python side of `cargo xtask bench`: TRL 0.26.2 / transformers on the same torch.
+
+A long-lived worker driven by the bench over stdin/stdout, one JSON object per line each way
+(the Rust worker, crates/valuehead/examples/bench_worker.rs, speaks the same protocol):
+
+  {"cmd": "init", "threads": N}                          -> {"ok": true, "versions": {...}}
+  {"cmd": "make", "name": NAME, "dir": DIR}              -> builds a seeded random model, saves it
+  {"cmd": "load", "dir": DIR, "dtype": "f32"|"bf16"}     -> {"ok": true, "attn_implementation": ...}
+  {"cmd": "prepare", "task": TASK}                       -> inputs built, one warm-up run, peak RSS reset
+  {"cmd": "run", "iters": K}                             -> {"ok": true, "ms": per-iteration, "check": ...}
+  {"cmd": "rss"}                                         -> {"ok": true, "peak_rss_mb": ...}
+
+TASK: {"type": "forward"|"generate"|"rollout", "input_ids": [[...]], "decoder_input_ids": [[...]]
+(seq2seq forward), "max_new_tokens": N}. Everything runs under torch.inference_mode(), with the
+model in eval mode and its default attention implementation (what a TRL user gets).
+
+usage: python bench_worker.py   (then speak the protocol)
+"""
+
+import json
+import os
+import sys
+import time
+
+import torch
+import transformers
+import trl
+from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
+from trl import AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead
+
+# The bench's models: seeded random weights (HF's own initialisation).
+MODELS = {
+    "gpt2-toy": ("gpt2", dict(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=512, bos_token_id=999, eos_token_id=999)),
+    "gpt2-small": ("gpt2", dict()),
+    "t5-toy": ("t5", dict(vocab_size=1000, d_model=64, d_kv=16, d_ff=256, num_layers=2, num_heads=4, decoder_start_token_id=0)),
+    "t5-small": ("t5", dict(decoder_start_token_id=0)),
+}
+
+
+def reply(obj):
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def reset_peak_rss():
+    # Writing 5 to clear_refs resets VmHWM (the peak RSS) to the current RSS.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_mb():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def make(name, out_dir):
+    arch, overrides = MODELS[name]
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        base = GPT2LMHeadModel(GPT2Config(**overrides))
+        model = AutoModelForCausalLMWithValueHead.from_pretrained(base)
+    else:
+        base = T5ForConditionalGeneration(T5Config(**overrides))
+        model = AutoModelForSeq2SeqLMWithValueHead.from_pretrained(base)
+    tmp = out_dir + ".partial"
+    model.save_pretrained(tmp)
+    os.replace(tmp, out_dir)
+
+
+class Worker:
+    def __init__(self):
+        self.model = None
+        self.task = None
+
+    def load(self, model_dir, dtype):
+        self.model = None
+        config = json.load(open(os.path.join(model_dir, "config.json")))
+        self.seq2seq = config.get("model_type") == "t5"
+        cls = AutoModelForSeq2SeqLMWithValueHead if self.seq2seq else AutoModelForCausalLMWithValueHead
+        model = cls.from_pretrained(model_dir)
+        if dtype == "bf16":
+            model = model.to(torch.bfloat16)
+        self.model = model.eval()
+        self.config = self.model.pretrained_model.config
+        eos = self.config.eos_token_id
+        self.pad = self.config.pad_token_id if self.config.pad_token_id is not None else eos
+        return {"attn_implementation": self.config._attn_implementation}
+
+    def prepare(self, task):
+        self.task = task
+        self.input_ids = torch.tensor(task["input_ids"], dtype=torch.long)
+        self.attention_mask = torch.ones_like(self.input_ids)
+        if "decoder_input_ids" in task:
+            self.decoder_input_ids = torch.tensor(task["decoder_input_ids"], dtype=torch.long)
+        reset_peak_rss()
+        self.run_once()
+
+    def generate(self):
+        n = self.task["max_new_tokens"]
+        return self.model.generate(
+            input_ids=self.input_ids,
+            attention_mask=self.attention_mask,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=self.pad,
+        )
+
+    def run_once(self):
+        kind = self.task["type"]
+        with torch.inference_mode():
+            if kind == "forward":
+                if self.seq2seq:
+                    logits, _, values = self.model(
+                        input_ids=self.input_ids,
+                        attention_mask=self.attention_mask,
+                        decoder_input_ids=self.decoder_input_ids,
+                    )
+                else:
+                    logits, _, values = self.model(input_ids=self.input_ids, attention_mask=self.attention_mask)
+                return {"values_sum": float(values.float().sum())}
+            sequences = self.generate()
+            n = self.task["max_new_tokens"]
+            new_tokens = sequences[:, -n:]
+            if kind == "generate":
+                return {"tokens": new_tokens.tolist()}
+            # TRL's rollout: generate, then one forward over prompt + response for values and
+            # log-probs (as its PPO trainer's batched forward pass).
+            if self.seq2seq:
+                logits, _, values = self.model(
+                    input_ids=self.input_ids,
+                    attention_mask=self.attention_mask,
+                    decoder_input_ids=sequences,
+                )
+                logits, values = logits[:, :-1], values[:, :-1]
+            else:
+                mask = torch.cat([self.attention_mask, torch.ones_like(new_tokens)], 1)
+                logits, _, values = self.model(input_ids=sequences, attention_mask=mask)
+                logits, values = logits[:, -n - 1 : -1], values[:, -n - 1 : -1]
+            logprobs = torch.log_softmax(logits.float(), -1).gather(2, new_tokens.unsqueeze(2)).squeeze(2)
+            return {"tokens": new_tokens.tolist(), "logprobs_sum": float(logprobs.sum()), "values_sum": float(values.float().sum())}
+
+    def run(self, iters):
+        start = time.perf_counter()
+        for _ in range(iters):
+            check = self.run_once()
+        ms = (time.perf_counter() - start) * 1e3 / iters
+        return {"ms": ms, "check": check}
+
+
+def main():
+    worker = Worker()
+    for line in sys.stdin:
+        request = json.loads(line)
+        cmd = request["cmd"]
+        try:
+            if cmd == "init":
+                torch.set_num_threads(request["threads"])
+                out = {"versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}}
+            elif cmd == "make":
+                make(request["name"], request["dir"])
+                out = {}
+            elif cmd == "load":
+                out = worker.load(request["dir"], request["dtype"])
+            elif cmd == "prepare":
+                worker.prepare(request["task"])
+                out = {}
+            elif cmd == "run":
+                out = worker.run(request.get("iters", 1))
+            elif cmd == "rss":
+                out = {"peak_rss_mb": peak_rss_mb()}
+            elif cmd == "quit":
+                reply({"ok": True})
+                return
+            else:
+                raise ValueError(f"unknown command {cmd}")
+            reply(dict(out, ok=True))
+        except Exception as e:  # reported to the bench, which stops with the message
+            reply({"ok": False, "error": f"{type(e).__name__}: {e}"})
+
+
+if __name__ == "__main__":
+    main()
