@@ -72,7 +72,14 @@ impl CausalBackbone {
         let i = input;
         Ok(match self {
             Self::Gpt2(m) => {
-                let out = m.forward(i.input_ids, i.attention_mask, i.position_ids, i.past, train)?;
+                let out = m.forward_keeping(
+                    i.input_ids,
+                    i.attention_mask,
+                    i.position_ids,
+                    i.past,
+                    train,
+                    i.logits_to_keep,
+                )?;
                 BackboneOutput {
                     logits: out.logits,
                     last_hidden_state: out.last_hidden_state,
@@ -80,7 +87,14 @@ impl CausalBackbone {
                 }
             }
             Self::Llama(m) => {
-                let out = m.forward(i.input_ids, i.attention_mask, i.position_ids, i.past, train)?;
+                let out = m.forward_keeping(
+                    i.input_ids,
+                    i.attention_mask,
+                    i.position_ids,
+                    i.past,
+                    train,
+                    i.logits_to_keep,
+                )?;
                 BackboneOutput {
                     logits: out.logits,
                     last_hidden_state: out.last_hidden_state,
@@ -114,6 +128,9 @@ pub struct CausalLmInput<'a> {
     pub past: Option<&'a Cache>,
     /// Targets [batch, seq] for the shifted LM loss; -100 is ignored.
     pub labels: Option<&'a Tensor>,
+    /// Logits for the last this many positions only; 0 (the default) keeps all, as HF's
+    /// `logits_to_keep`. Values are always given for every position.
+    pub logits_to_keep: i64,
 }
 
 impl<'a> CausalLmInput<'a> {
@@ -125,6 +142,7 @@ impl<'a> CausalLmInput<'a> {
             position_ids: None,
             past: None,
             labels: None,
+            logits_to_keep: 0,
         }
     }
     /// Sets the attention mask.
@@ -145,6 +163,11 @@ impl<'a> CausalLmInput<'a> {
     /// Sets labels for the loss.
     pub fn labels(mut self, labels: &'a Tensor) -> Self {
         self.labels = Some(labels);
+        self
+    }
+    /// Computes logits for the last `n` positions only (0 = all).
+    pub fn logits_to_keep(mut self, n: i64) -> Self {
+        self.logits_to_keep = n;
         self
     }
 }
@@ -207,6 +230,7 @@ impl CausalLmWithValueHead {
             position_ids: None,
             past,
             labels,
+            logits_to_keep: 0,
         })
     }
 
@@ -274,20 +298,35 @@ impl CausalLmWithValueHead {
             }
         }
         let input_ids = input_ids.f_to_device(device)?;
+        // Without padding the mask changes nothing (positions count from 0, only the causal
+        // rule hides keys), so the steps skip rebuilding and checking it.
+        let padded = mask.f_eq(0)?.f_any()?.f_int64_value(&[])? != 0;
+        let capacity = prompt_len + max_new as i64;
         let mut past: Option<Cache> = None;
         decode_loop(&input_ids, max_new, config, |next| {
             let ids = match next {
                 None => &input_ids,
                 Some(next) => {
-                    mask = Tensor::f_cat(&[&mask, &Tensor::f_ones([batch, 1], (Kind::Int64, device))?], 1)?;
+                    if padded {
+                        mask = Tensor::f_cat(&[&mask, &Tensor::f_ones([batch, 1], (Kind::Int64, device))?], 1)?;
+                    }
                     next
                 }
             };
-            let out = self.forward_with(&CausalLmInput {
-                past: past.as_ref(),
-                ..CausalLmInput::new(ids).attention_mask(&mask)
-            })?;
-            past = Some(out.past);
+            let mut input = CausalLmInput::new(ids).logits_to_keep(1);
+            if padded {
+                input = input.attention_mask(&mask);
+            }
+            if let Some(past) = &past {
+                input = input.past(past);
+            }
+            let out = self.forward_with(&input)?;
+            // Room for every step's keys and values: each step then writes its own in place
+            // instead of copying the whole cache.
+            past = Some(match next {
+                None => out.past.with_capacity(capacity)?,
+                Some(_) => out.past,
+            });
             Ok(StepOutput {
                 logits: out.logits.f_select(1, -1)?,
                 values: out.values.f_select(1, -1)?,

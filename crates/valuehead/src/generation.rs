@@ -266,21 +266,21 @@ pub(crate) fn top_p_filter(scores: &Tensor, top_p: f64) -> Result<Tensor> {
 }
 
 /// The processed scores from which the next token is chosen: repetition penalty, min-new-tokens
-/// eos suppression, then (sampling only) temperature, top-k and top-p, in HF's order.
+/// eos suppression (`eos` [n] on the scores' device), then (sampling only) temperature, top-k
+/// and top-p, in HF's order.
 pub(crate) fn process_scores(
     logits: &Tensor,
     seen: &Tensor,
     generated: usize,
     config: &GenerationConfig,
+    eos: Option<&Tensor>,
 ) -> Result<Tensor> {
     let mut scores = logits.shallow_clone();
     if config.repetition_penalty != 1.0 {
         scores = apply_repetition_penalty(&scores, seen, config.repetition_penalty)?;
     }
-    if generated < config.min_new_tokens && !config.eos_token_id.is_empty() {
-        let eos = Tensor::f_from_slice(&config.eos_token_id)?.f_to_device(scores.device())?;
-        let vocab = Tensor::f_arange(scores.size()[1], (Kind::Int64, scores.device()))?;
-        scores = scores.f_masked_fill(&Tensor::f_isin(&vocab, &eos, false, false)?, f64::NEG_INFINITY)?;
+    if let Some(eos) = eos.filter(|_| generated < config.min_new_tokens) {
+        scores = scores.f_index_fill(1, eos, f64::NEG_INFINITY)?;
     }
     if config.do_sample {
         if config.temperature != 1.0 {
@@ -342,43 +342,54 @@ pub(crate) fn decode_loop(
         .then(|| Tensor::f_from_slice(&config.eos_token_id).and_then(|t| t.f_to_device(device)))
         .transpose()?;
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed.unwrap_or_else(rand::random));
+    // The repetition penalty looks at the growing sequence at every step; otherwise the
+    // sequences are assembled once at the end.
+    let penalised = config.repetition_penalty != 1.0;
+    let prompt = seen.shallow_clone();
     let mut seen = seen.shallow_clone();
     let mut unfinished = Tensor::f_ones([batch], (Kind::Bool, device))?;
     let (mut tokens, mut values, mut logprobs, mut generated_mask) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut out = step(None)?;
     for n in 0..max_new {
-        let scores = process_scores(&out.logits, &seen, n, config)?;
+        let scores = process_scores(&out.logits, &seen, n, config, eos.as_ref())?;
         let mut next = if config.do_sample {
             sample(&scores, &mut rng)?
         } else {
             scores.f_argmax(-1, false)?
         };
-        if let Some(pad) = pad {
+        // Before min_new_tokens no row can have produced eos, so every row is still going.
+        let may_finish = eos.is_some() && n >= config.min_new_tokens;
+        if let (Some(pad), true) = (pad, may_finish) {
             next = next.f_where_self(&unfinished, &Tensor::f_full([batch], pad, (Kind::Int64, device))?)?;
         }
+        let column = next.f_unsqueeze(1)?;
+        // log_softmax at the chosen token: logit - logsumexp, without writing the whole row.
         let logprob = out
             .logits
-            .f_log_softmax(-1, Kind::Float)?
-            .f_gather(1, &next.f_unsqueeze(1)?, false)?
-            .f_squeeze_dim(1)?;
+            .f_gather(1, &column, false)?
+            .f_squeeze_dim(1)?
+            .f_sub(&out.logits.f_logsumexp(&[-1i64][..], false)?)?;
         tokens.push(next.shallow_clone());
         values.push(out.values.shallow_clone());
         logprobs.push(logprob);
         generated_mask.push(unfinished.shallow_clone());
-        seen = Tensor::f_cat(&[&seen, &next.f_unsqueeze(1)?], 1)?;
-        if let Some(eos) = &eos {
+        if penalised {
+            seen = Tensor::f_cat(&[&seen, &column], 1)?;
+        }
+        if let (Some(eos), true) = (&eos, may_finish) {
             unfinished = unfinished.f_logical_and(&Tensor::f_isin(&next, eos, false, false)?.f_logical_not()?)?;
             if unfinished.f_any()?.f_int64_value(&[])? == 0 {
                 break;
             }
         }
         if n + 1 < max_new {
-            out = step(Some(&next.f_unsqueeze(1)?))?;
+            out = step(Some(&column))?;
         }
     }
+    let new_tokens = Tensor::f_stack(&tokens, 1)?;
     Ok(GenerateOutput {
-        sequences: seen,
-        new_tokens: Tensor::f_stack(&tokens, 1)?,
+        sequences: Tensor::f_cat(&[&prompt, &new_tokens], 1)?,
+        new_tokens,
         values: Tensor::f_stack(&values, 1)?,
         logprobs: Tensor::f_stack(&logprobs, 1)?,
         generated_mask: Tensor::f_stack(&generated_mask, 1)?,

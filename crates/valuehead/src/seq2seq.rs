@@ -208,7 +208,14 @@ impl Seq2SeqLmWithValueHead {
                 past: past.as_ref(),
                 ..Default::default()
             })?;
-            past = Some(out.past);
+            // Room for every step's self-attention keys and values, written in place.
+            past = Some(match next {
+                None => Seq2SeqCache {
+                    self_attention: out.past.self_attention.with_capacity(1 + max_new as i64)?,
+                    cross_attention: out.past.cross_attention,
+                },
+                Some(_) => out.past,
+            });
             Ok(StepOutput {
                 logits: out.logits.f_select(1, -1)?,
                 values: out.values.f_select(1, -1)?,

@@ -146,6 +146,57 @@ pub fn causal_attention_bias(
     Ok(Some(bias.f_masked_fill(&in_future, future)?))
 }
 
+/// At most this many positions count as a decode step for [`lm_logits`].
+const DECODE_ROWS: i64 = 16;
+
+/// LM-head logits [B, K, vocab] of `hidden` [B, T, C] with `weight` [vocab, C], for the last
+/// `logits_to_keep` positions (K; 0 keeps all T, as HF's argument of that name).
+pub fn lm_logits(hidden: &Tensor, weight: &Tensor, logits_to_keep: i64) -> Result<Tensor> {
+    let (b, t, c) = hidden.size3()?;
+    let keep = if logits_to_keep <= 0 || logits_to_keep >= t {
+        t
+    } else {
+        logits_to_keep
+    };
+    let hidden = if keep == t {
+        hidden.shallow_clone()
+    } else {
+        hidden.f_narrow(1, t - keep, keep)?
+    };
+    let rows = b * keep;
+    if rows > DECODE_ROWS || hidden.device() != tch::Device::Cpu {
+        return Ok(hidden.f_linear::<Tensor>(weight, None)?);
+    }
+    // A decode step multiplies the whole [vocab, C] matrix by a few vectors. On CPU the
+    // matrix-vector kernel (one row) and `weight @ hidden^T` (a few rows) stream it 1.2-1.6x
+    // faster than `hidden @ weight^T` (measured with torch 2.11 on x86, f32 and bf16); the sums
+    // are the same up to rounding order.
+    let flat = hidden.f_reshape([rows, c])?;
+    let logits = if rows == 1 {
+        weight.f_mv(&flat.f_squeeze_dim(0)?)?
+    } else {
+        weight.f_mm(&flat.f_tr()?)?.f_tr()?.f_contiguous()?
+    };
+    Ok(logits.f_reshape([b, keep, weight.size()[0]])?)
+}
+
+/// Dropout that is only applied while training.
+pub trait TrainDropout {
+    /// Dropout with probability `p` when `train`; otherwise the tensor itself, without a call
+    /// into libtorch (an eval-mode dropout still costs a dispatch per call in the decode loop).
+    fn train_dropout(&self, p: f64, train: bool) -> Result<Tensor>;
+}
+
+impl TrainDropout for Tensor {
+    fn train_dropout(&self, p: f64, train: bool) -> Result<Tensor> {
+        if train && p > 0.0 {
+            Ok(self.f_dropout(p, true)?)
+        } else {
+            Ok(self.shallow_clone())
+        }
+    }
+}
+
 /// Validates labels for `logits` [batch, seq, vocab]: shape [batch, seq], integers, each either
 /// [`IGNORE_INDEX`] or a token id in the vocabulary.
 pub fn check_labels(labels: &Tensor, batch: i64, seq: i64, vocab_size: i64) -> Result<()> {

@@ -1,6 +1,22 @@
 //! The key/value cache a caller holds between incremental forward passes.
 
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use tch::Tensor;
+use vh_core::Result;
+
+/// Buffers with room for more positions than are cached, so that a step writes its keys and
+/// values in place instead of copying the whole cache into a longer tensor.
+#[derive(Debug)]
+struct Reserve {
+    /// [batch, heads, capacity, head_dim].
+    keys: Tensor,
+    values: Tensor,
+    /// Positions written so far. Only the cache whose length equals it may write in place; an
+    /// older cache continued again (a branch) falls back to copying, so it never overwrites the
+    /// positions a newer cache already shows.
+    filled: Arc<AtomicI64>,
+}
 
 /// One attention layer's cached keys and values, each [batch, heads, seq, head_dim].
 #[derive(Debug)]
@@ -9,15 +25,90 @@ pub struct LayerCache {
     pub keys: Tensor,
     /// Cached values.
     pub values: Tensor,
+    reserve: Option<Reserve>,
 }
 
 impl LayerCache {
+    /// A cache holding exactly `keys` and `values`.
+    pub fn new(keys: Tensor, values: Tensor) -> Self {
+        Self {
+            keys,
+            values,
+            reserve: None,
+        }
+    }
+
     /// A cheap copy sharing storage.
     pub fn shallow_clone(&self) -> LayerCache {
         LayerCache {
             keys: self.keys.shallow_clone(),
             values: self.values.shallow_clone(),
+            reserve: self.reserve.as_ref().map(|r| Reserve {
+                keys: r.keys.shallow_clone(),
+                values: r.values.shallow_clone(),
+                filled: r.filled.clone(),
+            }),
         }
+    }
+
+    /// Cached positions.
+    pub fn seq_len(&self) -> i64 {
+        self.keys.size()[2]
+    }
+
+    /// The same keys and values in buffers with room for `capacity` positions (at least the
+    /// current length), so that later steps append without copying the cache.
+    pub fn with_capacity(&self, capacity: i64) -> Result<LayerCache> {
+        let len = self.seq_len();
+        let buffer = |t: &Tensor| -> Result<(Tensor, Tensor)> {
+            let mut size = t.size();
+            size[2] = capacity.max(len);
+            let full = Tensor::f_empty(size.as_slice(), (t.kind(), t.device()))?;
+            let mut head = full.f_narrow(2, 0, len)?;
+            head.f_copy_(t)?;
+            Ok((full, head))
+        };
+        let (keys_buffer, keys) = buffer(&self.keys)?;
+        let (values_buffer, values) = buffer(&self.values)?;
+        Ok(LayerCache {
+            keys,
+            values,
+            reserve: Some(Reserve {
+                keys: keys_buffer,
+                values: values_buffer,
+                filled: Arc::new(AtomicI64::new(len)),
+            }),
+        })
+    }
+
+    /// This cache followed by `keys` and `values` [batch, heads, new, head_dim]: written in place
+    /// when the reserve has room and this is its newest cache, else concatenated into new tensors.
+    pub fn append(&self, keys: &Tensor, values: &Tensor) -> Result<LayerCache> {
+        let (len, new) = (self.seq_len(), keys.size()[2]);
+        if let Some(r) = &self.reserve {
+            let fits = len + new <= r.keys.size()[2];
+            if fits
+                && r.filled
+                    .compare_exchange(len, len + new, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                r.keys.f_narrow(2, len, new)?.f_copy_(keys)?;
+                r.values.f_narrow(2, len, new)?.f_copy_(values)?;
+                return Ok(LayerCache {
+                    keys: r.keys.f_narrow(2, 0, len + new)?,
+                    values: r.values.f_narrow(2, 0, len + new)?,
+                    reserve: Some(Reserve {
+                        keys: r.keys.shallow_clone(),
+                        values: r.values.shallow_clone(),
+                        filled: r.filled.clone(),
+                    }),
+                });
+            }
+        }
+        Ok(LayerCache::new(
+            Tensor::f_cat(&[&self.keys, keys], 2)?,
+            Tensor::f_cat(&[&self.values, values], 2)?,
+        ))
     }
 }
 
@@ -31,7 +122,7 @@ pub struct Cache {
 impl Cache {
     /// Number of cached positions (0 for an empty cache).
     pub fn seq_len(&self) -> i64 {
-        self.layers.first().map_or(0, |l| l.keys.size()[2])
+        self.layers.first().map_or(0, LayerCache::seq_len)
     }
 
     /// Batch size of the cached tensors, if any.
@@ -49,5 +140,55 @@ impl Cache {
         Cache {
             layers: self.layers.iter().map(LayerCache::shallow_clone).collect(),
         }
+    }
+
+    /// The same cache with room for `capacity` positions per layer, so that incremental passes
+    /// write new keys and values in place (generation does this; the numbers are the same).
+    /// For inference: writing in place into tensors that autograd saved would fail backward.
+    pub fn with_capacity(&self, capacity: i64) -> Result<Cache> {
+        Ok(Cache {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| l.with_capacity(capacity))
+                .collect::<Result<_>>()?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    fn step(seed: i64) -> (Tensor, Tensor) {
+        let t = Tensor::arange(2 * 3 * 4, (Kind::Float, Device::Cpu)).reshape([2, 3, 1, 4]) + seed as f64 * 100.0;
+        (t.shallow_clone(), -t)
+    }
+
+    #[test]
+    fn appending_in_place_equals_concatenation_and_branches_copy() {
+        let (k0, v0) = step(0);
+        let plain = LayerCache::new(k0.shallow_clone(), v0.shallow_clone());
+        let reserved = plain.with_capacity(4).unwrap();
+        let (k1, v1) = step(1);
+        let a = plain.append(&k1, &v1).unwrap();
+        let b = reserved.append(&k1, &v1).unwrap();
+        assert!(a.keys.equal(&b.keys) && a.values.equal(&b.values));
+        assert!(b.reserve.is_some() && b.seq_len() == 2);
+        // Continuing the older cache again must not overwrite position 1 of `b`.
+        let (k2, v2) = step(2);
+        let branch = reserved.append(&k2, &v2).unwrap();
+        assert!(branch.reserve.is_none(), "a branch copies");
+        assert!(b.keys.narrow(2, 1, 1).equal(&k1));
+        assert!(branch.keys.narrow(2, 1, 1).equal(&k2));
+        // The newest cache keeps writing in place until the capacity is reached.
+        let c = b.append(&k2, &v2).unwrap();
+        let d = c.append(&k1, &v1).unwrap();
+        assert!(d.reserve.is_some() && d.seq_len() == 4);
+        let e = d.append(&k2, &v2).unwrap();
+        assert!(e.reserve.is_none() && e.seq_len() == 5, "past the capacity it copies");
+        let expected = Tensor::cat(&[&k0, &k1, &k2, &k1, &k2], 2);
+        assert!(e.keys.equal(&expected));
     }
 }

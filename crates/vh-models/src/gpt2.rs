@@ -8,8 +8,8 @@ use tch::{nn, Kind, Tensor};
 use vh_core::error::invalid;
 use vh_core::error::{check_positive, parse_config};
 use vh_core::tensor::{
-    attention_mask_to_bool, causal_attention_bias, check_input_ids, expect_integer, expect_shape, int_range,
-    position_ids_from_mask,
+    attention_mask_to_bool, causal_attention_bias, check_input_ids, expect_integer, expect_shape, int_range, lm_logits,
+    position_ids_from_mask, TrainDropout,
 };
 use vh_core::{Error, Result};
 
@@ -259,12 +259,13 @@ impl Attention {
         let qkv = self.c_attn.forward(x)?;
         let parts = qkv.f_split(c, 2)?;
         let query = self.split_heads(&parts[0])?;
-        let mut key = self.split_heads(&parts[1])?;
-        let mut value = self.split_heads(&parts[2])?;
-        if let Some(past) = past {
-            key = Tensor::f_cat(&[&past.keys, &key], 2)?;
-            value = Tensor::f_cat(&[&past.values, &value], 2)?;
-        }
+        let key = self.split_heads(&parts[1])?;
+        let value = self.split_heads(&parts[2])?;
+        let cache = match past {
+            Some(past) => past.append(&key, &value)?,
+            None => LayerCache::new(key, value),
+        };
+        let (key, value) = (&cache.keys, &cache.values);
         let probs = if self.reorder_and_upcast_attn {
             // Scaled before the product and kept in f32 through the softmax, as HF's
             // `_upcast_and_reordered_attn`, so half-precision scores cannot overflow.
@@ -296,20 +297,14 @@ impl Attention {
             let kind = scores.kind();
             scores.f_softmax(-1, kind)?.f_to_kind(value.kind())?
         };
-        let probs = probs.f_dropout(self.attn_pdrop, train)?;
+        let probs = probs.train_dropout(self.attn_pdrop, train)?;
         let out = probs
             .f_matmul(&value)?
             .f_transpose(1, 2)?
             .f_contiguous()?
             .f_view([b, t, c])?;
-        let out = self.c_proj.forward(&out)?.f_dropout(self.resid_pdrop, train)?;
-        Ok((
-            out,
-            LayerCache {
-                keys: key,
-                values: value,
-            },
-        ))
+        let out = self.c_proj.forward(&out)?.train_dropout(self.resid_pdrop, train)?;
+        Ok((out, cache))
     }
 }
 
@@ -336,7 +331,7 @@ impl Mlp {
     /// [B, T, C] -> [B, T, C].
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let h = self.act.forward(&self.c_fc.forward(x)?)?;
-        Ok(self.c_proj.forward(&h)?.f_dropout(self.resid_pdrop, train)?)
+        Ok(self.c_proj.forward(&h)?.train_dropout(self.resid_pdrop, train)?)
     }
 }
 
@@ -495,7 +490,7 @@ impl Gpt2Model {
 
         let tokens = Tensor::f_embedding(&self.wte, &input_ids, -1, false, false)?;
         let positions = Tensor::f_embedding(&self.wpe, &position_ids, -1, false, false)?;
-        let mut hidden = (tokens + positions).f_dropout(self.cfg.embd_pdrop, train)?;
+        let mut hidden = (tokens + positions).train_dropout(self.cfg.embd_pdrop, train)?;
         let mut layers = Vec::with_capacity(self.h.len());
         for (i, block) in self.h.iter().enumerate() {
             let layer_past = past.map(|c| &c.layers[i]);
@@ -572,10 +567,24 @@ impl Gpt2LmHeadModel {
         past: Option<&Cache>,
         train: bool,
     ) -> Result<Gpt2LmOutput> {
+        self.forward_keeping(input_ids, attention_mask, position_ids, past, train, 0)
+    }
+
+    /// [`Gpt2LmHeadModel::forward`] with logits for the last `logits_to_keep` positions only
+    /// (0 = all), as HF's `logits_to_keep`: generation needs one position's logits.
+    pub fn forward_keeping(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: Option<&Tensor>,
+        past: Option<&Cache>,
+        train: bool,
+        logits_to_keep: i64,
+    ) -> Result<Gpt2LmOutput> {
         let out = self
             .transformer
             .forward(input_ids, attention_mask, position_ids, past, train)?;
-        let logits = out.last_hidden_state.f_linear::<Tensor>(&self.lm_head, None)?;
+        let logits = lm_logits(&out.last_hidden_state, &self.lm_head, logits_to_keep)?;
         Ok(Gpt2LmOutput {
             logits,
             last_hidden_state: out.last_hidden_state,

@@ -11,8 +11,8 @@ use tch::{nn, Device, Kind, Tensor};
 use vh_core::error::invalid;
 use vh_core::error::{check_positive, parse_config};
 use vh_core::tensor::{
-    attention_mask_to_bool, causal_attention_bias, check_input_ids, expect_integer, expect_shape, int_range, min_value,
-    position_ids_from_mask,
+    attention_mask_to_bool, causal_attention_bias, check_input_ids, expect_integer, expect_shape, int_range, lm_logits,
+    min_value, position_ids_from_mask, TrainDropout,
 };
 use vh_core::{Error, Result};
 
@@ -474,13 +474,13 @@ impl Attention {
         let (b, t) = (x.size()[0], x.size()[1]);
         let (cos, sin) = (cos.f_unsqueeze(1)?, sin.f_unsqueeze(1)?);
         let q = apply_rotary(&self.heads(&self.q_proj.forward(x)?, self.heads)?, &cos, &sin)?;
-        let mut k = apply_rotary(&self.heads(&self.k_proj.forward(x)?, self.kv_heads)?, &cos, &sin)?;
-        let mut v = self.heads(&self.v_proj.forward(x)?, self.kv_heads)?;
-        if let Some(past) = past {
-            k = Tensor::f_cat(&[&past.keys, &k], 2)?;
-            v = Tensor::f_cat(&[&past.values, &v], 2)?;
-        }
-        let (keys, values) = (self.repeat_kv(&k)?, self.repeat_kv(&v)?);
+        let k = apply_rotary(&self.heads(&self.k_proj.forward(x)?, self.kv_heads)?, &cos, &sin)?;
+        let v = self.heads(&self.v_proj.forward(x)?, self.kv_heads)?;
+        let cache = match past {
+            Some(past) => past.append(&k, &v)?,
+            None => LayerCache::new(k, v),
+        };
+        let (keys, values) = (self.repeat_kv(&cache.keys)?, self.repeat_kv(&cache.values)?);
         let mut scores = q
             .f_matmul(&keys.f_transpose(2, 3)?)?
             .f_mul_scalar((self.head_dim as f64).powf(-0.5))?;
@@ -490,13 +490,13 @@ impl Attention {
         let probs = scores
             .f_softmax(-1, Kind::Float)?
             .f_to_kind(q.kind())?
-            .f_dropout(self.dropout, train)?;
+            .train_dropout(self.dropout, train)?;
         let out = probs.f_matmul(&values)?.f_transpose(1, 2)?.f_contiguous()?.f_reshape([
             b,
             t,
             self.heads * self.head_dim,
         ])?;
-        Ok((self.o_proj.forward(&out)?, LayerCache { keys: k, values: v }))
+        Ok((self.o_proj.forward(&out)?, cache))
     }
 }
 
@@ -651,6 +651,20 @@ impl LlamaForCausalLM {
         past: Option<&Cache>,
         train: bool,
     ) -> Result<LlamaOutput> {
+        self.forward_keeping(input_ids, attention_mask, position_ids, past, train, 0)
+    }
+
+    /// [`LlamaForCausalLM::forward`] with logits for the last `logits_to_keep` positions only
+    /// (0 = all), as HF's `logits_to_keep`: generation needs one position's logits.
+    pub fn forward_keeping(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: Option<&Tensor>,
+        past: Option<&Cache>,
+        train: bool,
+        logits_to_keep: i64,
+    ) -> Result<LlamaOutput> {
         let (batch, new_len) = check_input_ids(input_ids, self.cfg.vocab_size)?;
         let past = past.filter(|c| !c.is_empty());
         if let Some(p) = past {
@@ -707,7 +721,7 @@ impl LlamaForCausalLM {
             layers.push(cache);
         }
         let h = self.norm.forward(&h)?;
-        let logits = h.f_linear::<Tensor>(&self.lm_head, None)?;
+        let logits = lm_logits(&h, &self.lm_head, logits_to_keep)?;
         Ok(LlamaOutput {
             logits,
             last_hidden_state: h,

@@ -8,7 +8,9 @@ use serde::Deserialize;
 use tch::{nn, Device, Kind, Tensor};
 use vh_core::error::invalid;
 use vh_core::error::{check_positive, parse_config};
-use vh_core::tensor::{attention_mask_to_bool, causal_attention_bias, check_input_ids, expect_rank, min_value};
+use vh_core::tensor::{
+    attention_mask_to_bool, causal_attention_bias, check_input_ids, expect_rank, lm_logits, min_value, TrainDropout,
+};
 use vh_core::{Error, Result};
 
 fn default_vocab_size() -> i64 {
@@ -243,7 +245,7 @@ impl DenseReluDense {
         if let Some(wi_1) = self.wi.get(1) {
             h = h.f_mul(&x.f_linear::<Tensor>(wi_1, None)?)?;
         }
-        let mut h = h.f_dropout(self.dropout, train)?;
+        let mut h = h.train_dropout(self.dropout, train)?;
         if h.kind() != self.wo.kind() {
             h = h.f_to_kind(self.wo.kind())?;
         }
@@ -358,10 +360,10 @@ impl T5Attention {
 
     /// Keys and values of `states` [B, S, d_model], [B, heads, S, d_kv] each.
     pub fn project_kv(&self, states: &Tensor) -> Result<LayerCache> {
-        Ok(LayerCache {
-            keys: self.heads(&states.f_linear::<Tensor>(&self.k, None)?)?,
-            values: self.heads(&states.f_linear::<Tensor>(&self.v, None)?)?,
-        })
+        Ok(LayerCache::new(
+            self.heads(&states.f_linear::<Tensor>(&self.k, None)?)?,
+            self.heads(&states.f_linear::<Tensor>(&self.v, None)?)?,
+        ))
     }
 
     /// Attends from `x` [B, T, d_model] over `kv` with `bias` added to the scores.
@@ -375,7 +377,7 @@ impl T5Attention {
         let probs = scores
             .f_softmax(-1, Kind::Float)?
             .f_to_kind(scores.kind())?
-            .f_dropout(self.dropout, train)?;
+            .train_dropout(self.dropout, train)?;
         let out =
             probs
                 .f_matmul(&kv.values)?
@@ -395,10 +397,7 @@ impl T5Attention {
     ) -> Result<(Tensor, LayerCache)> {
         let mut kv = self.project_kv(x)?;
         if let Some(past) = past {
-            kv = LayerCache {
-                keys: Tensor::f_cat(&[&past.keys, &kv.keys], 2)?,
-                values: Tensor::f_cat(&[&past.values, &kv.values], 2)?,
-            };
+            kv = past.append(&kv.keys, &kv.values)?;
         }
         let out = self.attend(x, &kv, bias, train)?;
         Ok((out, kv))
@@ -477,13 +476,13 @@ impl T5Block {
         let (attn, cache) = self
             .self_attention
             .forward_self(&self.self_norm.forward(x)?, self_bias, past, train)?;
-        let mut h = clamp_half(x.f_add(&attn.f_dropout(self.dropout, train)?)?)?;
+        let mut h = clamp_half(x.f_add(&attn.train_dropout(self.dropout, train)?)?)?;
         if let (Some((attention, norm)), Some(kv)) = (&self.cross, cross_kv) {
             let out = attention.forward_cross(&norm.forward(&h)?, kv, cross_bias, train)?;
-            h = clamp_half(h.f_add(&out.f_dropout(self.dropout, train)?)?)?;
+            h = clamp_half(h.f_add(&out.train_dropout(self.dropout, train)?)?)?;
         }
         let ff = self.ff.forward(&self.ff_norm.forward(&h)?, train)?;
-        Ok((clamp_half(h.f_add(&ff.f_dropout(self.dropout, train)?)?)?, cache))
+        Ok((clamp_half(h.f_add(&ff.train_dropout(self.dropout, train)?)?)?, cache))
     }
 }
 
@@ -655,7 +654,7 @@ impl T5ForConditionalGeneration {
             bias = bias.f_add(&padding_bias(mask, kind)?)?;
         }
         let embeds = Tensor::f_embedding(&self.shared, &input_ids.f_to_device(device)?, -1, false, false)?;
-        let mut h = embeds.f_dropout(self.encoder.dropout, train)?;
+        let mut h = embeds.train_dropout(self.encoder.dropout, train)?;
         for block in &self.encoder.blocks {
             h = block.forward(&h, Some(&bias), None, None, None, train)?.0;
         }
@@ -663,7 +662,7 @@ impl T5ForConditionalGeneration {
             .encoder
             .final_layer_norm
             .forward(&h)?
-            .f_dropout(self.encoder.dropout, train)?;
+            .train_dropout(self.encoder.dropout, train)?;
         Ok(EncoderOutput {
             last_hidden_state: h,
             attention_mask: mask,
@@ -735,7 +734,7 @@ impl T5ForConditionalGeneration {
             .transpose()?;
 
         let embeds = Tensor::f_embedding(&self.shared, &decoder_input_ids.f_to_device(device)?, -1, false, false)?;
-        let mut h = embeds.f_dropout(self.decoder.dropout, train)?;
+        let mut h = embeds.train_dropout(self.decoder.dropout, train)?;
         let mut self_layers = Vec::with_capacity(layers);
         let mut cross_layers = Vec::with_capacity(layers);
         for (i, block) in self.decoder.blocks.iter().enumerate() {
@@ -762,13 +761,13 @@ impl T5ForConditionalGeneration {
             .decoder
             .final_layer_norm
             .forward(&h)?
-            .f_dropout(self.decoder.dropout, train)?;
+            .train_dropout(self.decoder.dropout, train)?;
         let scaled = if self.cfg.tie_word_embeddings {
             h.f_mul_scalar((self.cfg.d_model as f64).powf(-0.5))?
         } else {
             h.shallow_clone()
         };
-        let logits = scaled.f_linear::<Tensor>(&self.lm_head, None)?;
+        let logits = lm_logits(&scaled, &self.lm_head, 0)?;
         Ok(T5DecoderOutput {
             logits,
             last_hidden_state: h,
