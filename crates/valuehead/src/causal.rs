@@ -213,6 +213,9 @@ impl CausalLmWithValueHead {
         let vs = VarStore::new(options.device);
         let backbone = CausalBackbone::build(&vs, &config)?;
         let wrapped = Wrapped::load(vs, config, tensors, options, |key| backbone.parameter_name(key))?;
+        if let CausalBackbone::Gpt2(m) = &backbone {
+            m.arrange_weights()?;
+        }
         Ok(Self { wrapped, backbone })
     }
 

@@ -196,6 +196,12 @@ impl Seq2SeqLmWithValueHead {
             }
         }
         let max_new = config.new_tokens(1)?;
+        // A mask without padding changes nothing; dropping it spares every step the
+        // cross-attention padding bias.
+        let attention_mask = match attention_mask {
+            Some(m) if m.f_eq(0)?.f_any()?.f_int64_value(&[])? == 0 => None,
+            other => other,
+        };
         let encoder = self.encode(input_ids, attention_mask)?;
         let device = encoder.last_hidden_state.device();
         let start_ids = Tensor::f_full([batch, 1], start, (Kind::Int64, device))?;
