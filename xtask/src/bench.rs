@@ -22,7 +22,7 @@ usage: cargo xtask bench [--quick] [--threads N] [--reps N] [--models a,b] [--dt
 
   --quick      a small subset (toy models, f32, few tokens): a smoke test of the bench itself
   --threads    intra-op threads on both sides (default 2)
-  --reps       timed samples per side and workload (default 5; quick 2)
+  --reps       timed samples per side and workload (default 3; quick 2)
   --models     gpt2-toy,t5-toy,gpt2-small,t5-small,smollm2 (smollm2 when installed by setup)
   --out        where results.json and bench.svg go (default: docs/bench for a full run,
                target/bench otherwise)
@@ -78,7 +78,7 @@ fn parse(args: &[String]) -> Result<Options> {
         }
     }
     if o.reps == 0 {
-        o.reps = if o.quick { 2 } else { 5 };
+        o.reps = if o.quick { 2 } else { 3 };
     }
     if o.threads == 0 {
         bail!("--threads must be at least 1");

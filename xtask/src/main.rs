@@ -17,7 +17,8 @@ usage: cargo xtask <task> [args]
 tasks:
   setup    create or reuse the Python reference environment (torch, transformers, trl) in the
            cache and link it into the checkout (.venv, .libtorch)
-  test     setup, then run every test of the workspace, Python parity included
+  test     setup, then run every test of the workspace, Python parity included, and the
+           bench's smoke test (`bench --quick`)
   parity   setup, then run the Python-parity suite and print its tables
   bench    setup, then time our workloads against the Python reference side by side
            (`cargo xtask bench --help` for its options; `--quick` is the CI smoke test)
@@ -226,7 +227,9 @@ fn cargo() -> Command {
 
 fn test(extra: &[String]) -> Result<()> {
     setup()?;
-    run(cargo().args(["test", "--workspace"]).args(extra))
+    run(cargo().args(["test", "--workspace"]).args(extra))?;
+    // The bench's own smoke test: both workers, the protocol, the report and the chart.
+    bench::bench(&["--quick".to_string()])
 }
 
 fn parity(extra: &[String]) -> Result<()> {

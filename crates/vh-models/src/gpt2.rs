@@ -660,7 +660,11 @@ mod tests {
         let reference = model.forward(&ids, None, None, None, false).unwrap().logits;
         model.arrange_weights().unwrap();
         let w = &model.transformer.h[0].attn.c_attn.weight;
-        assert_eq!((w.size(), w.stride()), (vec![16, 48], vec![1, 16]), "[out, in] memory order");
+        assert_eq!(
+            (w.size(), w.stride()),
+            (vec![16, 48], vec![1, 16]),
+            "[out, in] memory order"
+        );
         for (name, t) in vs.variables() {
             let old = &before.iter().find(|(n, _)| *n == name).unwrap().1;
             assert!(t.equal(old), "{name} changed value");
