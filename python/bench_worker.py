@@ -121,7 +121,8 @@ class Worker:
                     )
                 else:
                     logits, _, values = self.model(input_ids=self.input_ids, attention_mask=self.attention_mask)
-                return {"values_sum": float(values.float().sum())}
+                # The last position's logits of the first row, to compare precisions and sides.
+                return {"values_sum": float(values.float().sum()), "last_logits": logits[0, -1].float().tolist()}
             sequences = self.generate()
             n = self.task["max_new_tokens"]
             new_tokens = sequences[:, -n:]

@@ -327,6 +327,9 @@ struct Row {
     token_agreement: Option<f64>,
     /// Bytes of weights a decode step reads (ours), for the bandwidth bound.
     decode_bytes: f64,
+    /// What each side's last sample returned (tokens, sums, last logits).
+    python_check: Value,
+    ours_check: Value,
 }
 
 impl Row {
@@ -521,6 +524,8 @@ pub fn bench(args: &[String]) -> Result<()> {
             retaken,
             token_agreement: token_agreement(&py_check, &rs_check),
             decode_bytes,
+            python_check: py_check,
+            ours_check: rs_check,
         };
         eprintln!(
             "bench: {:<10} {:<4} {:<22} python {:>9.2} ms  ours {:>9.2} ms  x{:.2}",
@@ -536,7 +541,9 @@ pub fn bench(args: &[String]) -> Result<()> {
     drop(py);
     drop(rs);
 
-    let table = render_table(&rows, bandwidth);
+    let numerics = numerics(&rows);
+    let mut table = render_table(&rows, bandwidth);
+    table += &render_numerics(&numerics);
     print!("{table}");
     let full_run = !o.quick && !o.filtered;
     let out_dir = o.out.clone().unwrap_or_else(|| {
@@ -557,6 +564,7 @@ pub fn bench(args: &[String]) -> Result<()> {
         "versions": versions,
         "memory_read_gb_per_s": bandwidth,
         "results": rows.iter().map(|r| row_json(r, bandwidth)).collect::<Vec<_>>(),
+        "numerics": numerics,
     });
     write_atomic(
         &out_dir.join("results.json"),
@@ -591,6 +599,72 @@ pub fn bench(args: &[String]) -> Result<()> {
         bail!("workloads without valid timings: {sanity:?}");
     }
     Ok(())
+}
+
+fn last_logits(check: &Value) -> Option<Vec<f64>> {
+    Some(check.get("last_logits")?.as_array()?.iter().filter_map(Value::as_f64).collect())
+}
+
+fn max_abs_diff(a: &[f64], b: &[f64]) -> Option<f64> {
+    (a.len() == b.len() && !a.is_empty()).then(|| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max))
+}
+
+/// What the precisions and the two sides compute, from the samples' checks: for each model, the
+/// largest last-position logit difference ours vs Python (f32) and bf16 vs f32 (each side),
+/// and how many greedy tokens our bf16 run shares with our f32 run.
+fn numerics(rows: &[Row]) -> Vec<Value> {
+    let find = |model: &str, dtype: &str, task: &str, batch: usize| {
+        rows.iter().find(|r| {
+            r.workload.model == model && r.workload.dtype == dtype && r.workload.task == task && r.workload.batch == batch
+        })
+    };
+    let mut models: Vec<&str> = rows.iter().map(|r| r.workload.model.as_str()).collect();
+    models.dedup();
+    models
+        .into_iter()
+        .map(|model| {
+            let logits = |dtype: &str, python: bool| {
+                find(model, dtype, "forward", 1)
+                    .and_then(|r| last_logits(if python { &r.python_check } else { &r.ours_check }))
+            };
+            let diff = |a: Option<Vec<f64>>, b: Option<Vec<f64>>| max_abs_diff(&a?, &b?);
+            let greedy = |batch: usize| {
+                token_agreement(&find(model, "bf16", "generate", batch)?.ours_check, &find(model, "f32", "generate", batch)?.ours_check)
+            };
+            json!({
+                "model": model,
+                "f32_logits_ours_vs_python": diff(logits("f32", false), logits("f32", true)),
+                "bf16_logits_ours_vs_python": diff(logits("bf16", false), logits("bf16", true)),
+                "bf16_vs_f32_logits_ours": diff(logits("bf16", false), logits("f32", false)),
+                "bf16_vs_f32_logits_python": diff(logits("bf16", true), logits("f32", true)),
+                "bf16_vs_f32_greedy_agreement_ours_b1": greedy(1),
+                "bf16_vs_f32_greedy_agreement_ours_b8": greedy(8),
+            })
+        })
+        .collect()
+}
+
+fn render_numerics(numerics: &[Value]) -> String {
+    let num = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.2e}"));
+    let pct = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{:.0}%", x * 100.0));
+    let mut s = "\nnumerics (max abs difference of the last position's logits, batch-1 forward; greedy tokens shared)\n".to_string();
+    s += &format!(
+        "{:<10} {:>14} {:>15} {:>14} {:>14} {:>14} {:>14}\n",
+        "model", "f32 ours-py", "bf16 ours-py", "ours bf16-f32", "py bf16-f32", "greedy b1", "greedy b8"
+    );
+    for n in numerics {
+        s += &format!(
+            "{:<10} {:>14} {:>15} {:>14} {:>14} {:>14} {:>14}\n",
+            n["model"].as_str().unwrap_or(""),
+            num(&n["f32_logits_ours_vs_python"]),
+            num(&n["bf16_logits_ours_vs_python"]),
+            num(&n["bf16_vs_f32_logits_ours"]),
+            num(&n["bf16_vs_f32_logits_python"]),
+            pct(&n["bf16_vs_f32_greedy_agreement_ours_b1"]),
+            pct(&n["bf16_vs_f32_greedy_agreement_ours_b8"]),
+        );
+    }
+    s
 }
 
 fn write_atomic(path: &Path, contents: String) -> Result<()> {

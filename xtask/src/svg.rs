@@ -11,11 +11,11 @@ fn escape(text: &str) -> String {
     text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
-/// Bars on a log2 axis from 1/4x to the largest power of two above the data, with a line at 1x
+/// Bars on a log2 axis from 1/2x to the largest power of two above the data, with a line at 1x
 /// (parity with Python) and a tick at each bar's target.
 pub fn speedup_chart(title: &str, bars: &[Bar]) -> String {
     let (label_w, plot_w, row_h, top, right) = (330.0, 560.0, 18.0, 60.0, 70.0);
-    let lo = -2.0f64;
+    let lo = -1.0f64;
     let hi = bars
         .iter()
         .map(|b| b.value.max(b.target.unwrap_or(0.0)))

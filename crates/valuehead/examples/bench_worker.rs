@@ -37,6 +37,11 @@ fn to_rows(t: &Tensor) -> Result<Vec<Vec<i64>>> {
     Ok(Vec::<Vec<i64>>::try_from(t.to_kind(Kind::Int64))?)
 }
 
+/// The last position's logits of the first row, to compare precisions and sides.
+fn last_logits(logits: &Tensor) -> Result<Vec<f32>> {
+    Ok(Vec::<f32>::try_from(logits.f_get(0)?.f_get(-1)?.f_to_kind(Kind::Float)?)?)
+}
+
 fn sum(t: &Tensor) -> Result<f64> {
     Ok(t.f_to_kind(Kind::Double)?.f_sum(Kind::Double)?.f_double_value(&[])?)
 }
@@ -140,7 +145,7 @@ impl Worker {
             match (task.kind.as_str(), model) {
                 ("forward", ValueHeadModel::Causal(m)) => {
                     let out = m.forward(&task.input_ids, Some(&task.attention_mask), None, None)?;
-                    Ok(json!({"values_sum": sum(&out.values)?}))
+                    Ok(json!({"values_sum": sum(&out.values)?, "last_logits": last_logits(&out.logits)?}))
                 }
                 ("forward", ValueHeadModel::Seq2Seq(m)) => {
                     let out = m.forward(
@@ -152,7 +157,7 @@ impl Worker {
                         None,
                         None,
                     )?;
-                    Ok(json!({"values_sum": sum(&out.values)?}))
+                    Ok(json!({"values_sum": sum(&out.values)?, "last_logits": last_logits(&out.logits)?}))
                 }
                 // Our generate returns values and log-probs from the decoding passes themselves,
                 // so generation and the rollout are the same call.
