@@ -57,7 +57,8 @@ fn greedy() -> GenerationConfig {
 fn smollm2_matches_transformers_on_chat_prompts() {
     let root = reference();
     let folder = root.join("model");
-    let model = CausalLmWithValueHead::from_folder(&folder, &LoadOptions::default()).unwrap();
+    // The reference runs HF's eager attention; so does this side, to compare to the bit.
+    let model = CausalLmWithValueHead::from_folder(&folder, &common::eager()).unwrap();
     let tokenizer = load_tokenizer(&folder).unwrap().expect("tokenizer.json");
     let expected = read_tensors(&root.join("expected.safetensors"));
     let mut rows = Vec::new();
@@ -139,10 +140,10 @@ fn smollm2_matches_transformers_on_chat_prompts() {
 #[test]
 fn smollm2_bf16_backbone_mostly_agrees_with_f32() {
     let folder = reference().join("model");
-    let f32_model = CausalLmWithValueHead::from_folder(&folder, &LoadOptions::default()).unwrap();
+    let f32_model = CausalLmWithValueHead::from_folder(&folder, &common::eager()).unwrap();
     let options = LoadOptions {
         dtype: Kind::BFloat16,
-        ..Default::default()
+        ..common::eager()
     };
     let bf16_model = CausalLmWithValueHead::from_folder(&folder, &options).unwrap();
     assert_eq!(bf16_model.v_head().kind(), Kind::Float);

@@ -287,13 +287,28 @@ pub const PROMPT_LEN: i64 = 6;
 /// attended positions) and the loss with TRL's, for the full pass and, where the case allows,
 /// for incremental decoding through the cache; prints the table and fails on any error above
 /// [`TOLERANCE`].
+/// Load options with HF's eager attention: the Python references are computed with it, so the
+/// comparison is like for like (the default, fused attention is checked alongside).
+pub fn eager() -> valuehead::LoadOptions {
+    valuehead::LoadOptions {
+        attn_implementation: Some(valuehead::AttnImplementation::Eager),
+        ..Default::default()
+    }
+}
+
 pub fn check_causal_cases(title: &str, cases: Vec<Case>) {
     use valuehead::{CausalLmWithValueHead, LoadOptions};
     let mut rows = Vec::new();
     let mut failures = Vec::new();
     for case in cases {
-        let model = CausalLmWithValueHead::from_folder(&case.dir, &LoadOptions::default())
-            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        let model =
+            CausalLmWithValueHead::from_folder(&case.dir, &eager()).unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        let sdpa = LoadOptions {
+            attn_implementation: Some(valuehead::AttnImplementation::Sdpa),
+            ..Default::default()
+        };
+        let fused =
+            CausalLmWithValueHead::from_folder(&case.dir, &sdpa).unwrap_or_else(|e| panic!("{}: {e}", case.name));
         let inputs = read_tensors(&case.dir.join("inputs.safetensors"));
         let expected = read_tensors(&case.dir.join("expected.safetensors"));
         let (ids, mask, labels) = (&inputs["input_ids"], &inputs["attention_mask"], &inputs["labels"]);
@@ -301,6 +316,13 @@ pub fn check_causal_cases(title: &str, cases: Vec<Case>) {
         let logits_err = masked_max_abs_diff(&out.logits, &expected["logits"], mask);
         let loss_err = max_abs_diff(out.loss.as_ref().unwrap(), &expected["loss"]);
         let values_err = (!case.fresh_v_head).then(|| masked_max_abs_diff(&out.values, &expected["values"], mask));
+        // The default attention (sdpa) against the same eager reference.
+        let fused_out = tch::no_grad(|| fused.forward(ids, Some(mask), None, Some(labels))).unwrap();
+        let mut sdpa_err = masked_max_abs_diff(&fused_out.logits, &expected["logits"], mask)
+            .max(max_abs_diff(fused_out.loss.as_ref().unwrap(), &expected["loss"]));
+        if !case.fresh_v_head {
+            sdpa_err = sdpa_err.max(masked_max_abs_diff(&fused_out.values, &expected["values"], mask));
+        }
 
         // Incremental decoding: the prompt, then one token at a time through the cache.
         let step_err = case.incremental.then(|| {
@@ -328,9 +350,15 @@ pub fn check_causal_cases(title: &str, cases: Vec<Case>) {
             err
         });
 
-        let worst = [logits_err, loss_err, values_err.unwrap_or(0.0), step_err.unwrap_or(0.0)]
-            .into_iter()
-            .fold(0.0, f64::max);
+        let worst = [
+            logits_err,
+            loss_err,
+            values_err.unwrap_or(0.0),
+            step_err.unwrap_or(0.0),
+            sdpa_err,
+        ]
+        .into_iter()
+        .fold(0.0, f64::max);
         let ok = worst <= TOLERANCE;
         if !ok {
             failures.push(case.name.clone());
@@ -341,11 +369,23 @@ pub fn check_causal_cases(title: &str, cases: Vec<Case>) {
             values_err.map_or("n/a (fresh head)".to_string(), fmt_err),
             fmt_err(loss_err),
             step_err.map_or("n/a (see docs)".to_string(), fmt_err),
+            fmt_err(sdpa_err),
             if ok { "ok" } else { "FAIL" }.to_string(),
         ]);
     }
     println!("\n{title} (max abs error, tolerance {TOLERANCE:e}):");
-    print_table(&["case", "logits", "values", "loss", "incremental", "result"], &rows);
+    print_table(
+        &[
+            "case",
+            "logits",
+            "values",
+            "loss",
+            "incremental",
+            "sdpa (all)",
+            "result",
+        ],
+        &rows,
+    );
     assert!(failures.is_empty(), "parity failed for {failures:?}");
 }
 

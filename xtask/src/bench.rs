@@ -602,7 +602,14 @@ pub fn bench(args: &[String]) -> Result<()> {
 }
 
 fn last_logits(check: &Value) -> Option<Vec<f64>> {
-    Some(check.get("last_logits")?.as_array()?.iter().filter_map(Value::as_f64).collect())
+    Some(
+        check
+            .get("last_logits")?
+            .as_array()?
+            .iter()
+            .filter_map(Value::as_f64)
+            .collect(),
+    )
 }
 
 fn max_abs_diff(a: &[f64], b: &[f64]) -> Option<f64> {
@@ -615,7 +622,10 @@ fn max_abs_diff(a: &[f64], b: &[f64]) -> Option<f64> {
 fn numerics(rows: &[Row]) -> Vec<Value> {
     let find = |model: &str, dtype: &str, task: &str, batch: usize| {
         rows.iter().find(|r| {
-            r.workload.model == model && r.workload.dtype == dtype && r.workload.task == task && r.workload.batch == batch
+            r.workload.model == model
+                && r.workload.dtype == dtype
+                && r.workload.task == task
+                && r.workload.batch == batch
         })
     };
     let mut models: Vec<&str> = rows.iter().map(|r| r.workload.model.as_str()).collect();
@@ -629,7 +639,10 @@ fn numerics(rows: &[Row]) -> Vec<Value> {
             };
             let diff = |a: Option<Vec<f64>>, b: Option<Vec<f64>>| max_abs_diff(&a?, &b?);
             let greedy = |batch: usize| {
-                token_agreement(&find(model, "bf16", "generate", batch)?.ours_check, &find(model, "f32", "generate", batch)?.ours_check)
+                token_agreement(
+                    &find(model, "bf16", "generate", batch)?.ours_check,
+                    &find(model, "f32", "generate", batch)?.ours_check,
+                )
             };
             json!({
                 "model": model,
@@ -647,7 +660,9 @@ fn numerics(rows: &[Row]) -> Vec<Value> {
 fn render_numerics(numerics: &[Value]) -> String {
     let num = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.2e}"));
     let pct = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{:.0}%", x * 100.0));
-    let mut s = "\nnumerics (max abs difference of the last position's logits, batch-1 forward; greedy tokens shared)\n".to_string();
+    let mut s =
+        "\nnumerics (max abs difference of the last position's logits, batch-1 forward; greedy tokens shared)\n"
+            .to_string();
     s += &format!(
         "{:<10} {:>14} {:>15} {:>14} {:>14} {:>14} {:>14}\n",
         "model", "f32 ours-py", "bf16 ours-py", "ours bf16-f32", "py bf16-f32", "greedy b1", "greedy b8"

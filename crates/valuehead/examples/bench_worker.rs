@@ -39,7 +39,9 @@ fn to_rows(t: &Tensor) -> Result<Vec<Vec<i64>>> {
 
 /// The last position's logits of the first row, to compare precisions and sides.
 fn last_logits(logits: &Tensor) -> Result<Vec<f32>> {
-    Ok(Vec::<f32>::try_from(logits.f_get(0)?.f_get(-1)?.f_to_kind(Kind::Float)?)?)
+    Ok(Vec::<f32>::try_from(
+        logits.f_get(0)?.f_get(-1)?.f_to_kind(Kind::Float)?,
+    )?)
 }
 
 fn sum(t: &Tensor) -> Result<f64> {

@@ -40,7 +40,7 @@ pub use options::{parse_device, parse_dtype, LoadOptions};
 pub use seq2seq::{Seq2SeqLmInput, Seq2SeqLmOutput, Seq2SeqLmWithValueHead};
 pub use vh_core::{InitStrategy, ValueHead, ValueHeadConfig, ValueHeadOptions};
 pub use vh_models::t5::{EncoderOutput, Seq2SeqCache};
-pub use vh_models::{Cache, LayerCache};
+pub use vh_models::{AttnImplementation, Cache, LayerCache};
 pub use wrapper::V_HEAD_PREFIX;
 
 use std::path::Path;

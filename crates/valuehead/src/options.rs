@@ -3,6 +3,7 @@
 use crate::error::{Error, Result};
 use tch::{Device, Kind};
 use vh_core::ValueHeadOptions;
+use vh_models::AttnImplementation;
 
 /// How to load a model: value-head options (as TRL's `from_pretrained` kwargs), the backbone's
 /// dtype and the device.
@@ -14,6 +15,11 @@ pub struct LoadOptions {
     pub dtype: Kind,
     /// Where the parameters live.
     pub device: Device,
+    /// How causal models compute attention, as HF's `attn_implementation`: `Eager` (HF's eager
+    /// math to the bit) or `Sdpa` (PyTorch's fused kernel). `None` picks the faster one measured
+    /// on CPU (`cargo xtask bench`): eager for GPT-2, sdpa for the Llama family. T5 always runs
+    /// eager, as in HF.
+    pub attn_implementation: Option<AttnImplementation>,
     /// How to reach the Hub when loading by repo id (endpoint, token, cache, revision, offline).
     pub hub: vh_hub::HubOptions,
 }
@@ -24,6 +30,7 @@ impl Default for LoadOptions {
             value_head: ValueHeadOptions::default(),
             dtype: Kind::Float,
             device: Device::Cpu,
+            attn_implementation: None,
             hub: vh_hub::HubOptions::default(),
         }
     }
@@ -31,7 +38,8 @@ impl Default for LoadOptions {
 
 impl LoadOptions {
     /// The option names [`LoadOptions::set`] accepts, as TRL's `from_pretrained` kwargs.
-    pub const NAMES: [&'static str; 6] = [
+    pub const NAMES: [&'static str; 7] = [
+        "attn_implementation",
         "summary_dropout_prob",
         "v_head_initializer_range",
         "v_head_init_strategy",
@@ -67,6 +75,13 @@ impl LoadOptions {
             }
             "dtype" | "torch_dtype" => self.dtype = parse_dtype(value)?,
             "device" => self.device = parse_device(value)?,
+            "attn_implementation" => {
+                self.attn_implementation = Some(
+                    value
+                        .parse()
+                        .map_err(|e: vh_core::Error| Error::InvalidOption(e.to_string()))?,
+                )
+            }
             "revision" => self.hub.revision = Some(value.to_string()),
             "token" => self.hub.token = Some(value.to_string()),
             other => {

@@ -110,6 +110,17 @@ pub(crate) fn model_type(config: &Value) -> Result<&str> {
     })
 }
 
+/// Hands the heap pages that loading freed (the checkpoint's copies, the f32 weights after a
+/// cast) back to the OS: glibc keeps freed blocks below its mmap threshold in the heap, where
+/// they would go on counting in the process's resident memory.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns unused heap memory to the kernel; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 impl Wrapped {
     /// Adds a value head to `vs` (which already holds the backbone's parameters) and fills both
     /// from the checkpoint: backbone tensors through `parameter_name` (`None` skips a key), the
@@ -179,6 +190,7 @@ impl Wrapped {
             }
         }
         cast_variables(&vs, options.dtype, |name| !name.starts_with(V_HEAD_PREFIX))?;
+        release_freed_memory();
         Ok(Self {
             vs,
             v_head,

@@ -2,6 +2,7 @@
 //! (`transformer.h.0.attn.c_attn.weight`, ...), Conv1D weights stored [in, out].
 
 use crate::activation::Activation;
+use crate::attention::{causal_bias_when_needed, drop_full_mask, fused_attention, AttnImplementation};
 use crate::cache::{Cache, LayerCache};
 use serde::Deserialize;
 use tch::{nn, Kind, Tensor};
@@ -89,6 +90,9 @@ pub struct Gpt2Config {
     /// The LM head shares the token embedding matrix.
     #[serde(default = "default_true")]
     pub tie_word_embeddings: bool,
+    /// How attention is computed (not part of config.json; HF's default is sdpa).
+    #[serde(skip)]
+    pub attn_implementation: AttnImplementation,
 }
 
 impl Gpt2Config {
@@ -243,6 +247,7 @@ pub struct Attention {
     reorder_and_upcast_attn: bool,
     attn_pdrop: f64,
     resid_pdrop: f64,
+    attn_implementation: AttnImplementation,
 }
 
 impl Attention {
@@ -259,7 +264,20 @@ impl Attention {
             reorder_and_upcast_attn: cfg.reorder_and_upcast_attn,
             attn_pdrop: cfg.attn_pdrop,
             resid_pdrop: cfg.resid_pdrop,
+            attn_implementation: cfg.attn_implementation,
         })
+    }
+
+    /// The factor the scores are multiplied by before the softmax.
+    fn scale(&self) -> f64 {
+        let mut scale = 1.0;
+        if self.scale_attn_weights {
+            scale /= (self.head_dim as f64).sqrt();
+        }
+        if self.scale_attn_by_inverse_layer_idx {
+            scale /= (self.layer_idx + 1) as f64;
+        }
+        scale
     }
 
     /// [B, T, C] -> [B, H, T, D].
@@ -269,7 +287,8 @@ impl Attention {
     }
 
     /// Attends from `x` [B, T, C] over the cached and new positions, adding `bias`
-    /// [B or 1, 1, T, S] to the scores (see [`causal_attention_bias`]); `None` means every key is visible.
+    /// [B or 1, 1, T, S] to the scores (see [`causal_attention_bias`]); `None` means the causal
+    /// rule alone.
     pub fn forward(
         &self,
         x: &Tensor,
@@ -288,19 +307,38 @@ impl Attention {
             None => LayerCache::new(key, value),
         };
         let (key, value) = (&cache.keys, &cache.values);
+        // The upcast variant exists to keep half-precision scores finite: it stays eager.
+        let fused = self.attn_implementation == AttnImplementation::Sdpa && !self.reorder_and_upcast_attn;
+        let (kind, device) = (query.kind(), query.device());
+        let built = causal_bias_when_needed(bias, fused, t, key.size()[2], kind, device, f64::NEG_INFINITY)?;
+        let bias = bias.or(built.as_ref());
+        let attended = if fused {
+            // The fused CPU kernel is markedly slower on the strided views the qkv split gives.
+            let (query, key, value) = (query.f_contiguous()?, key.f_contiguous()?, value.f_contiguous()?);
+            fused_attention(&query, &key, &value, bias, self.scale(), self.attn_pdrop, train)?
+        } else {
+            self.eager_attention(&query, key, value, bias, train)?
+        };
+        let out = attended.f_transpose(1, 2)?.f_contiguous()?.f_view([b, t, c])?;
+        let out = self.c_proj.forward(&out)?.train_dropout(self.resid_pdrop, train)?;
+        Ok((out, cache))
+    }
+
+    /// HF's eager attention: scores, their scaling, the bias, softmax, dropout, weighted sum.
+    fn eager_attention(
+        &self,
+        query: &Tensor,
+        key: &Tensor,
+        value: &Tensor,
+        bias: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
         let probs = if self.reorder_and_upcast_attn {
             // Scaled before the product and kept in f32 through the softmax, as HF's
             // `_upcast_and_reordered_attn`, so half-precision scores cannot overflow.
-            let mut scale = 1.0;
-            if self.scale_attn_weights {
-                scale /= (self.head_dim as f64).sqrt();
-            }
-            if self.scale_attn_by_inverse_layer_idx {
-                scale /= (self.layer_idx + 1) as f64;
-            }
             let q = query.f_to_kind(Kind::Float)?;
             let k = key.f_to_kind(Kind::Float)?;
-            let mut scores = q.f_matmul(&k.f_transpose(-1, -2)?)?.f_mul_scalar(scale)?;
+            let mut scores = q.f_matmul(&k.f_transpose(-1, -2)?)?.f_mul_scalar(self.scale())?;
             if let Some(bias) = bias {
                 scores = scores.f_add(bias)?;
             }
@@ -320,13 +358,7 @@ impl Attention {
             scores.f_softmax(-1, kind)?.f_to_kind(value.kind())?
         };
         let probs = probs.train_dropout(self.attn_pdrop, train)?;
-        let out = probs
-            .f_matmul(&value)?
-            .f_transpose(1, 2)?
-            .f_contiguous()?
-            .f_view([b, t, c])?;
-        let out = self.c_proj.forward(&out)?.train_dropout(self.resid_pdrop, train)?;
-        Ok((out, cache))
+        Ok(probs.f_matmul(value)?)
     }
 }
 
@@ -486,6 +518,7 @@ impl Gpt2Model {
                     .map_err(Error::from)
             })
             .transpose()?;
+        let key_mask = drop_full_mask(key_mask)?;
         let position_ids = match (position_ids, &key_mask) {
             (Some(p), _) => {
                 expect_shape(p, "position_ids", &[batch, new_len])?;
@@ -500,15 +533,19 @@ impl Gpt2Model {
             (None, None) => Tensor::f_arange_start(past_len, total, (Kind::Int64, device))?.f_unsqueeze(0)?,
         };
         // -inf for future keys: HF's causal fill plus its padding mask (see causal_attention_bias).
-        let bias = causal_attention_bias(
-            key_mask.as_ref(),
-            batch,
-            new_len,
-            past_len,
-            self.wte.kind(),
-            device,
-            f64::NEG_INFINITY,
-        )?;
+        // Without padding the layers apply the causal rule themselves.
+        let bias = match &key_mask {
+            Some(mask) => causal_attention_bias(
+                Some(mask),
+                batch,
+                new_len,
+                past_len,
+                self.wte.kind(),
+                device,
+                f64::NEG_INFINITY,
+            )?,
+            None => None,
+        };
 
         let tokens = Tensor::f_embedding(&self.wte, &input_ids, -1, false, false)?;
         let positions = Tensor::f_embedding(&self.wpe, &position_ids, -1, false, false)?;

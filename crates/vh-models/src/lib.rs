@@ -1,12 +1,14 @@
 //! Transformer backbones with explicit KV caches, their parameters named as in HF state dicts.
 
 pub mod activation;
+pub mod attention;
 pub mod cache;
 pub mod gpt2;
 pub mod llama;
 pub mod t5;
 
 pub use activation::Activation;
+pub use attention::AttnImplementation;
 pub use cache::{Cache, LayerCache};
 pub use vh_core::{Error, Result};
 

@@ -4,6 +4,7 @@
 //! (`model.layers.0.self_attn.q_proj.weight`, ...).
 
 use crate::activation::Activation;
+use crate::attention::{causal_bias_when_needed, drop_full_mask, fused_attention, AttnImplementation};
 use crate::cache::{Cache, LayerCache};
 use serde::Deserialize;
 use serde_json::Value;
@@ -119,6 +120,8 @@ struct RawConfig {
 pub struct LlamaConfig {
     /// "llama" or "qwen2".
     pub model_type: String,
+    /// How attention is computed (not part of config.json; HF's default is sdpa).
+    pub attn_implementation: AttnImplementation,
     /// Vocabulary size.
     pub vocab_size: i64,
     /// Hidden size.
@@ -196,6 +199,7 @@ impl LlamaConfig {
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             attention_dropout: raw.attention_dropout.unwrap_or(0.0),
             model_type,
+            attn_implementation: AttnImplementation::default(),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -418,6 +422,7 @@ pub struct Attention {
     kv_heads: i64,
     head_dim: i64,
     dropout: f64,
+    attn_implementation: AttnImplementation,
 }
 
 impl Attention {
@@ -440,6 +445,7 @@ impl Attention {
             kv_heads: cfg.num_key_value_heads,
             head_dim: d,
             dropout: cfg.attention_dropout,
+            attn_implementation: cfg.attn_implementation,
         })
     }
 
@@ -461,7 +467,7 @@ impl Attention {
     }
 
     /// Attends from `x` [B, T, hidden] over cached and new positions; `bias` [B or 1, 1, T, S]
-    /// is added to the scores. Returns the output and the grown cache (keys after rotation).
+    /// is added to the scores (`None`: the causal rule alone). Returns the output and the grown cache (keys after rotation).
     pub fn forward(
         &self,
         x: &Tensor,
@@ -480,22 +486,33 @@ impl Attention {
             Some(past) => past.append(&k, &v)?,
             None => LayerCache::new(k, v),
         };
-        let (keys, values) = (self.repeat_kv(&cache.keys)?, self.repeat_kv(&cache.values)?);
-        let mut scores = q
-            .f_matmul(&keys.f_transpose(2, 3)?)?
-            .f_mul_scalar((self.head_dim as f64).powf(-0.5))?;
-        if let Some(bias) = bias {
-            scores = scores.f_add(bias)?;
-        }
-        let probs = scores
-            .f_softmax(-1, Kind::Float)?
-            .f_to_kind(q.kind())?
-            .train_dropout(self.dropout, train)?;
-        let out = probs.f_matmul(&values)?.f_transpose(1, 2)?.f_contiguous()?.f_reshape([
-            b,
-            t,
-            self.heads * self.head_dim,
-        ])?;
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let fused = self.attn_implementation == AttnImplementation::Sdpa;
+        let (kind, device) = (q.kind(), q.device());
+        let key_len = cache.keys.size()[2];
+        let built = causal_bias_when_needed(bias, fused, t, key_len, kind, device, min_value(kind))?;
+        let bias = bias.or(built.as_ref());
+        let attended = match self.attn_implementation {
+            AttnImplementation::Sdpa => {
+                fused_attention(&q, &cache.keys, &cache.values, bias, scale, self.dropout, train)?
+            }
+            AttnImplementation::Eager => {
+                let (keys, values) = (self.repeat_kv(&cache.keys)?, self.repeat_kv(&cache.values)?);
+                let mut scores = q.f_matmul(&keys.f_transpose(2, 3)?)?.f_mul_scalar(scale)?;
+                if let Some(bias) = bias {
+                    scores = scores.f_add(bias)?;
+                }
+                let probs = scores
+                    .f_softmax(-1, Kind::Float)?
+                    .f_to_kind(q.kind())?
+                    .train_dropout(self.dropout, train)?;
+                probs.f_matmul(&values)?
+            }
+        };
+        let out = attended
+            .f_transpose(1, 2)?
+            .f_contiguous()?
+            .f_reshape([b, t, self.heads * self.head_dim])?;
         Ok((self.o_proj.forward(&out)?, cache))
     }
 }
@@ -685,6 +702,7 @@ impl LlamaForCausalLM {
                     .map_err(Error::from)
             })
             .transpose()?;
+        let key_mask = drop_full_mask(key_mask)?;
         let position_ids = match (position_ids, &key_mask) {
             (Some(p), _) => {
                 expect_shape(p, "position_ids", &[batch, new_len])?;
@@ -703,15 +721,11 @@ impl LlamaForCausalLM {
         let (cos, sin) = self.rotary.cos_sin(&position_ids, max_position, kind)?;
 
         // HF's eager mask: the dtype's minimum wherever a key is in the future or padding.
-        let bias = causal_attention_bias(
-            key_mask.as_ref(),
-            batch,
-            new_len,
-            past_len,
-            kind,
-            device,
-            min_value(kind),
-        )?;
+        // Without padding the layers apply the causal rule themselves.
+        let bias = match &key_mask {
+            Some(mask) => causal_attention_bias(Some(mask), batch, new_len, past_len, kind, device, min_value(kind))?,
+            None => None,
+        };
 
         let mut h = Tensor::f_embedding(&self.embed_tokens, &input_ids.f_to_device(device)?, -1, false, false)?;
         let mut layers = Vec::with_capacity(self.layers.len());
