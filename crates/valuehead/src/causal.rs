@@ -74,37 +74,27 @@ impl CausalBackbone {
 
     fn forward(&self, input: &CausalLmInput<'_>, train: bool) -> Result<BackboneOutput> {
         let i = input;
+        // Both backbones take the same arguments and return the same three fields, in their own types.
+        macro_rules! run {
+            ($model:expr) => {{
+                let out = $model.forward_keeping(
+                    i.input_ids,
+                    i.attention_mask,
+                    i.position_ids,
+                    i.past,
+                    train,
+                    i.logits_to_keep,
+                )?;
+                BackboneOutput {
+                    logits: out.logits,
+                    last_hidden_state: out.last_hidden_state,
+                    cache: out.cache,
+                }
+            }};
+        }
         Ok(match self {
-            Self::Gpt2(m) => {
-                let out = m.forward_keeping(
-                    i.input_ids,
-                    i.attention_mask,
-                    i.position_ids,
-                    i.past,
-                    train,
-                    i.logits_to_keep,
-                )?;
-                BackboneOutput {
-                    logits: out.logits,
-                    last_hidden_state: out.last_hidden_state,
-                    cache: out.cache,
-                }
-            }
-            Self::Llama(m) => {
-                let out = m.forward_keeping(
-                    i.input_ids,
-                    i.attention_mask,
-                    i.position_ids,
-                    i.past,
-                    train,
-                    i.logits_to_keep,
-                )?;
-                BackboneOutput {
-                    logits: out.logits,
-                    last_hidden_state: out.last_hidden_state,
-                    cache: out.cache,
-                }
-            }
+            Self::Gpt2(m) => run!(m),
+            Self::Llama(m) => run!(m),
         })
     }
 
