@@ -52,24 +52,13 @@ fn sum(t: &Tensor) -> Result<f64> {
 /// lookup (position embeddings, an untied input embedding) and, for seq2seq, the encoder, which
 /// runs once per prompt.
 fn decode_bytes(model: &ValueHeadModel) -> i64 {
-    let (entries, seq2seq, tied) = match model {
-        ValueHeadModel::Causal(m) => {
-            let tied = m
-                .config()
-                .get("tie_word_embeddings")
-                .and_then(Value::as_bool)
-                .unwrap_or(true);
-            (vh_core::state::state_dict(m.var_store()), false, tied)
-        }
-        ValueHeadModel::Seq2Seq(m) => {
-            let tied = m
-                .config()
-                .get("tie_word_embeddings")
-                .and_then(Value::as_bool)
-                .unwrap_or(true);
-            (vh_core::state::state_dict(m.var_store()), true, tied)
-        }
+    let (vs, seq2seq) = match model {
+        ValueHeadModel::Causal(m) => (m.var_store(), false),
+        ValueHeadModel::Seq2Seq(m) => (m.var_store(), true),
     };
+    let entries = vh_core::state::state_dict(vs);
+    // A tied model has no `lm_head.weight` variable: its head is the embedding matrix.
+    let tied = !entries.iter().any(|(name, _)| name == "lm_head.weight");
     let lookup_only = |name: &str| {
         name.contains(".wpe.")
             || (seq2seq && (name.starts_with("encoder.") || (!tied && name == "shared.weight")))

@@ -338,6 +338,10 @@ pub(crate) fn decode_loop(
             "pad_token_id is needed to continue finished rows".into(),
         ));
     }
+    // The token finished rows continue with, built once rather than at every step.
+    let pad = pad
+        .map(|id| Tensor::f_full([batch], id, (Kind::Int64, device)))
+        .transpose()?;
     let eos = (!config.eos_token_id.is_empty())
         .then(|| Tensor::f_from_slice(&config.eos_token_id).and_then(|t| t.f_to_device(device)))
         .transpose()?;
@@ -359,8 +363,8 @@ pub(crate) fn decode_loop(
         };
         // Before min_new_tokens no row can have produced eos, so every row is still going.
         let may_finish = eos.is_some() && n >= config.min_new_tokens;
-        if let (Some(pad), true) = (pad, may_finish) {
-            next = next.f_where_self(&unfinished, &Tensor::f_full([batch], pad, (Kind::Int64, device))?)?;
+        if let (Some(pad), true) = (&pad, may_finish) {
+            next = next.f_where_self(&unfinished, pad)?;
         }
         let column = next.f_unsqueeze(1)?;
         // log_softmax at the chosen token: logit - logsumexp, without writing the whole row.
