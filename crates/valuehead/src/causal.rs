@@ -201,11 +201,15 @@ impl CausalLmWithValueHead {
         Ok(model)
     }
 
-    /// Builds the model from a parsed config.json and the checkpoint's named tensors.
+    /// Builds the model from a parsed config.json and the checkpoint's named tensors, whose data
+    /// the parameters take over (no copy where kind and device match: do not write to them
+    /// afterwards). Every tensor's shape is checked against the config before anything of the
+    /// config's size is allocated.
     pub fn from_parts(config: Value, tensors: Vec<(String, Tensor)>, options: &LoadOptions) -> Result<Self> {
         check_before_load(&config, options)?;
         let vs = VarStore::new(options.device);
-        let backbone = CausalBackbone::build(&vs, &config, options)?;
+        // Placeholders until the checkpoint fills them (see `vh_core::param`).
+        let backbone = vh_core::param::deferred(|| CausalBackbone::build(&vs, &config, options))?;
         let wrapped = Wrapped::load(vs, config, tensors, options, |key| backbone.parameter_name(key))?;
         if let CausalBackbone::Gpt2(m) = &backbone {
             m.arrange_weights()?;

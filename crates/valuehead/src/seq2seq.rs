@@ -68,12 +68,19 @@ impl Seq2SeqLmWithValueHead {
         Ok(model)
     }
 
-    /// Builds the model from a parsed config.json and the checkpoint's named tensors.
+    /// Builds the model from a parsed config.json and the checkpoint's named tensors, whose data
+    /// the parameters take over (no copy where kind and device match: do not write to them
+    /// afterwards). Every tensor's shape is checked against the config before anything of the
+    /// config's size is allocated.
     pub fn from_parts(config: Value, tensors: Vec<(String, Tensor)>, options: &LoadOptions) -> Result<Self> {
         check_before_load(&config, options)?;
         let vs = VarStore::new(options.device);
+        // Placeholders until the checkpoint fills them (see `vh_core::param`).
         let model = match model_type(&config)? {
-            "t5" => T5ForConditionalGeneration::new(vs.root(), &T5Config::from_json(&config)?)?,
+            "t5" => {
+                let cfg = T5Config::from_json(&config)?;
+                vh_core::param::deferred(|| T5ForConditionalGeneration::new(vs.root(), &cfg))?
+            }
             other => return Err(Error::UnsupportedModel(other.to_string())),
         };
         let wrapped = Wrapped::load(vs, config, tensors, options, |key| model.parameter_name(key))?;

@@ -4,6 +4,7 @@
 use crate::error::{Error, Result};
 use crate::options::{check_device, LoadOptions};
 use serde_json::Value;
+use std::collections::BTreeSet;
 use tch::{nn::VarStore, Tensor};
 use vh_core::state::{cast_variables, load_variables};
 use vh_core::{ValueHead, ValueHeadConfig};
@@ -122,10 +123,11 @@ fn release_freed_memory() {
 }
 
 impl Wrapped {
-    /// Adds a value head to `vs` (which already holds the backbone's parameters) and fills both
-    /// from the checkpoint: backbone tensors through `parameter_name` (`None` skips a key), the
-    /// head from `v_head.*` when present, else freshly initialised with a warning, as TRL does.
-    /// Finally casts the backbone to the options' dtype; the head stays f32.
+    /// Fills the backbone's parameters in `vs` (placeholders from `vh_core::param::deferred`)
+    /// from the checkpoint through `parameter_name` (`None` skips a key), every shape checked
+    /// before any data moves; then adds the value head, from `v_head.*` when present, else freshly
+    /// initialised with a warning, as TRL does. Finally casts the backbone to the options' dtype;
+    /// the head stays f32.
     pub(crate) fn load(
         vs: VarStore,
         config: Value,
@@ -134,7 +136,6 @@ impl Wrapped {
         parameter_name: impl Fn(&str) -> Option<String>,
     ) -> Result<Self> {
         let head_config = ValueHeadConfig::resolve(&config, &options.value_head)?;
-        let v_head = ValueHead::new(vs.root().sub("v_head"), &head_config)?;
 
         let mut backbone_tensors = Vec::new();
         let mut head_tensors = Vec::new();
@@ -146,17 +147,12 @@ impl Wrapped {
             }
         }
         let report = load_variables(&vs, backbone_tensors)?;
-        let missing: Vec<&String> = report
-            .missing
-            .iter()
-            .filter(|n| !n.starts_with(V_HEAD_PREFIX))
-            .collect();
-        if missing.iter().any(|n| n.as_str() == "lm_head.weight") {
+        if report.missing.iter().any(|n| n.as_str() == "lm_head.weight") {
             return Err(Error::NoLmHead(
                 "the checkpoint has no `lm_head.weight` and its config does not tie the embeddings".to_string(),
             ));
         }
-        if let Some(first) = missing.first() {
+        if let Some(first) = report.missing.first() {
             return Err(vh_core::Error::MissingTensor(first.to_string()).into());
         }
         if !report.unexpected.is_empty() {
@@ -165,6 +161,18 @@ impl Wrapped {
                 report.unexpected.join(", ")
             );
         }
+        // The head's width comes from config keys the backbone may not use (e.g.
+        // `word_embed_proj_dim`); it must be a width the loaded backbone has, so that a hostile
+        // config cannot make a fresh head allocate what no checkpoint backs.
+        let widths: BTreeSet<i64> = vs.variables().values().flat_map(|t| t.size()).collect();
+        if !widths.contains(&head_config.hidden_size) {
+            return Err(vh_core::Error::Config(format!(
+                "the value head's width {} (from config.json) is no width of the checkpoint's tensors",
+                head_config.hidden_size
+            ))
+            .into());
+        }
+        let v_head = ValueHead::new(vs.root().sub("v_head"), &head_config)?;
         if head_tensors.is_empty() {
             log::warn!(
                 "the checkpoint has no value head (v_head.*): a fresh one was initialised; \

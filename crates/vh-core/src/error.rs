@@ -22,6 +22,15 @@ pub enum Error {
         /// The checkpoint tensor's shape.
         actual: Vec<i64>,
     },
+    /// A checkpoint tensor's dtype cannot fill the parameter (integers or booleans where float
+    /// weights belong: torch refuses them too).
+    #[error("tensor `{name}` holds {actual:?} values in the checkpoint, the model expects floating-point weights")]
+    TensorKind {
+        /// The parameter name, as in HF's state dict.
+        name: String,
+        /// The checkpoint tensor's kind.
+        actual: tch::Kind,
+    },
     /// libtorch reported an error.
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),

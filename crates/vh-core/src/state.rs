@@ -15,8 +15,13 @@ pub struct LoadReport {
     pub unexpected: Vec<String>,
 }
 
-/// Copies each named tensor into the variable of the same name, converting it to the
-/// variable's kind and device. A shape that differs from the variable's is an error.
+/// Gives each named tensor to the variable of the same name, converted to the variable's kind
+/// and device: the variable takes the tensor's data (`set_data`, no copy when kind and device
+/// already match), so placeholders from [`crate::param::deferred`] are filled without ever
+/// allocating the config's sizes, and every handle sharing the variable (tied weights) sees the
+/// data. Pass tensors nothing else writes to. A shape that differs from the variable's, or
+/// integer or boolean values for a floating-point variable, is an error, checked before any data
+/// is converted.
 pub fn load_variables(vs: &VarStore, tensors: impl IntoIterator<Item = (String, Tensor)>) -> Result<LoadReport> {
     let variables = vs.variables();
     let mut report = LoadReport::default();
@@ -33,9 +38,15 @@ pub fn load_variables(vs: &VarStore, tensors: impl IntoIterator<Item = (String, 
                 actual: tensor.size(),
             });
         }
+        if crate::tensor::is_float_kind(var.kind()) && !crate::tensor::is_float_kind(tensor.kind()) {
+            return Err(Error::TensorKind {
+                name,
+                actual: tensor.kind(),
+            });
+        }
         let mut var = var.shallow_clone();
         let source = tensor.f_to_device(var.device())?.f_to_kind(var.kind())?;
-        tch::no_grad(|| var.f_copy_(&source))?;
+        tch::no_grad(|| var.f_set_data(&source))?;
         loaded.insert(name);
     }
     let mut missing: Vec<String> = variables.keys().filter(|k| !loaded.contains(*k)).cloned().collect();
@@ -108,6 +119,24 @@ mod tests {
             vec![("a.weight".to_string(), Tensor::ones([2, 3], (Kind::Float, Device::Cpu)))],
         );
         assert!(matches!(err, Err(Error::TensorShape { .. })), "{err:?}");
+    }
+
+    #[test]
+    fn integer_or_bool_weights_are_refused() {
+        let vs = VarStore::new(Device::Cpu);
+        let _a = vs.root().sub("a").zeros("weight", &[2]);
+        for kind in [Kind::Int64, Kind::Int, Kind::Bool, Kind::Uint8] {
+            let err = load_variables(
+                &vs,
+                vec![("a.weight".to_string(), Tensor::zeros([2], (kind, Device::Cpu)))],
+            );
+            assert!(matches!(err, Err(Error::TensorKind { .. })), "{kind:?}: {err:?}");
+        }
+        load_variables(
+            &vs,
+            vec![("a.weight".to_string(), Tensor::zeros([2], (Kind::Half, Device::Cpu)))],
+        )
+        .unwrap();
     }
 
     #[test]

@@ -146,8 +146,8 @@ impl ValueHead {
                 nn::Init::Const(0.0),
             ),
         };
-        let weight = summary.f_var("weight", &[1, h], w_init)?;
-        let bias = summary.f_var("bias", &[1], b_init)?;
+        let weight = crate::param::var(&summary, "weight", &[1, h], w_init)?;
+        let bias = crate::param::var(&summary, "bias", &[1], b_init)?;
         Ok(Self {
             weight,
             bias,

@@ -46,6 +46,30 @@ pub enum HubError {
     /// The files are not in the cache and offline mode forbids downloading them.
     #[error("offline: {0}")]
     Offline(String),
+    /// A path that must be a regular file is something else (a FIFO, a device, a folder).
+    #[error("{path} is {what}, not a regular file")]
+    NotRegularFile {
+        /// The path.
+        path: PathBuf,
+        /// What it is instead.
+        what: &'static str,
+    },
+    /// A file is larger than what this kind of file may be.
+    #[error("{path} is larger than the {limit} bytes allowed for it")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// The cap in bytes.
+        limit: u64,
+    },
+    /// An output path names a file the same command reads.
+    #[error("refusing to write {out}: it is the input {input}")]
+    OutputIsInput {
+        /// The output path.
+        out: PathBuf,
+        /// The input it would overwrite.
+        input: PathBuf,
+    },
     /// A tensor could not be created or converted.
     #[error(transparent)]
     Core(#[from] vh_core::Error),

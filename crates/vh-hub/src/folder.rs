@@ -18,7 +18,7 @@ pub const GENERATION_CONFIG: &str = "generation_config.json";
 
 /// Reads and parses a JSON file.
 pub fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| HubError::io(path, e))?;
+    let text = crate::files::read_text_capped(path, crate::files::MAX_JSON_BYTES)?;
     serde_json::from_str(&text).map_err(|e| HubError::Json {
         path: path.to_path_buf(),
         message: e.to_string(),

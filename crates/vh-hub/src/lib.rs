@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod error;
+pub mod files;
 pub mod folder;
 pub mod hub;
 pub mod progress;
@@ -24,8 +25,10 @@ use std::io::Write;
 use std::path::Path;
 
 /// Writes `bytes` to `path` atomically: into a temporary file beside it, flushed to disk, then
-/// renamed over `path`, so a reader never sees a half-written file.
+/// renamed over `path`, so a reader never sees a half-written file. `path` must not be a device
+/// node, FIFO or folder ([`files::check_output_path`]).
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    files::check_output_path(path)?;
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())

@@ -41,7 +41,7 @@ fn dtype_of(kind: Kind) -> Option<Dtype> {
 /// Reads every tensor of a safetensors file onto the CPU, in file order. A missing, truncated or
 /// malformed file, or an unsupported dtype, is an error naming the file.
 pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
-    let file = std::fs::File::open(path).map_err(|e| HubError::io(path, e))?;
+    let file = crate::files::open_regular(path)?;
     // SAFETY: the map is only read while `file` is open; checkpoint files are not expected to be
     // modified while loading (the same assumption safetensors and HF make).
     let buffer = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| HubError::io(path, e))?;

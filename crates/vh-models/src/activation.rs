@@ -73,15 +73,19 @@ impl Activation {
             Self::Gelu => x.f_gelu("none")?,
             Self::GeluPytorchTanh => x.f_gelu("tanh")?,
             Self::GeluNew => {
-                let inner = (x + x.f_pow_tensor_scalar(3.0)? * 0.044715) * sqrt_2_over_pi;
-                x * 0.5 * (inner.f_tanh()? + 1.0)
+                let inner = x
+                    .f_add(&x.f_pow_tensor_scalar(3.0)?.f_mul_scalar(0.044715)?)?
+                    .f_mul_scalar(sqrt_2_over_pi)?;
+                x.f_mul_scalar(0.5)?.f_mul(&inner.f_tanh()?.f_add_scalar(1.0)?)?
             }
             Self::GeluFast => {
-                let inner = x * 0.7978845608 * (x * x * 0.044715 + 1.0);
-                x * 0.5 * (inner.f_tanh()? + 1.0)
+                let inner = x
+                    .f_mul_scalar(0.7978845608)?
+                    .f_mul(&x.f_mul(x)?.f_mul_scalar(0.044715)?.f_add_scalar(1.0)?)?;
+                x.f_mul_scalar(0.5)?.f_mul(&inner.f_tanh()?.f_add_scalar(1.0)?)?
             }
             Self::Gelu10 => x.f_gelu("none")?.f_clamp(-10.0, 10.0)?,
-            Self::QuickGelu => x * (x * 1.702).f_sigmoid()?,
+            Self::QuickGelu => x.f_mul(&x.f_mul_scalar(1.702)?.f_sigmoid()?)?,
             Self::Relu => x.f_relu()?,
             Self::Relu6 => x.f_clamp(0.0, 6.0)?,
             Self::Relu2 => x.f_relu()?.f_square()?,
@@ -93,7 +97,11 @@ impl Activation {
             Self::Linear => x.shallow_clone(),
             Self::Laplace => {
                 let (mu, sigma) = (0.707107, 0.282095);
-                ((x - mu) / (sigma * std::f64::consts::SQRT_2)).f_erf()? * 0.5 + 0.5
+                x.f_sub_scalar(mu)?
+                    .f_div_scalar(sigma * std::f64::consts::SQRT_2)?
+                    .f_erf()?
+                    .f_mul_scalar(0.5)?
+                    .f_add_scalar(0.5)?
             }
         })
     }

@@ -171,8 +171,8 @@ impl Conv1D {
     /// Creates `weight` [in, out] and `bias` [out] under `vs`, zero-filled until loaded.
     pub fn new(vs: nn::Path, in_dim: i64, out_dim: i64) -> Result<Self> {
         Ok(Self {
-            weight: vs.f_var("weight", &[in_dim, out_dim], nn::Init::Const(0.0))?,
-            bias: vs.f_var("bias", &[out_dim], nn::Init::Const(0.0))?,
+            weight: vh_core::param::var(&vs, "weight", &[in_dim, out_dim], nn::Init::Const(0.0))?,
+            bias: vh_core::param::var(&vs, "bias", &[out_dim], nn::Init::Const(0.0))?,
         })
     }
 
@@ -222,8 +222,8 @@ impl LayerNorm {
     /// Creates the parameters under `vs` (weight ones, bias zeros).
     pub fn new(vs: nn::Path, dim: i64, eps: f64) -> Result<Self> {
         Ok(Self {
-            weight: vs.f_var("weight", &[dim], nn::Init::Const(1.0))?,
-            bias: vs.f_var("bias", &[dim], nn::Init::Const(0.0))?,
+            weight: vh_core::param::var(&vs, "weight", &[dim], nn::Init::Const(1.0))?,
+            bias: vh_core::param::var(&vs, "bias", &[dim], nn::Init::Const(0.0))?,
             eps,
         })
     }
@@ -418,9 +418,11 @@ impl Block {
         train: bool,
     ) -> Result<(Tensor, LayerCache)> {
         let (attn, cache) = self.attn.forward(&self.ln_1.forward(x)?, bias, past, train)?;
-        let x = x + attn;
+        // Fallible additions throughout: an allocation that fails (a long input under a memory
+        // limit) must come back as an error, not a panic inside tch's operator overloads.
+        let x = x.f_add(&attn)?;
         let mlp = self.mlp.forward(&self.ln_2.forward(&x)?, train)?;
-        Ok((x + mlp, cache))
+        Ok((x.f_add(&mlp)?, cache))
     }
 }
 
@@ -450,8 +452,8 @@ impl Gpt2Model {
     pub fn new(vs: nn::Path, cfg: &Gpt2Config) -> Result<Self> {
         cfg.validate()?;
         let zeros = nn::Init::Const(0.0);
-        let wte = vs.sub("wte").f_var("weight", &[cfg.vocab_size, cfg.n_embd], zeros)?;
-        let wpe = vs.sub("wpe").f_var("weight", &[cfg.n_positions, cfg.n_embd], zeros)?;
+        let wte = vh_core::param::var(&vs.sub("wte"), "weight", &[cfg.vocab_size, cfg.n_embd], zeros)?;
+        let wpe = vh_core::param::var(&vs.sub("wpe"), "weight", &[cfg.n_positions, cfg.n_embd], zeros)?;
         let h = (0..cfg.n_layer)
             .map(|i| Block::new(vs.sub("h").sub(i), cfg, i))
             .collect::<Result<Vec<_>>>()?;
@@ -549,7 +551,7 @@ impl Gpt2Model {
 
         let tokens = Tensor::f_embedding(&self.wte, &input_ids, -1, false, false)?;
         let positions = Tensor::f_embedding(&self.wpe, &position_ids, -1, false, false)?;
-        let mut hidden = (tokens + positions).train_dropout(self.cfg.embd_pdrop, train)?;
+        let mut hidden = tokens.f_add(&positions)?.train_dropout(self.cfg.embd_pdrop, train)?;
         let mut layers = Vec::with_capacity(self.h.len());
         for (i, block) in self.h.iter().enumerate() {
             let layer_past = past.map(|c| &c.layers[i]);
@@ -592,8 +594,12 @@ impl Gpt2LmHeadModel {
         let lm_head = if cfg.tie_word_embeddings {
             transformer.wte.shallow_clone()
         } else {
-            vs.sub("lm_head")
-                .f_var("weight", &[cfg.vocab_size, cfg.n_embd], nn::Init::Const(0.0))?
+            vh_core::param::var(
+                &vs.sub("lm_head"),
+                "weight",
+                &[cfg.vocab_size, cfg.n_embd],
+                nn::Init::Const(0.0),
+            )?
         };
         Ok(Self {
             transformer,

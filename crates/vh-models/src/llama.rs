@@ -367,7 +367,7 @@ impl RmsNorm {
     /// Creates `weight` under `vs` (ones).
     pub fn new(vs: nn::Path, dim: i64, eps: f64) -> Result<Self> {
         Ok(Self {
-            weight: vs.f_var("weight", &[dim], nn::Init::Const(1.0))?,
+            weight: vh_core::param::var(&vs, "weight", &[dim], nn::Init::Const(1.0))?,
             eps,
         })
     }
@@ -396,9 +396,9 @@ impl Linear {
     /// Creates `weight` (and `bias`) under `vs`, zero-filled until loaded.
     pub fn new(vs: nn::Path, in_dim: i64, out_dim: i64, bias: bool) -> Result<Self> {
         Ok(Self {
-            weight: vs.f_var("weight", &[out_dim, in_dim], nn::Init::Const(0.0))?,
+            weight: vh_core::param::var(&vs, "weight", &[out_dim, in_dim], nn::Init::Const(0.0))?,
             bias: if bias {
-                Some(vs.f_var("bias", &[out_dim], nn::Init::Const(0.0))?)
+                Some(vh_core::param::var(&vs, "bias", &[out_dim], nn::Init::Const(0.0))?)
             } else {
                 None
             },
@@ -619,10 +619,12 @@ impl LlamaForCausalLM {
     pub fn new(vs: nn::Path, cfg: &LlamaConfig) -> Result<Self> {
         cfg.validate()?;
         let model = vs.sub("model");
-        let embed_tokens =
-            model
-                .sub("embed_tokens")
-                .f_var("weight", &[cfg.vocab_size, cfg.hidden_size], nn::Init::Const(0.0))?;
+        let embed_tokens = vh_core::param::var(
+            &model.sub("embed_tokens"),
+            "weight",
+            &[cfg.vocab_size, cfg.hidden_size],
+            nn::Init::Const(0.0),
+        )?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::new(model.sub("layers").sub(i), cfg))
             .collect::<Result<Vec<_>>>()?;
@@ -630,8 +632,12 @@ impl LlamaForCausalLM {
         let lm_head = if cfg.tie_word_embeddings {
             embed_tokens.shallow_clone()
         } else {
-            vs.sub("lm_head")
-                .f_var("weight", &[cfg.vocab_size, cfg.hidden_size], nn::Init::Const(0.0))?
+            vh_core::param::var(
+                &vs.sub("lm_head"),
+                "weight",
+                &[cfg.vocab_size, cfg.hidden_size],
+                nn::Init::Const(0.0),
+            )?
         };
         let rotary = RotaryEmbedding::new(cfg, vs.device())?;
         Ok(Self {

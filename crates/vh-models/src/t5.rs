@@ -187,7 +187,7 @@ impl T5LayerNorm {
     /// Creates `weight` under `vs` (ones).
     pub fn new(vs: nn::Path, dim: i64, eps: f64) -> Result<Self> {
         Ok(Self {
-            weight: vs.f_var("weight", &[dim], nn::Init::Const(1.0))?,
+            weight: vh_core::param::var(&vs, "weight", &[dim], nn::Init::Const(1.0))?,
             eps,
         })
     }
@@ -207,7 +207,12 @@ impl T5LayerNorm {
 }
 
 fn linear(vs: &nn::Path, name: &str, in_dim: i64, out_dim: i64) -> Result<Tensor> {
-    Ok(vs.sub(name).f_var("weight", &[out_dim, in_dim], nn::Init::Const(0.0))?)
+    Ok(vh_core::param::var(
+        &vs.sub(name),
+        "weight",
+        &[out_dim, in_dim],
+        nn::Init::Const(0.0),
+    )?)
 }
 
 /// The feed-forward network: `wi`, activation, `wo`, or the gated form `act(wi_0) * wi_1`, `wo`.
@@ -316,7 +321,8 @@ impl T5Attention {
     pub fn new(vs: nn::Path, cfg: &T5Config, is_decoder: bool, has_relative_attention_bias: bool) -> Result<Self> {
         let inner = cfg.num_heads * cfg.d_kv;
         let relative_attention_bias = if has_relative_attention_bias {
-            Some(vs.sub("relative_attention_bias").f_var(
+            Some(vh_core::param::var(
+                &vs.sub("relative_attention_bias"),
                 "weight",
                 &[cfg.relative_attention_num_buckets, cfg.num_heads],
                 nn::Init::Const(0.0),
@@ -597,16 +603,23 @@ impl T5ForConditionalGeneration {
     /// Creates `shared`, `encoder.*`, `decoder.*` and, unless tied, `lm_head.weight` under `vs`.
     pub fn new(vs: nn::Path, cfg: &T5Config) -> Result<Self> {
         cfg.validate()?;
-        let shared = vs
-            .sub("shared")
-            .f_var("weight", &[cfg.vocab_size, cfg.d_model], nn::Init::Const(0.0))?;
+        let shared = vh_core::param::var(
+            &vs.sub("shared"),
+            "weight",
+            &[cfg.vocab_size, cfg.d_model],
+            nn::Init::Const(0.0),
+        )?;
         let encoder = T5Stack::new(vs.sub("encoder"), cfg, false)?;
         let decoder = T5Stack::new(vs.sub("decoder"), cfg, true)?;
         let lm_head = if cfg.tie_word_embeddings {
             shared.shallow_clone()
         } else {
-            vs.sub("lm_head")
-                .f_var("weight", &[cfg.vocab_size, cfg.d_model], nn::Init::Const(0.0))?
+            vh_core::param::var(
+                &vs.sub("lm_head"),
+                "weight",
+                &[cfg.vocab_size, cfg.d_model],
+                nn::Init::Const(0.0),
+            )?
         };
         Ok(Self {
             shared,
