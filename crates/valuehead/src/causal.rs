@@ -2,7 +2,9 @@
 //! `AutoModelForCausalLMWithValueHead`.
 
 use crate::error::{Error, Result};
-use crate::generation::{decode_loop, GenerateOutput, GenerationConfig, StepOutput};
+use crate::generation::{
+    decode_loop, generation_capacity, reserve_cache, GenerateOutput, GenerationConfig, StepOutput,
+};
 use crate::options::LoadOptions;
 use crate::wrapper::{check_before_load, model_type, read_folder, wrapper_accessors, Wrapped};
 use serde_json::Value;
@@ -290,8 +292,9 @@ impl CausalLmWithValueHead {
             return Err(invalid("a prompt row is all padding: there is nothing to continue").into());
         }
         let max_new = config.new_tokens(prompt_len as usize)?;
+        let capacity = generation_capacity(prompt_len, max_new)?;
         if let Some(limit) = self.backbone.max_positions() {
-            if prompt_len + max_new as i64 > limit {
+            if capacity > limit {
                 return Err(invalid(format!(
                     "prompt of {prompt_len} tokens plus {max_new} new ones exceeds the model's {limit} positions"
                 ))
@@ -302,7 +305,6 @@ impl CausalLmWithValueHead {
         // Without padding the mask changes nothing (positions count from 0, only the causal
         // rule hides keys), so the steps skip rebuilding and checking it.
         let padded = mask.f_eq(0)?.f_any()?.f_int64_value(&[])? != 0;
-        let capacity = prompt_len + max_new as i64;
         let mut past: Option<Cache> = None;
         decode_loop(&input_ids, max_new, config, |next| {
             let ids = match next {
@@ -325,7 +327,7 @@ impl CausalLmWithValueHead {
             // Room for every step's keys and values: each step then writes its own in place
             // instead of copying the whole cache.
             past = Some(match next {
-                None => out.past.with_capacity(capacity)?,
+                None => reserve_cache(&out.past, capacity, device)?,
                 Some(_) => out.past,
             });
             Ok(StepOutput {

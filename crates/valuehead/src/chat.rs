@@ -6,6 +6,9 @@ use serde_json::Value;
 use std::path::Path;
 use vh_hub::HubError;
 
+/// Instructions a chat template may execute: real templates need a few hundred per message.
+pub const TEMPLATE_FUEL: u64 = 10_000_000;
+
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Message {
@@ -53,7 +56,7 @@ pub fn apply_chat_template(dir: impl AsRef<Path>, messages: &[Message], add_gene
     };
     let jinja_path = dir.join("chat_template.jinja");
     let template = if jinja_path.exists() {
-        std::fs::read_to_string(&jinja_path).map_err(|e| Error::Hub(HubError::io(&jinja_path, e)))?
+        vh_hub::files::read_text_capped(&jinja_path, vh_hub::files::MAX_TEMPLATE_BYTES)?
     } else {
         match config.get("chat_template") {
             Some(Value::String(t)) => t.clone(),
@@ -68,6 +71,8 @@ pub fn apply_chat_template(dir: impl AsRef<Path>, messages: &[Message], add_gene
         }
     };
     let mut env = minijinja::Environment::new();
+    // Templates come with downloaded models: a loop that never ends must end in an error.
+    env.set_fuel(Some(TEMPLATE_FUEL));
     env.add_function(
         "raise_exception",
         |message: String| -> std::result::Result<String, minijinja::Error> {

@@ -208,6 +208,40 @@ impl GenerationConfig {
     }
 }
 
+/// The cache positions a generation needs, `start` positions plus `max_new` new ones, or an
+/// error when that count does not fit an i64 (e.g. `max_new_tokens` = 2^63 - 1).
+pub(crate) fn generation_capacity(start: i64, max_new: usize) -> Result<i64> {
+    i64::try_from(max_new)
+        .ok()
+        .and_then(|n| n.checked_add(start))
+        .ok_or_else(|| Error::InvalidOption(format!("max_new_tokens {max_new} is beyond any model's reach")))
+}
+
+/// This machine's memory in bytes (MemTotal), if it can be read.
+fn total_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// `cache` with room for `capacity` positions, written in place by later steps. A generation
+/// whose cache alone would exceed this machine's memory is refused before it starts, instead of
+/// running until an allocation fails (on CUDA, the allocation's own error reports it).
+pub(crate) fn reserve_cache(cache: &vh_models::Cache, capacity: i64, device: Device) -> Result<vh_models::Cache> {
+    let needed = (cache.bytes_per_position() as u64).saturating_mul(capacity as u64);
+    if let (Device::Cpu, Some(total)) = (device, total_memory()) {
+        if needed > total {
+            return Err(Error::InvalidOption(format!(
+                "generating up to {capacity} positions needs a {:.1} GiB key/value cache, more than this machine's {:.1} GiB of memory; lower max_new_tokens",
+                needed as f64 / (1u64 << 30) as f64,
+                total as f64 / (1u64 << 30) as f64
+            )));
+        }
+    }
+    Ok(cache.with_capacity(capacity)?)
+}
+
 /// What `generate` returns.
 #[derive(Debug)]
 pub struct GenerateOutput {

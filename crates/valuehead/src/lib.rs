@@ -109,7 +109,8 @@ pub fn load_tokenizer(dir: impl AsRef<Path>) -> Result<Option<tokenizers::Tokeni
     if !path.exists() {
         return Ok(None);
     }
-    tokenizers::Tokenizer::from_file(&path).map(Some).map_err(|e| {
+    let bytes = vh_hub::files::read_capped(&path, vh_hub::files::MAX_TOKENIZER_BYTES)?;
+    tokenizers::Tokenizer::from_bytes(&bytes).map(Some).map_err(|e| {
         Error::Hub(vh_hub::HubError::Json {
             path,
             message: e.to_string(),

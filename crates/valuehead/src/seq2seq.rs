@@ -2,7 +2,9 @@
 //! decoder, as TRL's `AutoModelForSeq2SeqLMWithValueHead`.
 
 use crate::error::{Error, Result};
-use crate::generation::{decode_loop, GenerateOutput, GenerationConfig, StepOutput};
+use crate::generation::{
+    decode_loop, generation_capacity, reserve_cache, GenerateOutput, GenerationConfig, StepOutput,
+};
 use crate::options::LoadOptions;
 use crate::wrapper::{check_before_load, model_type, read_folder, wrapper_accessors, Wrapped};
 use serde_json::Value;
@@ -203,6 +205,7 @@ impl Seq2SeqLmWithValueHead {
             }
         }
         let max_new = config.new_tokens(1)?;
+        let capacity = generation_capacity(1, max_new)?;
         // A mask without padding changes nothing; dropping it spares every step the
         // cross-attention padding bias.
         let attention_mask = match attention_mask {
@@ -224,7 +227,7 @@ impl Seq2SeqLmWithValueHead {
             // Room for every step's self-attention keys and values, written in place.
             past = Some(match next {
                 None => Seq2SeqCache {
-                    self_attention: out.past.self_attention.with_capacity(1 + max_new as i64)?,
+                    self_attention: reserve_cache(&out.past.self_attention, capacity, device)?,
                     cross_attention: out.past.cross_attention,
                 },
                 Some(_) => out.past,

@@ -52,6 +52,23 @@ pub fn check_positive(sizes: &[(&str, i64)]) -> Result<()> {
     }
 }
 
+/// Checks that every named epsilon is finite and not negative: a negative one makes every
+/// normalised value NaN, which would pass silently as output.
+pub fn check_epsilons(values: &[(&str, f64)]) -> Result<()> {
+    match values.iter().find(|(_, v)| !(v.is_finite() && *v >= 0.0)) {
+        Some((name, v)) => Err(Error::Config(format!("{name} must be finite and >= 0, got {v}"))),
+        None => Ok(()),
+    }
+}
+
+/// Checks that every named probability lies in [0, 1].
+pub fn check_probabilities(values: &[(&str, f64)]) -> Result<()> {
+    match values.iter().find(|(_, v)| !(0.0..=1.0).contains(v)) {
+        Some((name, v)) => Err(Error::Config(format!("{name} must be in [0, 1], got {v}"))),
+        None => Ok(()),
+    }
+}
+
 /// Deserialises a model config from config.json, naming the architecture in the error.
 pub fn parse_config<T: serde::de::DeserializeOwned>(config: &serde_json::Value, architecture: &str) -> Result<T> {
     serde_json::from_value(config.clone()).map_err(|e| Error::Config(format!("{architecture} config.json: {e}")))

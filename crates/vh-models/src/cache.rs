@@ -142,6 +142,17 @@ impl Cache {
         }
     }
 
+    /// Bytes the cache holds per cached position (all layers, keys and values, the whole batch).
+    pub fn bytes_per_position(&self) -> i64 {
+        let len = self.seq_len().max(1);
+        let total: usize = self
+            .layers
+            .iter()
+            .map(|l| (l.keys.numel() + l.values.numel()) * l.keys.kind().elt_size_in_bytes())
+            .sum();
+        total as i64 / len
+    }
+
     /// The same cache with room for `capacity` positions per layer, so that incremental passes
     /// write new keys and values in place (generation does this; the numbers are the same).
     /// For inference: writing in place into tensors that autograd saved would fail backward.

@@ -7,7 +7,7 @@ use crate::cache::{Cache, LayerCache};
 use serde::Deserialize;
 use tch::{nn, Kind, Tensor};
 use vh_core::error::invalid;
-use vh_core::error::{check_positive, parse_config};
+use vh_core::error::{check_epsilons, check_positive, check_probabilities, parse_config};
 use vh_core::tensor::{
     attention_mask_to_bool, causal_attention_bias, check_input_ids, expect_integer, expect_shape, int_range, lm_logits,
     position_ids_from_mask, TrainDropout,
@@ -120,15 +120,12 @@ impl Gpt2Config {
                 self.n_embd, self.n_head
             )));
         }
-        for (name, p) in [
+        check_probabilities(&[
             ("resid_pdrop", self.resid_pdrop),
             ("embd_pdrop", self.embd_pdrop),
             ("attn_pdrop", self.attn_pdrop),
-        ] {
-            if !(0.0..=1.0).contains(&p) {
-                return Err(Error::Config(format!("{name} must be in [0, 1], got {p}")));
-            }
-        }
+        ])?;
+        check_epsilons(&[("layer_norm_epsilon", self.layer_norm_epsilon)])?;
         self.activation()?;
         Ok(())
     }

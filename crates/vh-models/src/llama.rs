@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use tch::{nn, Device, Kind, Tensor};
 use vh_core::error::invalid;
-use vh_core::error::{check_positive, parse_config};
+use vh_core::error::{check_epsilons, check_positive, check_probabilities, parse_config};
 use vh_core::tensor::{
     attention_mask_to_bool, causal_attention_bias, check_input_ids, expect_integer, expect_shape, int_range, lm_logits,
     min_value, position_ids_from_mask, TrainDropout,
@@ -227,7 +227,9 @@ impl LlamaConfig {
                 self.head_dim
             )));
         }
-        if !(self.rope_theta > 0.0) {
+        check_epsilons(&[("rms_norm_eps", self.rms_norm_eps)])?;
+        check_probabilities(&[("attention_dropout", self.attention_dropout)])?;
+        if !(self.rope_theta > 0.0 && self.rope_theta.is_finite()) {
             return Err(Error::Config(format!(
                 "rope_theta must be positive, got {}",
                 self.rope_theta

@@ -7,7 +7,7 @@ use crate::cache::{Cache, LayerCache};
 use serde::Deserialize;
 use tch::{nn, Device, Kind, Tensor};
 use vh_core::error::invalid;
-use vh_core::error::{check_positive, parse_config};
+use vh_core::error::{check_epsilons, check_positive, check_probabilities, parse_config};
 use vh_core::tensor::{
     attention_mask_to_bool, causal_attention_bias, check_input_ids, expect_rank, lm_logits, min_value, TrainDropout,
 };
@@ -137,12 +137,8 @@ impl T5Config {
                 self.relative_attention_num_buckets, self.relative_attention_max_distance
             )));
         }
-        if !(0.0..=1.0).contains(&self.dropout_rate) {
-            return Err(Error::Config(format!(
-                "dropout_rate must be in [0, 1], got {}",
-                self.dropout_rate
-            )));
-        }
+        check_probabilities(&[("dropout_rate", self.dropout_rate)])?;
+        check_epsilons(&[("layer_norm_epsilon", self.layer_norm_epsilon)])?;
         self.feed_forward()?;
         Ok(())
     }
