@@ -104,11 +104,7 @@ impl ModelFolder {
         })
     }
 
-    fn read_sharded(
-        &self,
-        index_path: &Path,
-        read: ReadTensors,
-    ) -> Result<Vec<(String, Tensor)>> {
+    fn read_sharded(&self, index_path: &Path, read: ReadTensors) -> Result<Vec<(String, Tensor)>> {
         let index = read_json(index_path)?;
         let bad = |message: &str| HubError::Json {
             path: index_path.to_path_buf(),
