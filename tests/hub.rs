@@ -288,3 +288,260 @@ fn corrupt_weights_and_missing_shards_on_the_hub_are_errors() {
         "{err}"
     );
 }
+
+/// Runs `python/hub_cache_check.py` offline on `cache` and returns its JSON report.
+fn python_cache_report(cache: &Path, repo_id: &str) -> serde_json::Value {
+    let out = std::process::Command::new(python())
+        .arg(workspace_root().join("python/hub_cache_check.py"))
+        .arg(cache)
+        .arg(repo_id)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .env_remove("HF_TOKEN")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
+/// The blob names (file names in `blobs/`) of a cached repo.
+fn blob_names(repo_dir: &Path) -> std::collections::BTreeSet<String> {
+    std::fs::read_dir(repo_dir.join("blobs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect()
+}
+
+#[test]
+fn python_reads_the_cache_rust_wrote_offline() {
+    tch::set_num_threads(1);
+    let (server, source) = serve_tiny();
+    let home = tempfile::tempdir().unwrap();
+    let cache = home.path().join("hub");
+    let mut options = LoadOptions::default();
+    options.hub = vh_hub::HubOptions {
+        endpoint: Some(server.endpoint()),
+        token: Some("hub-token".into()),
+        cache_dir: Some(cache.clone()),
+        ..Default::default()
+    };
+    let snapshot = vh_hub::resolve_model("user/tiny", &options.hub).unwrap();
+    let commit = snapshot.file_name().unwrap().to_str().unwrap().to_string();
+    drop(server); // Python must not need the Hub.
+
+    let report = python_cache_report(&cache, "user/tiny");
+    assert_eq!(
+        report["warnings"],
+        json!([]),
+        "huggingface_hub sees a broken layout: {report}"
+    );
+    assert_eq!(report["snapshot"], json!(snapshot.display().to_string()), "{report}");
+    let revision = &report["repos"]["user/tiny"]["revisions"][&commit];
+    assert_eq!(revision["refs"], json!(["main"]), "{report}");
+    for name in ["config.json", "model.safetensors", "tokenizer.json"] {
+        let blob = std::fs::canonicalize(snapshot.join(name)).unwrap();
+        assert_eq!(
+            revision["files"][name],
+            json!(blob.file_name().unwrap().to_str().unwrap()),
+            "{name}: {report}"
+        );
+    }
+    assert_eq!(
+        report["config_bytes"],
+        json!(std::fs::read(source.path().join("config.json")).unwrap().len())
+    );
+
+    // TRL's from_pretrained, offline, on the cache Rust wrote: the same outputs.
+    let ids = Tensor::from_slice2(&[[1i64, 2, 3, 4]]);
+    let expected = CausalLmWithValueHead::from_folder(source.path(), &LoadOptions::default())
+        .unwrap()
+        .forward(&ids, None, None, None)
+        .unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let (inputs, out) = (
+        scratch.path().join("in.safetensors"),
+        scratch.path().join("out.safetensors"),
+    );
+    vh_hub::write_safetensors(&inputs, &[("input_ids".to_string(), ids.shallow_clone())]).unwrap();
+    let env = [
+        ("HF_ENDPOINT", "http://127.0.0.1:9".to_string()),
+        ("HF_HOME", home.path().display().to_string()),
+        ("HF_HUB_OFFLINE", "1".to_string()),
+    ];
+    run_reference_with_env(
+        "load_saved.py",
+        &[Path::new("causal"), Path::new("user/tiny"), &inputs, &out],
+        &env,
+    );
+    let got = read_tensors(&out);
+    assert!(max_abs_diff(&got["logits"], &expected.logits) <= TOLERANCE);
+    assert!(max_abs_diff(&got["values"], &expected.values) <= TOLERANCE);
+}
+
+#[test]
+fn rust_reads_the_cache_python_wrote_offline_with_the_same_blob_names() {
+    let (server, _source) = serve_tiny();
+    let home = tempfile::tempdir().unwrap();
+    let script = "import sys; from huggingface_hub import snapshot_download; \
+                  print(snapshot_download('user/tiny', allow_patterns=['*.json', '*.safetensors']))";
+    let out = std::process::Command::new(python())
+        .args(["-c", script])
+        .env("HF_ENDPOINT", server.endpoint())
+        .env("HF_HOME", home.path())
+        .env("HF_TOKEN", "hub-token")
+        .env("HF_HUB_DISABLE_XET", "1")
+        .env("HF_HUB_OFFLINE", "0")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let python_snapshot = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let offline = vh_hub::HubOptions {
+        cache_dir: Some(home.path().join("hub")),
+        offline: true,
+        ..Default::default()
+    };
+    let folder = vh_hub::resolve_model("user/tiny", &offline).unwrap();
+    assert_eq!(folder, Path::new(&python_snapshot));
+    CausalLmWithValueHead::from_folder(&folder, &LoadOptions::default()).unwrap();
+    // Our own download of the same repo names its blobs as Python did (ETags = listing hashes).
+    let ours = tempfile::tempdir().unwrap();
+    let online = vh_hub::HubOptions {
+        endpoint: Some(server.endpoint()),
+        token: Some("hub-token".into()),
+        cache_dir: Some(ours.path().into()),
+        ..Default::default()
+    };
+    vh_hub::resolve_model("user/tiny", &online).unwrap();
+    let (ours, theirs) = (
+        blob_names(&ours.path().join("models--user--tiny")),
+        blob_names(&home.path().join("hub/models--user--tiny")),
+    );
+    assert!(
+        ours.len() >= 3 && ours.is_subset(&theirs),
+        "ours {ours:?}, Python's {theirs:?}"
+    );
+    // Online over Python's cache: every blob is re-verified and kept.
+    let shared = vh_hub::HubOptions {
+        cache_dir: Some(home.path().join("hub")),
+        ..online
+    };
+    assert_eq!(vh_hub::resolve_model("user/tiny", &shared).unwrap(), folder);
+}
+
+#[test]
+fn vh_refuses_hostile_repo_ids_and_local_files_without_a_request() {
+    let (server, source) = serve_tiny();
+    let vh = env!("CARGO_BIN_EXE_vh");
+    let run = |args: &[&str]| {
+        std::process::Command::new(vh)
+            .args(args)
+            .current_dir(source.path())
+            .env("HF_ENDPOINT", server.endpoint())
+            .env("HF_TOKEN", "hub-token")
+            .env("HF_HOME", source.path().join("hf-home"))
+            .env_remove("HF_HUB_OFFLINE")
+            .env_remove("HF_HUB_CACHE")
+            .output()
+            .unwrap()
+    };
+    let folder = source.path().to_str().unwrap();
+    for (args, expected) in [
+        (
+            vec!["push", "--model", folder, "--repo-id", "../../evil"],
+            "invalid Hub repo id",
+        ),
+        (
+            vec!["push", "--model", folder, "--repo-id", "a/b?x=1#f"],
+            "invalid Hub repo id",
+        ),
+        (
+            vec![
+                "push",
+                "--model",
+                folder,
+                "--repo-id",
+                "user/x",
+                "--revision",
+                "../../x",
+            ],
+            "invalid revision",
+        ),
+        (
+            vec!["score", "--model", "./config.json", "--input-ids", "1 2"],
+            "not a model folder",
+        ),
+        (
+            vec!["score", "--model", "config.json", "--input-ids", "1 2"],
+            "not a model folder",
+        ),
+        (
+            vec![
+                "score",
+                "--model",
+                "user/tiny",
+                "--revision",
+                "../../x",
+                "--input-ids",
+                "1 2",
+            ],
+            "invalid revision",
+        ),
+    ] {
+        let out = run(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        assert!(!stderr.contains("hub-token"), "{stderr}");
+    }
+    assert_eq!(server.requests(), 0, "a hostile argument reached the Hub");
+}
+
+#[test]
+fn push_to_hub_follows_cache_links_and_refuses_links_out_of_the_source_folder() {
+    let (server, source) = serve_tiny();
+    let cache = tempfile::tempdir().unwrap();
+    let mut options = LoadOptions::default();
+    options.hub = vh_hub::HubOptions {
+        endpoint: Some(server.endpoint()),
+        token: Some("hub-token".into()),
+        cache_dir: Some(cache.path().into()),
+        ..Default::default()
+    };
+    let push = vh_hub::PushOptions {
+        endpoint: Some(server.endpoint()),
+        token: Some("hub-token".into()),
+        ..Default::default()
+    };
+    // Loaded from the Hub: the tokenizer files are links into the cache's blobs, and are pushed.
+    let from_hub = CausalLmWithValueHead::from_pretrained("user/tiny", &options).unwrap();
+    from_hub.push_to_hub("user/republished", &push).unwrap();
+    let files = server.files("user/republished", "main").unwrap();
+    assert_eq!(
+        files["tokenizer.json"],
+        std::fs::read(source.path().join("tokenizer.json")).unwrap()
+    );
+
+    // A local folder whose tokenizer.json links outside it: an error naming the link.
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("secret"), b"root:x:0:0").unwrap();
+    let folder = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(source.path()).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() != "tokenizer.json" {
+            std::fs::copy(entry.path(), folder.path().join(entry.file_name())).unwrap();
+        }
+    }
+    std::os::unix::fs::symlink(outside.path().join("secret"), folder.path().join("tokenizer.json")).unwrap();
+    let model = CausalLmWithValueHead::from_folder(folder.path(), &LoadOptions::default()).unwrap();
+    let err = model.push_to_hub("user/leak", &push).unwrap_err();
+    assert!(
+        matches!(&err, valuehead::Error::Hub(vh_hub::HubError::UnsafeUpload { path, .. }) if path.ends_with("tokenizer.json")),
+        "{err}"
+    );
+    assert!(server.files("user/leak", "main").is_none(), "the repo was created");
+}

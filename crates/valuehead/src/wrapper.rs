@@ -90,13 +90,19 @@ pub(crate) fn staging_dir() -> Result<std::path::PathBuf> {
     Ok(dir)
 }
 
-/// Copies the tokenizer files of `source` (if any) into `target`.
+/// Copies the tokenizer files of `source` (if any) into `target`, with the upload's rules for
+/// symlinks (`vh_hub::uploadable_file`): a link is followed only to a file inside `source` (or,
+/// for a model loaded from the Hub cache, into that repo's blobs), so that a `tokenizer.json`
+/// linking to e.g. /etc/passwd is an error, not an upload of its target.
 pub(crate) fn copy_tokenizer_files(source: Option<&std::path::Path>, target: &std::path::Path) -> Result<()> {
     let Some(source) = source else { return Ok(()) };
     for name in TOKENIZER_FILES {
         let from = source.join(name);
-        if from.is_file() {
-            std::fs::copy(&from, target.join(name)).map_err(|e| vh_hub::HubError::io(&from, e))?;
+        if std::fs::symlink_metadata(&from).is_err() {
+            continue;
+        }
+        if let Some(real) = vh_hub::uploadable_file(source, &from)? {
+            std::fs::copy(&real, target.join(name)).map_err(|e| vh_hub::HubError::io(&real, e))?;
         }
     }
     Ok(())

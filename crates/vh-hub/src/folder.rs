@@ -16,6 +16,9 @@ pub const CONFIG: &str = "config.json";
 /// The generation defaults file.
 pub const GENERATION_CONFIG: &str = "generation_config.json";
 
+/// A reader of one weights file (safetensors or pytorch_model.bin), for the shards of an index.
+type ReadTensors = fn(&Path) -> Result<Vec<(String, Tensor)>>;
+
 /// Reads and parses a JSON file.
 pub fn read_json(path: &Path) -> Result<Value> {
     let text = crate::files::read_text_capped(path, crate::files::MAX_JSON_BYTES)?;
@@ -101,11 +104,7 @@ impl ModelFolder {
         })
     }
 
-    fn read_sharded(
-        &self,
-        index_path: &Path,
-        read: fn(&Path) -> Result<Vec<(String, Tensor)>>,
-    ) -> Result<Vec<(String, Tensor)>> {
+    fn read_sharded(&self, index_path: &Path, read: ReadTensors) -> Result<Vec<(String, Tensor)>> {
         let index = read_json(index_path)?;
         let bad = |message: &str| HubError::Json {
             path: index_path.to_path_buf(),

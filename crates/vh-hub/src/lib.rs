@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod error;
 pub mod files;
 pub mod folder;
+pub mod http;
 pub mod hub;
 pub mod progress;
 pub mod push;
@@ -13,13 +14,15 @@ pub mod safetensors_io;
 #[cfg(feature = "test-server")]
 pub mod test_server;
 pub mod torch_bin;
+pub mod validate;
 
 pub use checkpoint::write_checkpoint;
 pub use error::{HubError, Result};
 pub use folder::ModelFolder;
-pub use hub::{resolve_model, HubOptions};
-pub use push::{push_folder, PushOptions};
+pub use hub::{parse_model_info, parse_tree_listing, resolve_model, HubOptions, ModelInfo, RepoFile};
+pub use push::{push_folder, uploadable_file, PushOptions};
 pub use safetensors_io::{read_safetensors, write_safetensors};
+pub use validate::{validate_repo_id, validate_repo_path, validate_revision};
 
 use std::io::Write;
 use std::path::Path;

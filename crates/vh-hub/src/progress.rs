@@ -1,8 +1,6 @@
 //! Progress bars for downloads and uploads on a terminal; nothing when stderr is not one.
 
-use std::collections::HashMap;
 use std::io::IsTerminal;
-use std::sync::Mutex;
 
 /// A byte-progress bar on stderr, or nothing when stderr is not a terminal.
 pub struct Bar(Option<indicatif::ProgressBar>);
@@ -47,40 +45,6 @@ impl Bar {
     pub fn finish(&self) {
         if let Some(bar) = &self.0 {
             bar.finish_and_clear();
-        }
-    }
-}
-
-/// Feeds hf-hub's download events into a [`Bar`].
-pub(crate) struct DownloadBar {
-    bar: Bar,
-    files: Mutex<HashMap<String, u64>>,
-}
-
-impl DownloadBar {
-    pub(crate) fn new(what: &str) -> Self {
-        Self {
-            bar: Bar::new(what, 0),
-            files: Mutex::new(HashMap::new()),
-        }
-    }
-}
-
-impl hf_hub::progress::ProgressHandler for DownloadBar {
-    fn on_progress(&self, event: &hf_hub::progress::ProgressEvent) {
-        use hf_hub::progress::{DownloadEvent, ProgressEvent};
-        let ProgressEvent::Download(event) = event else { return };
-        match event {
-            DownloadEvent::Start { total_bytes, .. } => self.bar.set_total(*total_bytes),
-            DownloadEvent::Progress { files } => {
-                let mut seen = self.files.lock().expect("progress state");
-                for f in files {
-                    seen.insert(f.filename.clone(), f.bytes_completed);
-                }
-                self.bar.set(seen.values().sum());
-            }
-            DownloadEvent::AggregateProgress { bytes_completed, .. } => self.bar.set(*bytes_completed),
-            DownloadEvent::Complete => self.bar.finish(),
         }
     }
 }
