@@ -11,6 +11,7 @@ use serde_json::Value;
 use std::path::Path;
 use tch::{nn::VarStore, Kind, Tensor};
 use vh_core::error::invalid;
+use vh_core::ops::ScalarOps;
 use vh_core::tensor::{causal_lm_loss, check_labels, expect_rank};
 use vh_models::gpt2::{Gpt2Config, Gpt2LmHeadModel};
 use vh_models::llama::{LlamaConfig, LlamaForCausalLM};
@@ -55,6 +56,14 @@ impl CausalBackbone {
         match self {
             Self::Gpt2(m) => m.parameter_name(key),
             Self::Llama(m) => m.parameter_name(key),
+        }
+    }
+
+    /// The width of the hidden states the value head reads.
+    fn hidden_size(&self) -> i64 {
+        match self {
+            Self::Gpt2(m) => m.transformer.config().n_embd,
+            Self::Llama(m) => m.config().hidden_size,
         }
     }
 
@@ -212,7 +221,10 @@ impl CausalLmWithValueHead {
         let vs = VarStore::new(options.device);
         // Placeholders until the checkpoint fills them (see `vh_core::param`).
         let backbone = vh_core::param::deferred(|| CausalBackbone::build(&vs, &config, options))?;
-        let wrapped = Wrapped::load(vs, config, tensors, options, |key| backbone.parameter_name(key))?;
+        let hidden_size = backbone.hidden_size();
+        let wrapped = Wrapped::load(vs, config, tensors, options, hidden_size, |key| {
+            backbone.parameter_name(key)
+        })?;
         if let CausalBackbone::Gpt2(m) = &backbone {
             m.arrange_weights()?;
         }
@@ -284,7 +296,7 @@ impl CausalLmWithValueHead {
         .f_to_kind(Kind::Int64)?;
         if mask
             .f_sum_dim_intlist(1, false, Kind::Int64)?
-            .f_eq(0)?
+            .s_eq(0)?
             .f_any()?
             .f_int64_value(&[])?
             != 0
@@ -301,10 +313,10 @@ impl CausalLmWithValueHead {
                 .into());
             }
         }
-        let input_ids = input_ids.f_to_device(device)?;
+        let input_ids = input_ids.f_to_device(device)?.f_to_kind(Kind::Int64)?;
         // Without padding the mask changes nothing (positions count from 0, only the causal
         // rule hides keys), so the steps skip rebuilding and checking it.
-        let padded = mask.f_eq(0)?.f_any()?.f_int64_value(&[])? != 0;
+        let padded = mask.s_eq(0)?.f_any()?.f_int64_value(&[])? != 0;
         let mut past: Option<Cache> = None;
         decode_loop(&input_ids, max_new, config, |next| {
             let ids = match next {

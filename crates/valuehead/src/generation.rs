@@ -7,6 +7,7 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 use vh_core::error::invalid;
+use vh_core::ops::ScalarOps;
 
 /// Decoding settings, as HF's `GenerationConfig`. Defaults come from the model folder's
 /// generation_config.json and config.json ([`GenerationConfig::from_model`]); every field can be
@@ -272,8 +273,8 @@ pub(crate) struct StepOutput {
 pub(crate) fn apply_repetition_penalty(scores: &Tensor, seen: &Tensor, penalty: f64) -> Result<Tensor> {
     let score = scores.f_gather(1, seen, false)?;
     let penalised = score
-        .f_mul_scalar(penalty)?
-        .f_where_self(&score.f_lt(0.0)?, &score.f_div_scalar(penalty)?)?;
+        .s_mul(penalty)?
+        .f_where_self(&score.s_lt(0.0)?, &score.s_div(penalty)?)?;
     Ok(scores.f_scatter(1, seen, &penalised)?)
 }
 
@@ -283,7 +284,7 @@ pub(crate) fn top_k_filter(scores: &Tensor, k: usize) -> Result<Tensor> {
     let k = (k as i64).min(vocab);
     let (top, _) = scores.f_topk(k, -1, true, true)?;
     let kth = top.f_narrow(1, k - 1, 1)?;
-    Ok(scores.f_masked_fill(&scores.f_lt_tensor(&kth)?, f64::NEG_INFINITY)?)
+    Ok(scores.s_masked_fill(&scores.f_lt_tensor(&kth)?, f64::NEG_INFINITY)?)
 }
 
 /// HF's top-p warper: the least likely tokens whose cumulative probability stays within
@@ -292,11 +293,11 @@ pub(crate) fn top_p_filter(scores: &Tensor, top_p: f64) -> Result<Tensor> {
     let (sorted, indices) = scores.f_sort(-1, false)?;
     let cumulative = sorted.f_softmax(-1, Kind::Float)?.f_cumsum(-1, Kind::Float)?;
     let vocab = scores.size()[1];
-    let remove = cumulative.f_le(1.0 - top_p)?;
+    let remove = cumulative.s_le(1.0 - top_p)?;
     let mut most_likely = remove.f_narrow(1, vocab - 1, 1)?;
-    let _ = most_likely.f_fill_(0)?;
+    let _ = most_likely.s_fill_(0)?;
     let remove = remove.f_scatter(1, &indices, &remove)?;
-    Ok(scores.f_masked_fill(&remove, f64::NEG_INFINITY)?)
+    Ok(scores.s_masked_fill(&remove, f64::NEG_INFINITY)?)
 }
 
 /// The processed scores from which the next token is chosen: repetition penalty, min-new-tokens
@@ -314,11 +315,11 @@ pub(crate) fn process_scores(
         scores = apply_repetition_penalty(&scores, seen, config.repetition_penalty)?;
     }
     if let Some(eos) = eos.filter(|_| generated < config.min_new_tokens) {
-        scores = scores.f_index_fill(1, eos, f64::NEG_INFINITY)?;
+        scores = scores.s_index_fill(1, eos, f64::NEG_INFINITY)?;
     }
     if config.do_sample {
         if config.temperature != 1.0 {
-            scores = scores.f_div_scalar(config.temperature)?;
+            scores = scores.s_div(config.temperature)?;
         }
         if config.top_k != 0 {
             scores = top_k_filter(&scores, config.top_k)?;

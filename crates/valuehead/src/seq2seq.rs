@@ -11,6 +11,7 @@ use serde_json::Value;
 use std::path::Path;
 use tch::{nn::VarStore, Kind, Tensor};
 use vh_core::error::invalid;
+use vh_core::ops::ScalarOps;
 use vh_core::tensor::{check_labels, expect_rank, seq2seq_lm_loss};
 use vh_models::t5::{EncoderOutput, Seq2SeqCache, T5Config, T5ForConditionalGeneration};
 
@@ -85,7 +86,10 @@ impl Seq2SeqLmWithValueHead {
             }
             other => return Err(Error::UnsupportedModel(other.to_string())),
         };
-        let wrapped = Wrapped::load(vs, config, tensors, options, |key| model.parameter_name(key))?;
+        let hidden_size = model.config().d_model;
+        let wrapped = Wrapped::load(vs, config, tensors, options, hidden_size, |key| {
+            model.parameter_name(key)
+        })?;
         Ok(Self { wrapped, model })
     }
 
@@ -209,7 +213,7 @@ impl Seq2SeqLmWithValueHead {
         // A mask without padding changes nothing; dropping it spares every step the
         // cross-attention padding bias.
         let attention_mask = match attention_mask {
-            Some(m) if m.f_eq(0)?.f_any()?.f_int64_value(&[])? == 0 => None,
+            Some(m) if m.s_eq(0)?.f_any()?.f_int64_value(&[])? == 0 => None,
             other => other,
         };
         let encoder = self.encode(input_ids, attention_mask)?;

@@ -139,9 +139,10 @@ impl Wrapped {
         config: Value,
         tensors: Vec<(String, Tensor)>,
         options: &LoadOptions,
+        hidden_size: i64,
         parameter_name: impl Fn(&str) -> Option<String>,
     ) -> Result<Self> {
-        let head_config = ValueHeadConfig::resolve(&config, &options.value_head)?;
+        let head_config = ValueHeadConfig::resolve(&config, &options.value_head, Some(hidden_size))?;
 
         let mut backbone_tensors = Vec::new();
         let mut head_tensors = Vec::new();

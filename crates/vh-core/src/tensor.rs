@@ -2,6 +2,7 @@
 //! boundary, position ids from attention masks, and the causal-LM loss.
 
 use crate::error::{invalid, Result};
+use crate::ops::ScalarOps;
 use tch::{Kind, Tensor};
 
 /// The label value that the loss ignores, as in PyTorch and HF.
@@ -94,8 +95,8 @@ pub fn attention_mask_to_bool(mask: &Tensor, name: &str, expected: &[i64]) -> Re
             mask.kind()
         )));
     }
-    let ones = mask.f_eq(1)?;
-    let valid = ones.f_logical_or(&mask.f_eq(0)?)?.f_all()?.f_int64_value(&[])? != 0;
+    let ones = mask.s_eq(1)?;
+    let valid = ones.f_logical_or(&mask.s_eq(0)?)?.f_all()?.f_int64_value(&[])? != 0;
     if !valid {
         return Err(invalid(format!("`{name}` may only hold 0 and 1")));
     }
@@ -107,8 +108,8 @@ pub fn attention_mask_to_bool(mask: &Tensor, name: &str, expected: &[i64]) -> Re
 /// the row's attended tokens, and 1 at padding, as HF's `generate` computes them.
 pub fn position_ids_from_mask(mask: &Tensor, new_len: i64) -> Result<Tensor> {
     let total = mask.size()[1];
-    let positions = mask.f_cumsum(1, Kind::Int64)?.f_sub_scalar(1)?;
-    let positions = positions.f_masked_fill(&mask.f_logical_not()?, 1)?;
+    let positions = mask.f_cumsum(1, Kind::Int64)?.s_sub(1)?;
+    let positions = positions.s_masked_fill(&mask.f_logical_not()?, 1)?;
     Ok(positions.f_narrow(1, total - new_len, new_len)?)
 }
 
@@ -139,11 +140,11 @@ pub fn causal_attention_bias(
     let bias = match key_mask {
         Some(mask) => {
             let padding = mask.f_logical_not()?.f_view([batch, 1, 1, total])?;
-            Tensor::f_zeros([batch, 1, new_len, total], (kind, device))?.f_masked_fill(&padding, min_value(kind))?
+            Tensor::f_zeros([batch, 1, new_len, total], (kind, device))?.s_masked_fill(&padding, min_value(kind))?
         }
         None => Tensor::f_zeros([1, 1, new_len, total], (kind, device))?,
     };
-    Ok(Some(bias.f_masked_fill(&in_future, future)?))
+    Ok(Some(bias.s_masked_fill(&in_future, future)?))
 }
 
 /// At most this many positions count as a decode step for [`lm_logits`].
@@ -202,10 +203,10 @@ impl TrainDropout for Tensor {
 pub fn check_labels(labels: &Tensor, batch: i64, seq: i64, vocab_size: i64) -> Result<()> {
     expect_shape(labels, "labels", &[batch, seq])?;
     expect_integer(labels, "labels")?;
-    let kept = labels.f_ne(IGNORE_INDEX)?;
+    let kept = labels.s_ne(IGNORE_INDEX)?;
     let out_of_range = labels
-        .f_lt(0)?
-        .f_logical_or(&labels.f_ge(vocab_size)?)?
+        .s_lt(0)?
+        .f_logical_or(&labels.s_ge(vocab_size)?)?
         .f_logical_and(&kept)?;
     if out_of_range.f_any()?.f_int64_value(&[])? != 0 {
         return Err(invalid(format!(
@@ -218,7 +219,7 @@ pub fn check_labels(labels: &Tensor, batch: i64, seq: i64, vocab_size: i64) -> R
 /// Mean cross-entropy in f32 of `logits` [N, vocab] against `labels` [N], skipping
 /// [`IGNORE_INDEX`]. No kept label means no defined loss (PyTorch would return NaN): an error.
 fn mean_cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
-    if labels.f_ne(IGNORE_INDEX)?.f_any()?.f_int64_value(&[])? == 0 {
+    if labels.s_ne(IGNORE_INDEX)?.f_any()?.f_int64_value(&[])? == 0 {
         return Err(invalid(
             "every label that enters the loss is -100, so the loss is undefined",
         ));

@@ -65,9 +65,12 @@ fn json_i64(config: &Value, key: &str) -> Result<Option<i64>> {
 impl ValueHeadConfig {
     /// Resolves the head's settings from the backbone's config.json and the options, as TRL does:
     /// the config's `summary_dropout_prob` wins over the option (null or 0 means no dropout), and
-    /// the width is `word_embed_proj_dim` when present, else the decoder's or the model's hidden
-    /// size (`hidden_size`, `n_embd` or `d_model`).
-    pub fn resolve(config: &Value, options: &ValueHeadOptions) -> Result<Self> {
+    /// the width is `word_embed_proj_dim` when present, else the decoder's hidden size of an
+    /// encoder-decoder config with a `decoder` entry, else `hidden_size`: the backbone's (from
+    /// its parsed config, defaults included, as TRL reads `config.hidden_size` from the
+    /// transformers config object), or without one config.json's `hidden_size`, `n_embd` or
+    /// `d_model`.
+    pub fn resolve(config: &Value, options: &ValueHeadOptions, backbone_hidden_size: Option<i64>) -> Result<Self> {
         let dropout_prob = match config.get("summary_dropout_prob") {
             Some(Value::Null) => 0.0,
             Some(v) => v
@@ -80,6 +83,10 @@ impl ValueHeadConfig {
                 "summary_dropout_prob must be in [0, 1], got {dropout_prob}"
             )));
         }
+        let mut hidden_size = backbone_hidden_size;
+        for key in ["hidden_size", "n_embd", "d_model"] {
+            hidden_size = hidden_size.or(json_i64(config, key)?);
+        }
         let decoder_hidden = match (
             config.get("is_encoder_decoder").and_then(Value::as_bool),
             config.get("decoder"),
@@ -87,13 +94,8 @@ impl ValueHeadConfig {
             (Some(true), Some(decoder)) => json_i64(decoder, "hidden_size")?,
             _ => None,
         };
-        let mut hidden_size = None;
-        for key in ["word_embed_proj_dim"] {
-            hidden_size = hidden_size.or(json_i64(config, key)?);
-        }
-        hidden_size = hidden_size.or(decoder_hidden);
-        for key in ["hidden_size", "n_embd", "d_model"] {
-            hidden_size = hidden_size.or(json_i64(config, key)?);
+        if let Some(width) = json_i64(config, "word_embed_proj_dim")?.or(decoder_hidden) {
+            hidden_size = Some(width);
         }
         let hidden_size = hidden_size.ok_or_else(|| {
             Error::Config("config has none of word_embed_proj_dim, hidden_size, n_embd, d_model".to_string())
@@ -198,22 +200,40 @@ mod tests {
     #[test]
     fn resolves_dropout_and_width_like_trl() {
         let opts = ValueHeadOptions::default();
-        let c = ValueHeadConfig::resolve(&json!({"n_embd": 8}), &opts).unwrap();
+        let c = ValueHeadConfig::resolve(&json!({"n_embd": 8}), &opts, None).unwrap();
         assert_eq!((c.hidden_size, c.dropout_prob, c.init), (8, 0.1, InitStrategy::Default));
-        let c = ValueHeadConfig::resolve(&json!({"hidden_size": 8, "summary_dropout_prob": null}), &opts).unwrap();
+        let c =
+            ValueHeadConfig::resolve(&json!({"hidden_size": 8, "summary_dropout_prob": null}), &opts, None).unwrap();
         assert_eq!(c.dropout_prob, 0.0);
         let opts2 = ValueHeadOptions {
             summary_dropout_prob: Some(0.3),
             ..Default::default()
         };
-        let c = ValueHeadConfig::resolve(&json!({"d_model": 8, "summary_dropout_prob": 0.5}), &opts2).unwrap();
+        let c = ValueHeadConfig::resolve(&json!({"d_model": 8, "summary_dropout_prob": 0.5}), &opts2, None).unwrap();
         assert_eq!((c.hidden_size, c.dropout_prob), (8, 0.5));
-        let c = ValueHeadConfig::resolve(&json!({"d_model": 8}), &opts2).unwrap();
+        let c = ValueHeadConfig::resolve(&json!({"d_model": 8}), &opts2, None).unwrap();
         assert_eq!(c.dropout_prob, 0.3);
-        let c = ValueHeadConfig::resolve(&json!({"hidden_size": 8, "word_embed_proj_dim": 4}), &opts).unwrap();
+        let c = ValueHeadConfig::resolve(&json!({"hidden_size": 8, "word_embed_proj_dim": 4}), &opts, None).unwrap();
         assert_eq!(c.hidden_size, 4);
-        assert!(ValueHeadConfig::resolve(&json!({"vocab_size": 8}), &opts).is_err());
-        assert!(ValueHeadConfig::resolve(&json!({"n_embd": 8, "summary_dropout_prob": 2.0}), &opts).is_err());
+        assert!(ValueHeadConfig::resolve(&json!({"vocab_size": 8}), &opts, None).is_err());
+        // The backbone's width (its config's default) when config.json names none, as TRL reads
+        // `config.hidden_size` from the transformers config object.
+        assert_eq!(
+            ValueHeadConfig::resolve(&json!({}), &opts, Some(768))
+                .unwrap()
+                .hidden_size,
+            768
+        );
+        let c = ValueHeadConfig::resolve(&json!({"word_embed_proj_dim": 4}), &opts, Some(768)).unwrap();
+        assert_eq!(c.hidden_size, 4);
+        let c = ValueHeadConfig::resolve(
+            &json!({"is_encoder_decoder": true, "decoder": {"hidden_size": 6}}),
+            &opts,
+            Some(768),
+        )
+        .unwrap();
+        assert_eq!(c.hidden_size, 6);
+        assert!(ValueHeadConfig::resolve(&json!({"n_embd": 8, "summary_dropout_prob": 2.0}), &opts, None).is_err());
         assert!("uniform".parse::<InitStrategy>().is_err());
     }
 

@@ -1,6 +1,7 @@
 //! The activation functions HF configs name (`ACT2FN` in transformers).
 
 use tch::Tensor;
+use vh_core::ops::ScalarOps;
 use vh_core::{Error, Result};
 
 /// An activation function, parsed from a config's name for it.
@@ -74,20 +75,21 @@ impl Activation {
             Self::GeluPytorchTanh => x.f_gelu("tanh")?,
             Self::GeluNew => {
                 let inner = x
-                    .f_add(&x.f_pow_tensor_scalar(3.0)?.f_mul_scalar(0.044715)?)?
-                    .f_mul_scalar(sqrt_2_over_pi)?;
-                x.f_mul_scalar(0.5)?.f_mul(&inner.f_tanh()?.f_add_scalar(1.0)?)?
+                    // x^3 as (x * x) * x: what PyTorch's pow computes for the exponent 3.
+                    .f_add(&x.f_mul(x)?.f_mul(x)?.s_mul(0.044715)?)?
+                    .s_mul(sqrt_2_over_pi)?;
+                x.s_mul(0.5)?.f_mul(&inner.f_tanh()?.s_add(1.0)?)?
             }
             Self::GeluFast => {
                 let inner = x
-                    .f_mul_scalar(0.7978845608)?
-                    .f_mul(&x.f_mul(x)?.f_mul_scalar(0.044715)?.f_add_scalar(1.0)?)?;
-                x.f_mul_scalar(0.5)?.f_mul(&inner.f_tanh()?.f_add_scalar(1.0)?)?
+                    .s_mul(0.7978845608)?
+                    .f_mul(&x.f_mul(x)?.s_mul(0.044715)?.s_add(1.0)?)?;
+                x.s_mul(0.5)?.f_mul(&inner.f_tanh()?.s_add(1.0)?)?
             }
-            Self::Gelu10 => x.f_gelu("none")?.f_clamp(-10.0, 10.0)?,
-            Self::QuickGelu => x.f_mul(&x.f_mul_scalar(1.702)?.f_sigmoid()?)?,
+            Self::Gelu10 => x.f_gelu("none")?.s_clamp(-10.0, 10.0)?,
+            Self::QuickGelu => x.f_mul(&x.s_mul(1.702)?.f_sigmoid()?)?,
             Self::Relu => x.f_relu()?,
-            Self::Relu6 => x.f_clamp(0.0, 6.0)?,
+            Self::Relu6 => x.s_clamp(0.0, 6.0)?,
             Self::Relu2 => x.f_relu()?.f_square()?,
             Self::LeakyRelu => x.f_leaky_relu()?,
             Self::Silu => x.f_silu()?,
@@ -97,11 +99,11 @@ impl Activation {
             Self::Linear => x.shallow_clone(),
             Self::Laplace => {
                 let (mu, sigma) = (0.707107, 0.282095);
-                x.f_sub_scalar(mu)?
-                    .f_div_scalar(sigma * std::f64::consts::SQRT_2)?
+                x.s_sub(mu)?
+                    .s_div(sigma * std::f64::consts::SQRT_2)?
                     .f_erf()?
-                    .f_mul_scalar(0.5)?
-                    .f_add_scalar(0.5)?
+                    .s_mul(0.5)?
+                    .s_add(0.5)?
             }
         })
     }

@@ -8,6 +8,7 @@ use serde::Deserialize;
 use tch::{nn, Kind, Tensor};
 use vh_core::error::invalid;
 use vh_core::error::{check_epsilons, check_positive, check_probabilities, parse_config};
+use vh_core::ops::ScalarOps;
 use vh_core::tensor::{
     attention_mask_to_bool, causal_attention_bias, check_input_ids, expect_integer, expect_shape, int_range, lm_logits,
     position_ids_from_mask, TrainDropout,
@@ -335,7 +336,7 @@ impl Attention {
             // `_upcast_and_reordered_attn`, so half-precision scores cannot overflow.
             let q = query.f_to_kind(Kind::Float)?;
             let k = key.f_to_kind(Kind::Float)?;
-            let mut scores = q.f_matmul(&k.f_transpose(-1, -2)?)?.f_mul_scalar(self.scale())?;
+            let mut scores = q.f_matmul(&k.f_transpose(-1, -2)?)?.s_mul(self.scale())?;
             if let Some(bias) = bias {
                 scores = scores.f_add(bias)?;
             }
@@ -343,10 +344,10 @@ impl Attention {
         } else {
             let mut scores = query.f_matmul(&key.f_transpose(-1, -2)?)?;
             if self.scale_attn_weights {
-                scores = scores.f_div_scalar((self.head_dim as f64).sqrt())?;
+                scores = scores.s_div((self.head_dim as f64).sqrt())?;
             }
             if self.scale_attn_by_inverse_layer_idx {
-                scores = scores.f_div_scalar((self.layer_idx + 1) as f64)?;
+                scores = scores.s_div((self.layer_idx + 1) as f64)?;
             }
             if let Some(bias) = bias {
                 scores = scores.f_add(bias)?;
@@ -509,7 +510,8 @@ impl Gpt2Model {
             )));
         }
         let device = self.wte.device();
-        let input_ids = input_ids.f_to_device(device)?;
+        // Embedding lookups take i64 (or i32) indices; any validated integer kind is accepted.
+        let input_ids = input_ids.f_to_device(device)?.f_to_kind(Kind::Int64)?;
         let key_mask = attention_mask
             .map(|m| {
                 attention_mask_to_bool(m, "attention_mask", &[batch, total])?
@@ -526,7 +528,7 @@ impl Gpt2Model {
                 if lo < 0 || hi >= self.cfg.n_positions {
                     return Err(invalid(format!("position_ids must be in 0..{}", self.cfg.n_positions)));
                 }
-                p.f_to_device(device)?
+                p.f_to_device(device)?.f_to_kind(Kind::Int64)?
             }
             (None, Some(mask)) => position_ids_from_mask(mask, new_len)?,
             (None, None) => Tensor::f_arange_start(past_len, total, (Kind::Int64, device))?.f_unsqueeze(0)?,

@@ -11,6 +11,7 @@ use serde_json::Value;
 use tch::{nn, Device, Kind, Tensor};
 use vh_core::error::invalid;
 use vh_core::error::{check_epsilons, check_positive, check_probabilities, parse_config};
+use vh_core::ops::ScalarOps;
 use vh_core::tensor::{
     attention_mask_to_bool, causal_attention_bias, check_input_ids, expect_integer, expect_shape, int_range, lm_logits,
     min_value, position_ids_from_mask, TrainDropout,
@@ -264,7 +265,7 @@ pub struct RotaryEmbedding {
 fn default_inv_freq(theta: &Tensor, head_dim: i64, device: Device) -> Result<Tensor> {
     let exponent = Tensor::f_arange_start_step(0, head_dim, 2, (Kind::Int64, device))?
         .f_to_kind(Kind::Float)?
-        .f_div_scalar(head_dim as f64)?;
+        .s_div(head_dim as f64)?;
     Ok(theta.f_pow(&exponent)?.f_reciprocal()?)
 }
 
@@ -277,7 +278,7 @@ impl RotaryEmbedding {
         let mut inv_freq = default_inv_freq(&theta, cfg.head_dim, device)?;
         match &cfg.rope_scaling {
             RopeScaling::Default | RopeScaling::Dynamic { .. } => {}
-            RopeScaling::Linear { factor } => inv_freq = inv_freq.f_div_scalar(*factor)?,
+            RopeScaling::Linear { factor } => inv_freq = inv_freq.s_div(*factor)?,
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
@@ -286,24 +287,24 @@ impl RotaryEmbedding {
             } => {
                 let old = *original_max_position_embeddings;
                 let (low_wavelen, high_wavelen) = (old / low_freq_factor, old / high_freq_factor);
-                let wavelen = inv_freq.f_reciprocal()?.f_mul_scalar(2.0 * std::f64::consts::PI)?;
-                let scaled = inv_freq.f_div_scalar(*factor)?;
-                let llama = scaled.f_where_self(&wavelen.f_gt(low_wavelen)?, &inv_freq)?;
+                let wavelen = inv_freq.f_reciprocal()?.s_mul(2.0 * std::f64::consts::PI)?;
+                let scaled = inv_freq.s_div(*factor)?;
+                let llama = scaled.f_where_self(&wavelen.s_gt(low_wavelen)?, &inv_freq)?;
                 let smooth = wavelen
                     .f_reciprocal()?
-                    .f_mul_scalar(old)?
-                    .f_sub_scalar(*low_freq_factor)?
-                    .f_div_scalar(high_freq_factor - low_freq_factor)?;
+                    .s_mul(old)?
+                    .s_sub(*low_freq_factor)?
+                    .s_div(high_freq_factor - low_freq_factor)?;
                 let smoothed = smooth
                     .f_neg()?
-                    .f_add_scalar(1.0)?
+                    .s_add(1.0)?
                     .f_mul(&llama)?
-                    .f_div_scalar(*factor)?
+                    .s_div(*factor)?
                     .f_add(&smooth.f_mul(&llama)?)?;
                 let medium = wavelen
-                    .f_lt(high_wavelen)?
+                    .s_lt(high_wavelen)?
                     .f_logical_not()?
-                    .f_logical_and(&wavelen.f_gt(low_wavelen)?.f_logical_not()?)?;
+                    .f_logical_and(&wavelen.s_gt(low_wavelen)?.f_logical_not()?)?;
                 inv_freq = smoothed.f_where_self(&medium, &llama)?;
             }
         }
@@ -328,11 +329,11 @@ impl RotaryEmbedding {
                     .f_to_device(device)?
                     .f_squeeze()?;
                 let ratio = seq_len
-                    .f_mul_scalar(factor)?
-                    .f_div_scalar(self.max_position_embeddings as f64)?
-                    .f_sub_scalar(factor - 1.0)?
+                    .s_mul(factor)?
+                    .s_div(self.max_position_embeddings as f64)?
+                    .s_sub(factor - 1.0)?
                     .f_pow_tensor_scalar(dim / (dim - 2.0))?;
-                let base = ratio.f_mul_scalar(self.theta)?;
+                let base = ratio.s_mul(self.theta)?;
                 default_inv_freq(&base, self.head_dim, device)
             }
             _ => Ok(self.inv_freq.shallow_clone()),
@@ -377,10 +378,9 @@ impl RmsNorm {
     /// Normalises over the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = x.f_to_kind(Kind::Float)?;
-        let variance = h.f_pow_tensor_scalar(2.0)?.f_mean_dim(-1, true, Kind::Float)?;
-        let normed = h
-            .f_mul(&variance.f_add_scalar(self.eps)?.f_rsqrt()?)?
-            .f_to_kind(x.kind())?;
+        // x^2 as x * x: what PyTorch's pow computes for the exponent 2.
+        let variance = h.f_mul(&h)?.f_mean_dim(-1, true, Kind::Float)?;
+        let normed = h.f_mul(&variance.s_add(self.eps)?.f_rsqrt()?)?.f_to_kind(x.kind())?;
         Ok(self.weight.f_mul(&normed)?)
     }
 }
@@ -500,7 +500,7 @@ impl Attention {
             }
             AttnImplementation::Eager => {
                 let (keys, values) = (self.repeat_kv(&cache.keys)?, self.repeat_kv(&cache.values)?);
-                let mut scores = q.f_matmul(&keys.f_transpose(2, 3)?)?.f_mul_scalar(scale)?;
+                let mut scores = q.f_matmul(&keys.f_transpose(2, 3)?)?.s_mul(scale)?;
                 if let Some(bias) = bias {
                     scores = scores.f_add(bias)?;
                 }
@@ -735,7 +735,13 @@ impl LlamaForCausalLM {
             None => None,
         };
 
-        let mut h = Tensor::f_embedding(&self.embed_tokens, &input_ids.f_to_device(device)?, -1, false, false)?;
+        let mut h = Tensor::f_embedding(
+            &self.embed_tokens,
+            &input_ids.f_to_device(device)?.f_to_kind(Kind::Int64)?,
+            -1,
+            false,
+            false,
+        )?;
         let mut layers = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
             let (out, cache) = layer.forward(&h, &cos, &sin, bias.as_ref(), past.map(|p| &p.layers[i]), train)?;

@@ -8,6 +8,7 @@ use serde::Deserialize;
 use tch::{nn, Device, Kind, Tensor};
 use vh_core::error::invalid;
 use vh_core::error::{check_epsilons, check_positive, check_probabilities, parse_config};
+use vh_core::ops::ScalarOps;
 use vh_core::tensor::{
     attention_mask_to_bool, causal_attention_bias, check_input_ids, expect_rank, lm_logits, min_value, TrainDropout,
 };
@@ -190,11 +191,10 @@ impl T5LayerNorm {
 
     /// Normalises over the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let variance = x
-            .f_to_kind(Kind::Float)?
-            .f_pow_tensor_scalar(2.0)?
-            .f_mean_dim(-1, true, Kind::Float)?;
-        let mut normed = x.f_mul(&variance.f_add_scalar(self.eps)?.f_rsqrt()?)?;
+        // x^2 as x * x: what PyTorch's pow computes for the exponent 2.
+        let x32 = x.f_to_kind(Kind::Float)?;
+        let variance = x32.f_mul(&x32)?.f_mean_dim(-1, true, Kind::Float)?;
+        let mut normed = x.f_mul(&variance.s_add(self.eps)?.f_rsqrt()?)?;
         if matches!(self.weight.kind(), Kind::Half | Kind::BFloat16) {
             normed = normed.f_to_kind(self.weight.kind())?;
         }
@@ -267,29 +267,26 @@ pub fn relative_position_bucket(
     let mut num_buckets = num_buckets;
     let (mut buckets, position) = if bidirectional {
         num_buckets /= 2;
-        let sign = relative_position
-            .f_gt(0)?
-            .f_to_kind(Kind::Int64)?
-            .f_mul_scalar(num_buckets)?;
+        let sign = relative_position.s_gt(0)?.f_to_kind(Kind::Int64)?.s_mul(num_buckets)?;
         (sign, relative_position.f_abs()?)
     } else {
         (
             relative_position.f_zeros_like()?,
-            relative_position.f_neg()?.f_clamp_min(0)?,
+            relative_position.f_neg()?.s_clamp_min(0)?,
         )
     };
     let max_exact = num_buckets / 2;
-    let is_small = position.f_lt(max_exact)?;
+    let is_small = position.s_lt(max_exact)?;
     let scale = (max_distance as f64 / max_exact as f64).ln();
     let large = position
         .f_to_kind(Kind::Float)?
-        .f_div_scalar(max_exact as f64)?
+        .s_div(max_exact as f64)?
         .f_log()?
-        .f_div_scalar(scale)?
-        .f_mul_scalar((num_buckets - max_exact) as f64)?
+        .s_div(scale)?
+        .s_mul((num_buckets - max_exact) as f64)?
         .f_to_kind(Kind::Int64)?
-        .f_add_scalar(max_exact)?
-        .f_clamp_max(num_buckets - 1)?;
+        .s_add(max_exact)?
+        .s_clamp_max(num_buckets - 1)?;
     buckets = buckets.f_add(&position.f_where_self(&is_small, &large)?)?;
     Ok(buckets)
 }
@@ -422,7 +419,7 @@ fn clamp_half(x: Tensor) -> Result<Tensor> {
     } else {
         max
     };
-    Ok(x.f_clamp(-limit, limit)?)
+    Ok(x.s_clamp(-limit, limit)?)
 }
 
 /// One T5 block: self-attention, cross-attention (decoder only), feed-forward, each pre-normed
@@ -493,7 +490,7 @@ impl T5Block {
 fn padding_bias(mask: &Tensor, kind: Kind) -> Result<Tensor> {
     let size = mask.size();
     Ok(
-        Tensor::f_zeros([size[0], 1, 1, size[1]], (kind, mask.device()))?.f_masked_fill(
+        Tensor::f_zeros([size[0], 1, 1, size[1]], (kind, mask.device()))?.s_masked_fill(
             &mask.f_logical_not()?.f_view([size[0], 1, 1, size[1]])?,
             min_value(kind),
         )?,
@@ -662,7 +659,13 @@ impl T5ForConditionalGeneration {
         if let Some(mask) = &mask {
             bias = bias.f_add(&padding_bias(mask, kind)?)?;
         }
-        let embeds = Tensor::f_embedding(&self.shared, &input_ids.f_to_device(device)?, -1, false, false)?;
+        let embeds = Tensor::f_embedding(
+            &self.shared,
+            &input_ids.f_to_device(device)?.f_to_kind(Kind::Int64)?,
+            -1,
+            false,
+            false,
+        )?;
         let mut h = embeds.train_dropout(self.encoder.dropout, train)?;
         for block in &self.encoder.blocks {
             h = block.forward(&h, Some(&bias), None, None, None, train)?.0;
@@ -742,7 +745,13 @@ impl T5ForConditionalGeneration {
             .map(|m| padding_bias(m, kind))
             .transpose()?;
 
-        let embeds = Tensor::f_embedding(&self.shared, &decoder_input_ids.f_to_device(device)?, -1, false, false)?;
+        let embeds = Tensor::f_embedding(
+            &self.shared,
+            &decoder_input_ids.f_to_device(device)?.f_to_kind(Kind::Int64)?,
+            -1,
+            false,
+            false,
+        )?;
         let mut h = embeds.train_dropout(self.decoder.dropout, train)?;
         let mut self_layers = Vec::with_capacity(layers);
         let mut cross_layers = Vec::with_capacity(layers);
@@ -772,7 +781,7 @@ impl T5ForConditionalGeneration {
             .forward(&h)?
             .train_dropout(self.decoder.dropout, train)?;
         let scaled = if self.cfg.tie_word_embeddings {
-            h.f_mul_scalar((self.cfg.d_model as f64).powf(-0.5))?
+            h.s_mul((self.cfg.d_model as f64).powf(-0.5))?
         } else {
             h.shallow_clone()
         };
@@ -802,7 +811,7 @@ impl T5ForConditionalGeneration {
         let first = Tensor::f_full([b, 1], start, (Kind::Int64, labels.device()))?;
         let rest = labels.f_to_kind(Kind::Int64)?.f_narrow(1, 0, t - 1)?;
         let shifted = Tensor::f_cat(&[&first, &rest], 1)?;
-        Ok(shifted.f_masked_fill(&shifted.f_eq(vh_core::tensor::IGNORE_INDEX)?, pad)?)
+        Ok(shifted.s_masked_fill(&shifted.s_eq(vh_core::tensor::IGNORE_INDEX)?, pad)?)
     }
 }
 

@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 use valuehead::{load_tokenizer, parse_device, parse_dtype, GenerateOutput, LoadOptions, ValueHeadModel};
 
@@ -145,6 +145,16 @@ fn load(args: &ModelArgs) -> Result<(ValueHeadModel, PathBuf)> {
     Ok((model, folder))
 }
 
+/// Refuses an output path that is a device node, FIFO or folder, or that is one of the files
+/// the command reads (its input file, or any file of the model folder).
+fn check_output(out: &Path, inputs: &[&Path], model_folder: &Path) -> Result<()> {
+    vh_hub::files::check_output_path(out)?;
+    let mut read: Vec<PathBuf> = inputs.iter().map(|p| p.to_path_buf()).collect();
+    read.extend(vh_hub::files::files_in(model_folder));
+    vh_hub::files::check_not_an_input(out, &read)?;
+    Ok(())
+}
+
 /// (logits, values, loss) of one forward pass.
 type Outputs = (Tensor, Tensor, Option<Tensor>);
 
@@ -180,7 +190,9 @@ fn run_forward(model: &ValueHeadModel, inputs: &HashMap<String, Tensor>) -> Resu
 }
 
 fn forward(model: &ModelArgs, inputs: &PathBuf, out: &PathBuf) -> Result<()> {
-    let (vh, _) = load(model)?;
+    vh_hub::files::check_output_path(out)?;
+    let (vh, folder) = load(model)?;
+    check_output(out, &[inputs], &folder)?;
     let tensors: HashMap<String, Tensor> = vh_hub::read_safetensors(inputs)?.into_iter().collect();
     let known = [
         "input_ids",
@@ -247,7 +259,14 @@ fn score(model: &ModelArgs, input_ids: &str, decoder_input_ids: Option<&str>) ->
 }
 
 fn generate(args: &GenerateArgs) -> Result<()> {
+    if let Some(out) = &args.out {
+        vh_hub::files::check_output_path(out)?;
+    }
     let (vh, folder) = load(&args.model)?;
+    if let Some(out) = &args.out {
+        let inputs: Vec<&Path> = args.inputs.iter().map(PathBuf::as_path).collect();
+        check_output(out, &inputs, &folder)?;
+    }
     let tokenizer = load_tokenizer(&folder)?;
     let (input_ids, attention_mask) = match (&args.prompt, &args.inputs) {
         (Some(prompt), _) => {
@@ -275,6 +294,14 @@ fn generate(args: &GenerateArgs) -> Result<()> {
         }
         (None, Some(path)) => {
             let mut tensors: HashMap<String, Tensor> = vh_hub::read_safetensors(path)?.into_iter().collect();
+            // Anything else (e.g. T5's decoder_input_ids) would be silently ignored.
+            let known = ["input_ids", "attention_mask"];
+            if let Some(other) = tensors.keys().find(|k| !known.contains(&k.as_str())) {
+                bail!(
+                    "{}: unexpected tensor `{other}` (generate takes {known:?}; decoding starts from the model's decoder_start_token_id)",
+                    path.display()
+                );
+            }
             let ids = tensors
                 .remove("input_ids")
                 .with_context(|| format!("{} has no `input_ids`", path.display()))?;
