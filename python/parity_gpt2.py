@@ -41,8 +41,10 @@ CASES = [
     ("no_v_head_in_checkpoint", {}, {}, "drop_v_head"),
 ]
 
-BATCH, SEQ = 3, 14
-LEFT_PAD = [3, 0, 6]
+BATCH, SEQ = 5, 14
+# Per row: padding on the left, padding on the right. Row 1 is unpadded, row 3 right-padded,
+# row 4 all padding (TRL accepts it; its logits still enter nothing but the shapes).
+PADDING = [(3, 0), (0, 0), (6, 0), (0, 4), (SEQ, 0)]
 
 
 def randomize(model, seed):
@@ -61,16 +63,35 @@ def make_inputs(vocab, seed):
     g = torch.Generator().manual_seed(1000 + seed)
     input_ids = torch.randint(0, vocab, (BATCH, SEQ), generator=g)
     attention_mask = torch.ones(BATCH, SEQ, dtype=torch.long)
-    for row, pad in enumerate(LEFT_PAD):
-        attention_mask[row, :pad] = 0
-        input_ids[row, :pad] = 0
+    for row, (left, right) in enumerate(PADDING):
+        attention_mask[row, :left] = 0
+        if right:
+            attention_mask[row, SEQ - right :] = 0
+    input_ids[attention_mask == 0] = 0
     labels = input_ids.clone()
     labels[attention_mask == 0] = -100
     labels[0, SEQ - 2] = -100
-    # Left-padded rows get positions counted from their first real token, as HF's generate does.
+    # HF generate's positions: counted from each row's first attended token, 1 at padding.
     position_ids = attention_mask.cumsum(-1) - 1
     position_ids.masked_fill_(attention_mask == 0, 1)
     return input_ids, attention_mask, labels, position_ids
+
+
+def reference_outputs(model, input_ids, attention_mask, labels, position_ids):
+    """TRL's outputs for the call users make (no position ids) and for explicit ids."""
+    with torch.no_grad():
+        logits, loss, values = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        logits_p, loss_p, values_p = model(
+            input_ids=input_ids, attention_mask=attention_mask, labels=labels, position_ids=position_ids
+        )
+    return {
+        "logits": logits.contiguous(),
+        "values": values.contiguous(),
+        "loss": loss.reshape(()),
+        "logits_explicit": logits_p.contiguous(),
+        "values_explicit": values_p.contiguous(),
+        "loss_explicit": loss_p.reshape(()),
+    }
 
 
 def rewrite_checkpoint(folder, how, n_layer, n_positions):
@@ -105,10 +126,18 @@ def main(out_dir):
         model = AutoModelForCausalLMWithValueHead.from_pretrained(base, **vh_kwargs)
         model.eval()
         input_ids, attention_mask, labels, position_ids = make_inputs(cfg["vocab_size"], seed)
+        expected = reference_outputs(model, input_ids, attention_mask, labels, position_ids)
+        # What transformers' own default attention (sdpa) gives for the same call: for configs
+        # that set scale_attn_weights=False or scale_attn_by_inverse_layer_idx, its GPT-2 passes
+        # no scale to sdpa and silently ignores them (recorded, not followed: see docs/parity.md).
+        sdpa_model = AutoModelForCausalLMWithValueHead.from_pretrained(base, **vh_kwargs)
+        sdpa_model.pretrained_model.config._attn_implementation = "sdpa"
+        sdpa_model.eval()
         with torch.no_grad():
-            logits, loss, values = model(
-                input_ids=input_ids, attention_mask=attention_mask, labels=labels, position_ids=position_ids
-            )
+            sdpa_logits = sdpa_model(input_ids=input_ids, attention_mask=attention_mask)[0]
+        keep = attention_mask.bool()
+        hf_sdpa_vs_eager = (sdpa_logits - expected["logits"])[keep].abs().max().item()
+        base.config._attn_implementation = "eager"
         folder = os.path.join(out_dir, name)
         model.save_pretrained(folder)
         # The saved folder must load back in TRL with the same outputs (the checkpoint is TRL's own).
@@ -116,19 +145,20 @@ def main(out_dir):
             reloaded = AutoModelForCausalLMWithValueHead.from_pretrained(folder, attn_implementation="eager", **vh_kwargs)
             reloaded.eval()
             with torch.no_grad():
-                logits2, _, values2 = reloaded(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-            assert torch.allclose(logits, logits2, atol=1e-6) and torch.allclose(values, values2, atol=1e-6), name
+                logits2, _, values2 = reloaded(input_ids=input_ids, attention_mask=attention_mask)
+            assert torch.allclose(expected["logits"], logits2, atol=1e-6), name
+            assert torch.allclose(expected["values"], values2, atol=1e-6), name
         else:
             rewrite_checkpoint(folder, rewrite, cfg["n_layer"], cfg["n_positions"])
         save_file(
             {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels},
             os.path.join(folder, "inputs.safetensors"),
         )
-        save_file(
-            {"logits": logits.contiguous(), "values": values.contiguous(), "loss": loss.reshape(())},
-            os.path.join(folder, "expected.safetensors"),
+        save_file({"position_ids": position_ids}, os.path.join(folder, "position_ids.safetensors"))
+        save_file(expected, os.path.join(folder, "expected.safetensors"))
+        manifest.append(
+            {"name": name, "fresh_v_head": rewrite == "drop_v_head", "hf_sdpa_vs_eager": hf_sdpa_vs_eager}
         )
-        manifest.append({"name": name, "fresh_v_head": rewrite == "drop_v_head"})
     with open(os.path.join(out_dir, "cases.json"), "w") as f:
         json.dump(manifest, f, indent=1)
     print(f"wrote {len(manifest)} GPT-2 reference cases to {out_dir}")

@@ -292,11 +292,26 @@ fn bad_generation_settings_and_inputs_are_errors() {
             ..sampling.clone()
         }
     )));
+    // An eos outside the vocabulary (50) never occurs and is accepted, as in HF; a pad token
+    // that finished rows would be fed must be in the vocabulary.
+    let out = model
+        .generate(
+            &prompt,
+            None,
+            &GenerationConfig {
+                eos_token_id: vec![50],
+                max_new_tokens: Some(4),
+                ..ok.clone()
+            },
+        )
+        .unwrap();
+    assert_eq!(out.new_tokens.size(), vec![1, 4]);
     assert!(is_error(model.generate(
         &prompt,
         None,
         &GenerationConfig {
-            eos_token_id: vec![50],
+            eos_token_id: vec![3],
+            pad_token_id: Some(50),
             ..ok.clone()
         }
     )));

@@ -363,6 +363,8 @@ fn uint8_ids_work_and_ignored_inputs_are_refused() {
     let g2 = tch::no_grad(|| model.generate(&ids.to_kind(Kind::Uint8), None, &config)).unwrap();
     assert!(g1.sequences.equal(&g2.sequences));
 
+    // T5's generate continues decoder_input_ids as HF's does (it used to ignore them); a
+    // decoder-only model refuses them instead of ignoring them.
     let t5 = dir.path().join("t5");
     write_tiny_t5(&t5, json!({}));
     let inputs = dir.path().join("in.safetensors");
@@ -373,13 +375,30 @@ fn uint8_ids_work_and_ignored_inputs_are_refused() {
             ("decoder_input_ids", Tensor::from_slice2(&[[0i64, 5]])),
         ],
     );
+    let out = dir.path().join("out.safetensors");
     let mut cmd = vh();
     cmd.args(["generate", "--model"])
         .arg(&t5)
         .arg("--inputs")
         .arg(&inputs)
+        .args(["--max-new-tokens", "2", "--out"])
+        .arg(&out);
+    let result = run_within(cmd, Duration::from_secs(60));
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    let written = vh_hub::read_safetensors(&out).unwrap();
+    let sequences = &written.iter().find(|(n, _)| n == "sequences").unwrap().1;
+    assert_eq!(
+        Vec::<i64>::try_from(sequences.narrow(1, 0, 2).reshape([-1])).unwrap(),
+        vec![0, 5]
+    );
+    assert_eq!(sequences.size(), vec![1, 4]);
+    let mut cmd = vh();
+    cmd.args(["generate", "--model"])
+        .arg(&model_dir)
+        .arg("--inputs")
+        .arg(&inputs)
         .args(["--max-new-tokens", "2"]);
-    assert_clean_error(&run_within(cmd, Duration::from_secs(60)), "decoder_input_ids");
+    assert_clean_error(&run_within(cmd, Duration::from_secs(60)), "decoder-only");
 }
 
 /// Row 8: an allocation that fails inside a forward (T5 over 5,000 encoder tokens under a memory

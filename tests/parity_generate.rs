@@ -63,7 +63,13 @@ fn check_causal_rollout(model: &CausalLmWithValueHead, prompt_mask: &Tensor, out
         ],
         1,
     );
-    let full = tch::no_grad(|| model.forward(&out.sequences, Some(&mask), None, None)).unwrap();
+    // generate numbers positions as HF's generate does (from each row's first attended token);
+    // the forward that rescores a rollout (PPO's) passes the same positions explicitly.
+    let positions = valuehead::position_ids_from_attention_mask(&mask, mask.size()[1]).unwrap();
+    let input = valuehead::CausalLmInput::new(&out.sequences)
+        .attention_mask(&mask)
+        .position_ids(&positions);
+    let full = tch::no_grad(|| model.forward_with(&input)).unwrap();
     let logits = full.logits.narrow(1, prompt - 1, new);
     let values = full.values.narrow(1, prompt - 1, new);
     let logprobs = logits

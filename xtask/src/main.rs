@@ -252,6 +252,9 @@ fn demo(extra: &[String]) -> Result<()> {
     setup()?;
     let model = root().join(".models").join("smollm2-135m-instruct");
     let model = model.to_str().context("the checkout's path is not UTF-8")?;
+    // The first build takes minutes: cargo shows its progress (no --quiet) before the demo runs.
+    eprintln!("demo: building vh (release); the first build takes a few minutes");
+    run(cargo().args(["build", "--release", "-p", "valuehead", "--bin", "vh"]))?;
     println!(
         "== SmolLM2-135M-Instruct with a fresh value head: a chat reply, each token's log-probability and value =="
     );

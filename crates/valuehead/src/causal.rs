@@ -127,7 +127,9 @@ pub struct CausalLmInput<'a> {
     pub input_ids: &'a Tensor,
     /// 1 for tokens to attend, 0 for padding, [batch, past + seq].
     pub attention_mask: Option<&'a Tensor>,
-    /// Explicit positions [batch, seq]; by default derived from the attention mask.
+    /// Explicit positions [batch, seq]. By default `past..past + seq` for every row, as HF's and
+    /// TRL's forward; [`crate::position_ids_from_attention_mask`] gives HF generate's
+    /// mask-derived positions instead.
     pub position_ids: Option<&'a Tensor>,
     /// The cache returned by the previous pass.
     pub past: Option<&'a Cache>,
@@ -317,6 +319,13 @@ impl CausalLmWithValueHead {
         // Without padding the mask changes nothing (positions count from 0, only the causal
         // rule hides keys), so the steps skip rebuilding and checking it.
         let padded = mask.s_eq(0)?.f_any()?.f_int64_value(&[])? != 0;
+        // HF's generate numbers each row from its first attended token (the forward's default
+        // numbers from the first column); without padding the two agree and the default is used.
+        let mut positions = if padded {
+            Some(vh_core::tensor::position_ids_from_mask(&mask.s_eq(1)?, prompt_len)?)
+        } else {
+            None
+        };
         let mut past: Option<Cache> = None;
         decode_loop(&input_ids, max_new, config, |next| {
             let ids = match next {
@@ -325,12 +334,19 @@ impl CausalLmWithValueHead {
                     if padded {
                         mask = Tensor::f_cat(&[&mask, &Tensor::f_ones([batch, 1], (Kind::Int64, device))?], 1)?;
                     }
+                    // The new token sits one past each row's last position.
+                    if let Some(p) = &positions {
+                        positions = Some(p.f_narrow(1, p.size()[1] - 1, 1)?.s_add(1)?);
+                    }
                     next
                 }
             };
             let mut input = CausalLmInput::new(ids).logits_to_keep(1);
             if padded {
                 input = input.attention_mask(&mask);
+            }
+            if let Some(p) = &positions {
+                input = input.position_ids(p);
             }
             if let Some(past) = &past {
                 input = input.past(past);

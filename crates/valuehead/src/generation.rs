@@ -153,7 +153,11 @@ impl GenerationConfig {
     }
 
     /// Checks the settings against a vocabulary: temperature > 0 and top_p in (0, 1] when
-    /// sampling, a positive repetition penalty, token ids inside the vocabulary.
+    /// sampling, a positive repetition penalty, and the token ids that would be fed to the model
+    /// inside the vocabulary: the decoder start, and the pad token when an eos token can end a
+    /// row (finished rows continue with it). End-of-sequence ids outside the vocabulary are
+    /// accepted, as HF does (`GPT2Config(vocab_size=1000)` keeps eos 50256): they can never be
+    /// generated, so they never end a row.
     pub fn validate(&self, vocab_size: i64) -> Result<()> {
         if self.do_sample && !(self.temperature > 0.0 && self.temperature.is_finite()) {
             return Err(Error::InvalidOption(format!(
@@ -173,15 +177,19 @@ impl GenerationConfig {
                 self.repetition_penalty
             )));
         }
-        let ids = self
-            .eos_token_id
+        let in_vocab = |id: i64| (0..vocab_size).contains(&id);
+        let can_finish = self.eos_token_id.iter().any(|&id| in_vocab(id));
+        let fed = self
+            .decoder_start_token_id
             .iter()
-            .chain(self.pad_token_id.iter())
-            .chain(self.decoder_start_token_id.iter());
-        if let Some(bad) = ids.copied().find(|&id| id < 0 || id >= vocab_size) {
-            return Err(Error::InvalidOption(format!(
-                "token id {bad} is outside the vocabulary 0..{vocab_size}"
-            )));
+            .map(|id| ("decoder_start_token_id", *id))
+            .chain(self.pad().filter(|_| can_finish).map(|id| ("pad_token_id", id)));
+        for (name, id) in fed {
+            if !in_vocab(id) {
+                return Err(Error::InvalidOption(format!(
+                    "{name} {id} is outside the vocabulary 0..{vocab_size}"
+                )));
+            }
         }
         Ok(())
     }
@@ -243,6 +251,28 @@ pub(crate) fn reserve_cache(cache: &vh_models::Cache, capacity: i64, device: Dev
     Ok(cache.with_capacity(capacity)?)
 }
 
+/// Where a `generate` call spent its time.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct GenerateTimings {
+    /// The first pass, over the whole prompt (decoder-only) or the decoder prompt (seq2seq).
+    pub prompt: std::time::Duration,
+    /// The passes that each feed one new token through the cache.
+    pub decode: std::time::Duration,
+    /// How many such passes ran (one fewer than the tokens generated).
+    pub decode_steps: usize,
+}
+
+impl GenerateTimings {
+    /// Tokens per second of the decode steps alone (0 when there were none).
+    pub fn decode_tokens_per_second(&self, batch: usize) -> f64 {
+        let seconds = self.decode.as_secs_f64();
+        if self.decode_steps == 0 || seconds == 0.0 {
+            return 0.0;
+        }
+        (self.decode_steps * batch) as f64 / seconds
+    }
+}
+
 /// What `generate` returns.
 #[derive(Debug)]
 pub struct GenerateOutput {
@@ -260,6 +290,9 @@ pub struct GenerateOutput {
     /// True for tokens generated before the row finished (its eos included); false for the
     /// padding that continues finished rows. bool [batch, new].
     pub generated_mask: Tensor,
+    /// Time spent in the prompt pass and in the decode steps (wall clock; on CUDA the kernels
+    /// may still run after a step returns, so only the total is exact there).
+    pub timings: GenerateTimings,
 }
 
 /// One decoding step's raw outputs at the last position: logits f32 [B, V] and values f32 [B].
@@ -377,8 +410,27 @@ pub(crate) fn decode_loop(
     let pad = pad
         .map(|id| Tensor::f_full([batch], id, (Kind::Int64, device)))
         .transpose()?;
-    let eos = (!config.eos_token_id.is_empty())
-        .then(|| Tensor::f_from_slice(&config.eos_token_id).and_then(|t| t.f_to_device(device)))
+    let mut timings = GenerateTimings::default();
+    let started = std::time::Instant::now();
+    let mut out = step(None)?;
+    timings.prompt = started.elapsed();
+    // End-of-sequence ids outside the vocabulary can never be generated (HF keeps them in the
+    // config, e.g. GPT-2's 50256 on a smaller vocabulary); only the others can end a row.
+    let vocab = out.logits.size()[1];
+    let eos_ids: Vec<i64> = config
+        .eos_token_id
+        .iter()
+        .copied()
+        .filter(|id| (0..vocab).contains(id))
+        .collect();
+    if eos_ids.len() < config.eos_token_id.len() {
+        log::warn!(
+            "eos_token_id {:?} lies outside the vocabulary 0..{vocab}: those ids are never generated",
+            config.eos_token_id
+        );
+    }
+    let eos = (!eos_ids.is_empty())
+        .then(|| Tensor::f_from_slice(&eos_ids).and_then(|t| t.f_to_device(device)))
         .transpose()?;
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed.unwrap_or_else(rand::random));
     // The repetition penalty looks at the growing sequence at every step; otherwise the
@@ -388,7 +440,6 @@ pub(crate) fn decode_loop(
     let mut seen = seen.shallow_clone();
     let mut unfinished = Tensor::f_ones([batch], (Kind::Bool, device))?;
     let (mut tokens, mut values, mut logprobs, mut generated_mask) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut out = step(None)?;
     for n in 0..max_new {
         let scores = process_scores(&out.logits, &seen, n, config, eos.as_ref())?;
         let mut next = if config.do_sample {
@@ -422,7 +473,10 @@ pub(crate) fn decode_loop(
             }
         }
         if n + 1 < max_new {
+            let started = std::time::Instant::now();
             out = step(Some(&column))?;
+            timings.decode += started.elapsed();
+            timings.decode_steps += 1;
         }
     }
     let new_tokens = Tensor::f_stack(&tokens, 1)?;
@@ -432,6 +486,7 @@ pub(crate) fn decode_loop(
         values: Tensor::f_stack(&values, 1)?,
         logprobs: Tensor::f_stack(&logprobs, 1)?,
         generated_mask: Tensor::f_stack(&generated_mask, 1)?,
+        timings,
     })
 }
 
@@ -502,8 +557,23 @@ mod tests {
         }
         .validate(10)
         .is_err());
+        // An eos outside the vocabulary is never generated: accepted, as HF does.
         assert!(GenerationConfig {
             eos_token_id: vec![10],
+            ..ok.clone()
+        }
+        .validate(10)
+        .is_ok());
+        // A pad token that a finished row would be fed is checked.
+        assert!(GenerationConfig {
+            eos_token_id: vec![3],
+            pad_token_id: Some(10),
+            ..ok.clone()
+        }
+        .validate(10)
+        .is_err());
+        assert!(GenerationConfig {
+            decoder_start_token_id: Some(-1),
             ..ok.clone()
         }
         .validate(10)

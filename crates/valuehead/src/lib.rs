@@ -35,9 +35,10 @@ mod wrapper;
 pub use causal::{CausalBackbone, CausalLmInput, CausalLmOutput, CausalLmWithValueHead};
 pub use chat::{apply_chat_template, Message};
 pub use error::{Error, Result};
-pub use generation::{GenerateOutput, GenerationConfig};
+pub use generation::{GenerateOutput, GenerateTimings, GenerationConfig};
 pub use options::{parse_device, parse_dtype, LoadOptions};
 pub use seq2seq::{Seq2SeqLmInput, Seq2SeqLmOutput, Seq2SeqLmWithValueHead};
+pub use vh_core::tensor::position_ids_from_attention_mask;
 pub use vh_core::{InitStrategy, ValueHead, ValueHeadConfig, ValueHeadOptions};
 pub use vh_models::t5::{EncoderOutput, Seq2SeqCache};
 pub use vh_models::{AttnImplementation, Cache, LayerCache};
@@ -91,6 +92,25 @@ impl ValueHeadModel {
         match self {
             Self::Causal(m) => m.generate(input_ids, attention_mask, config),
             Self::Seq2Seq(m) => m.generate(input_ids, attention_mask, config),
+        }
+    }
+
+    /// Generates from `input_ids`, continuing the decoder prompt `decoder_input_ids` for
+    /// encoder-decoder models (see [`Seq2SeqLmWithValueHead::generate_from`]); a decoder-only
+    /// model refuses decoder ids.
+    pub fn generate_from(
+        &self,
+        input_ids: &tch::Tensor,
+        attention_mask: Option<&tch::Tensor>,
+        decoder_input_ids: Option<&tch::Tensor>,
+        config: &GenerationConfig,
+    ) -> Result<GenerateOutput> {
+        match (self, decoder_input_ids) {
+            (Self::Causal(m), None) => m.generate(input_ids, attention_mask, config),
+            (Self::Causal(_), Some(_)) => Err(Error::InvalidOption(
+                "decoder_input_ids are for encoder-decoder models; this model is decoder-only".into(),
+            )),
+            (Self::Seq2Seq(m), decoder) => m.generate_from(input_ids, attention_mask, decoder, config),
         }
     }
 

@@ -191,6 +191,20 @@ impl Seq2SeqLmWithValueHead {
         attention_mask: Option<&Tensor>,
         config: &GenerationConfig,
     ) -> Result<GenerateOutput> {
+        self.generate_from(input_ids, attention_mask, None, config)
+    }
+
+    /// [`Seq2SeqLmWithValueHead::generate`] continuing a decoder prompt `decoder_input_ids`
+    /// [batch, len] (unpadded), as HF's `generate(..., decoder_input_ids=...)`: when no row
+    /// starts with `decoder_start_token_id`, it is put in front; `sequences` returns the decoder
+    /// prompt followed by the new tokens, and `max_length` counts the decoder prompt.
+    pub fn generate_from(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        decoder_input_ids: Option<&Tensor>,
+        config: &GenerationConfig,
+    ) -> Result<GenerateOutput> {
         let model_config = self.model.config();
         config.validate(model_config.vocab_size)?;
         let start = config
@@ -208,8 +222,34 @@ impl Seq2SeqLmWithValueHead {
                 return Err(invalid("an encoder row is all padding: there is nothing to condition on").into());
             }
         }
-        let max_new = config.new_tokens(1)?;
-        let capacity = generation_capacity(1, max_new)?;
+        let prompt = match decoder_input_ids {
+            None => None,
+            Some(ids) => {
+                let (rows, _) = vh_core::tensor::check_input_ids(ids, model_config.vocab_size)?;
+                if rows != batch {
+                    return Err(invalid(format!("decoder_input_ids has {rows} rows, input_ids {batch}")).into());
+                }
+                Some(ids.f_to_kind(Kind::Int64)?)
+            }
+        };
+        let start_column = |device| Tensor::f_full([batch, 1], start, (Kind::Int64, device));
+        let device = self.wrapped.vs.device();
+        // HF puts the start token in front unless some row already begins with it.
+        let start_ids = match prompt {
+            None => start_column(device)?,
+            Some(ids) => {
+                let ids = ids.f_to_device(device)?;
+                let begins = ids.f_narrow(1, 0, 1)?.s_eq(start)?.f_any()?.f_int64_value(&[])? != 0;
+                if begins {
+                    ids
+                } else {
+                    Tensor::f_cat(&[&start_column(device)?, &ids], 1)?
+                }
+            }
+        };
+        let decoder_len = start_ids.size()[1];
+        let max_new = config.new_tokens(decoder_len as usize)?;
+        let capacity = generation_capacity(decoder_len, max_new)?;
         // A mask without padding changes nothing; dropping it spares every step the
         // cross-attention padding bias.
         let attention_mask = match attention_mask {
@@ -217,8 +257,6 @@ impl Seq2SeqLmWithValueHead {
             other => other,
         };
         let encoder = self.encode(input_ids, attention_mask)?;
-        let device = encoder.last_hidden_state.device();
-        let start_ids = Tensor::f_full([batch, 1], start, (Kind::Int64, device))?;
         let mut past: Option<Seq2SeqCache> = None;
         decode_loop(&start_ids, max_new, config, |next| {
             let ids = next.unwrap_or(&start_ids);

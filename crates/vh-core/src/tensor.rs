@@ -103,6 +103,21 @@ pub fn attention_mask_to_bool(mask: &Tensor, name: &str, expected: &[i64]) -> Re
     Ok(ones)
 }
 
+/// Position ids for the last `new_len` tokens of `attention_mask` [batch, past + new] (0/1 of
+/// any integer, bool or float kind), as HF's `generate` computes them: each token's index among
+/// its row's attended tokens, and 1 at padding. Pass them as `position_ids` to number a
+/// left-padded row as its unpadded self; a forward without them numbers every row
+/// `past..past + new`, as HF's forward (and TRL's) does.
+pub fn position_ids_from_attention_mask(attention_mask: &Tensor, new_len: i64) -> Result<Tensor> {
+    expect_rank(attention_mask, "attention_mask", 2)?;
+    let size = attention_mask.size();
+    if new_len < 1 || new_len > size[1] {
+        return Err(invalid(format!("new_len must be in 1..={}, got {new_len}", size[1])));
+    }
+    let mask = attention_mask_to_bool(attention_mask, "attention_mask", &size)?;
+    position_ids_from_mask(&mask, new_len)
+}
+
 /// Position ids for the last `new_len` tokens of a left- or right-padded batch, from its
 /// attention mask over past and new tokens (bool [batch, past + new]): each token's index among
 /// the row's attended tokens, and 1 at padding, as HF's `generate` computes them.

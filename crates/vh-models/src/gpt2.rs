@@ -2,17 +2,14 @@
 //! (`transformer.h.0.attn.c_attn.weight`, ...), Conv1D weights stored [in, out].
 
 use crate::activation::Activation;
-use crate::attention::{causal_bias_when_needed, drop_full_mask, fused_attention, AttnImplementation};
+use crate::attention::{causal_bias_when_needed, fused_attention, AttnImplementation};
 use crate::cache::{Cache, LayerCache};
+use crate::inputs::{prepare_causal, CausalLimits};
 use serde::Deserialize;
 use tch::{nn, Kind, Tensor};
-use vh_core::error::invalid;
 use vh_core::error::{check_epsilons, check_positive, check_probabilities, parse_config};
 use vh_core::ops::ScalarOps;
-use vh_core::tensor::{
-    attention_mask_to_bool, causal_attention_bias, check_input_ids, expect_integer, expect_shape, int_range, lm_logits,
-    position_ids_from_mask, TrainDropout,
-};
+use vh_core::tensor::{causal_attention_bias, lm_logits, TrainDropout};
 use vh_core::{Error, Result};
 
 fn default_vocab_size() -> i64 {
@@ -470,12 +467,9 @@ impl Gpt2Model {
         &self.cfg
     }
 
-    /// Runs the transformer over `input_ids` [B, T] after the positions in `past`.
-    ///
-    /// `attention_mask` [B, past + T] (1 = attend) covers cached and new tokens. Without
-    /// `position_ids` they are derived from the mask (each token's index among its row's
-    /// attended tokens, so left-padded rows match unpadded ones, as in HF's `generate`), or are
-    /// `past..past + T` without a mask.
+    /// Runs the transformer over `input_ids` [B, T] after the positions in `past`; see
+    /// [`crate::inputs::prepare_causal`] for the mask and the positions (by default
+    /// `past..past + T`, as HF's forward).
     pub fn forward(
         &self,
         input_ids: &Tensor,
@@ -484,58 +478,19 @@ impl Gpt2Model {
         past: Option<&Cache>,
         train: bool,
     ) -> Result<Gpt2Output> {
-        let (batch, new_len) = check_input_ids(input_ids, self.cfg.vocab_size)?;
-        let past = past.filter(|c| !c.is_empty());
-        let past_len = past.map_or(0, Cache::seq_len);
-        if let Some(past) = past {
-            if past.layers.len() as i64 != self.cfg.n_layer {
-                return Err(invalid(format!(
-                    "cache has {} layers, the model {}",
-                    past.layers.len(),
-                    self.cfg.n_layer
-                )));
-            }
-            if past.batch_size() != Some(batch) {
-                return Err(invalid(format!(
-                    "cache batch size {:?} differs from input_ids' {batch}",
-                    past.batch_size()
-                )));
-            }
-        }
-        let total = past_len + new_len;
-        if total > self.cfg.n_positions {
-            return Err(invalid(format!(
-                "sequence of {total} tokens ({past_len} cached + {new_len} new) exceeds n_positions = {}",
-                self.cfg.n_positions
-            )));
-        }
         let device = self.wte.device();
-        // Embedding lookups take i64 (or i32) indices; any validated integer kind is accepted.
-        let input_ids = input_ids.f_to_device(device)?.f_to_kind(Kind::Int64)?;
-        let key_mask = attention_mask
-            .map(|m| {
-                attention_mask_to_bool(m, "attention_mask", &[batch, total])?
-                    .f_to_device(device)
-                    .map_err(Error::from)
-            })
-            .transpose()?;
-        let key_mask = drop_full_mask(key_mask)?;
-        let position_ids = match (position_ids, &key_mask) {
-            (Some(p), _) => {
-                expect_shape(p, "position_ids", &[batch, new_len])?;
-                expect_integer(p, "position_ids")?;
-                let (lo, hi) = int_range(p)?;
-                if lo < 0 || hi >= self.cfg.n_positions {
-                    return Err(invalid(format!("position_ids must be in 0..{}", self.cfg.n_positions)));
-                }
-                p.f_to_device(device)?.f_to_kind(Kind::Int64)?
-            }
-            (None, Some(mask)) => position_ids_from_mask(mask, new_len)?,
-            (None, None) => Tensor::f_arange_start(past_len, total, (Kind::Int64, device))?.f_unsqueeze(0)?,
+        let limits = CausalLimits {
+            vocab_size: self.cfg.vocab_size,
+            num_layers: self.h.len(),
+            max_positions: Some(self.cfg.n_positions),
         };
+        let inputs = prepare_causal(input_ids, attention_mask, position_ids, past, limits, device)?;
+        let (batch, new_len, past_len) = (inputs.batch, inputs.new_len, inputs.past_len);
+        let (input_ids, key_mask, position_ids, past) =
+            (&inputs.input_ids, &inputs.key_mask, &inputs.position_ids, inputs.past);
         // -inf for future keys: HF's causal fill plus its padding mask (see causal_attention_bias).
         // Without padding the layers apply the causal rule themselves.
-        let bias = match &key_mask {
+        let bias = match key_mask {
             Some(mask) => causal_attention_bias(
                 Some(mask),
                 batch,
@@ -548,8 +503,8 @@ impl Gpt2Model {
             None => None,
         };
 
-        let tokens = Tensor::f_embedding(&self.wte, &input_ids, -1, false, false)?;
-        let positions = Tensor::f_embedding(&self.wpe, &position_ids, -1, false, false)?;
+        let tokens = Tensor::f_embedding(&self.wte, input_ids, -1, false, false)?;
+        let positions = Tensor::f_embedding(&self.wpe, position_ids, -1, false, false)?;
         let mut hidden = tokens.f_add(&positions)?.train_dropout(self.cfg.embd_pdrop, train)?;
         let mut layers = Vec::with_capacity(self.h.len());
         for (i, block) in self.h.iter().enumerate() {
@@ -800,12 +755,23 @@ mod tests {
             .unwrap();
         let padded = Tensor::from_slice2(&[[0i64, 0, 7, 8, 9]]);
         let mask = Tensor::from_slice2(&[[0i64, 0, 1, 1, 1]]);
-        let out = model.forward(&padded, Some(&mask), None, None, false).unwrap();
+        // With HF generate's mask-derived positions the padded row equals the plain one ...
+        let positions = vh_core::tensor::position_ids_from_attention_mask(&mask, 5).unwrap();
+        let out = model
+            .forward(&padded, Some(&mask), Some(&positions), None, false)
+            .unwrap();
         let diff = (out.logits.narrow(1, 2, 3) - &plain.logits)
             .abs()
             .max()
             .double_value(&[]);
         assert!(diff < 1e-5, "{diff}");
+        // ... while the default positions (0..T, as HF's forward) shift learned positions.
+        let default = model.forward(&padded, Some(&mask), None, None, false).unwrap();
+        let shift = (default.logits.narrow(1, 2, 3) - &plain.logits)
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(shift > 1e-3, "{shift}");
         assert!(
             out.logits.isfinite().all().int64_value(&[]) != 0,
             "padding positions must stay finite"

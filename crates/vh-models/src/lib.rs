@@ -4,6 +4,7 @@ pub mod activation;
 pub mod attention;
 pub mod cache;
 pub mod gpt2;
+pub mod inputs;
 pub mod llama;
 pub mod t5;
 

@@ -4,18 +4,15 @@
 //! (`model.layers.0.self_attn.q_proj.weight`, ...).
 
 use crate::activation::Activation;
-use crate::attention::{causal_bias_when_needed, drop_full_mask, fused_attention, AttnImplementation};
+use crate::attention::{causal_bias_when_needed, fused_attention, AttnImplementation};
 use crate::cache::{Cache, LayerCache};
+use crate::inputs::{prepare_causal, CausalLimits};
 use serde::Deserialize;
 use serde_json::Value;
 use tch::{nn, Device, Kind, Tensor};
-use vh_core::error::invalid;
 use vh_core::error::{check_epsilons, check_positive, check_probabilities, parse_config};
 use vh_core::ops::ScalarOps;
-use vh_core::tensor::{
-    attention_mask_to_bool, causal_attention_bias, check_input_ids, expect_integer, expect_shape, int_range, lm_logits,
-    min_value, position_ids_from_mask, TrainDropout,
-};
+use vh_core::tensor::{causal_attention_bias, lm_logits, min_value, TrainDropout};
 use vh_core::{Error, Result};
 
 /// How rotary frequencies are scaled for long contexts (`rope_scaling`).
@@ -690,58 +687,26 @@ impl LlamaForCausalLM {
         train: bool,
         logits_to_keep: i64,
     ) -> Result<LlamaOutput> {
-        let (batch, new_len) = check_input_ids(input_ids, self.cfg.vocab_size)?;
-        let past = past.filter(|c| !c.is_empty());
-        if let Some(p) = past {
-            if p.layers.len() != self.layers.len() || p.batch_size() != Some(batch) {
-                return Err(invalid(
-                    "the cache does not match this model's layers or the batch size",
-                ));
-            }
-        }
-        let past_len = past.map_or(0, Cache::seq_len);
-        let total = past_len + new_len;
         let device = self.embed_tokens.device();
         let kind = self.embed_tokens.kind();
-        let key_mask = attention_mask
-            .map(|m| {
-                attention_mask_to_bool(m, "attention_mask", &[batch, total])?
-                    .f_to_device(device)
-                    .map_err(Error::from)
-            })
-            .transpose()?;
-        let key_mask = drop_full_mask(key_mask)?;
-        let position_ids = match (position_ids, &key_mask) {
-            (Some(p), _) => {
-                expect_shape(p, "position_ids", &[batch, new_len])?;
-                expect_integer(p, "position_ids")?;
-                if int_range(p)?.0 < 0 {
-                    return Err(invalid("position_ids must be >= 0"));
-                }
-                p.f_to_device(device)?.f_to_kind(Kind::Int64)?
-            }
-            (None, Some(mask)) => position_ids_from_mask(mask, new_len)?,
-            (None, None) => Tensor::f_arange_start(past_len, total, (Kind::Int64, device))?
-                .f_unsqueeze(0)?
-                .f_expand([batch, new_len], false)?,
+        let limits = CausalLimits {
+            vocab_size: self.cfg.vocab_size,
+            num_layers: self.layers.len(),
+            max_positions: None,
         };
-        let max_position = int_range(&position_ids)?.1;
-        let (cos, sin) = self.rotary.cos_sin(&position_ids, max_position, kind)?;
+        let inputs = prepare_causal(input_ids, attention_mask, position_ids, past, limits, device)?;
+        let (batch, new_len, past_len) = (inputs.batch, inputs.new_len, inputs.past_len);
+        let (position_ids, max_position, past) = (&inputs.position_ids, inputs.max_position, inputs.past);
+        let (cos, sin) = self.rotary.cos_sin(position_ids, max_position, kind)?;
 
         // HF's eager mask: the dtype's minimum wherever a key is in the future or padding.
         // Without padding the layers apply the causal rule themselves.
-        let bias = match &key_mask {
+        let bias = match &inputs.key_mask {
             Some(mask) => causal_attention_bias(Some(mask), batch, new_len, past_len, kind, device, min_value(kind))?,
             None => None,
         };
 
-        let mut h = Tensor::f_embedding(
-            &self.embed_tokens,
-            &input_ids.f_to_device(device)?.f_to_kind(Kind::Int64)?,
-            -1,
-            false,
-            false,
-        )?;
+        let mut h = Tensor::f_embedding(&self.embed_tokens, &inputs.input_ids, -1, false, false)?;
         let mut layers = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
             let (out, cache) = layer.forward(&h, &cos, &sin, bias.as_ref(), past.map(|p| &p.layers[i]), train)?;

@@ -44,8 +44,9 @@ enum Command {
     Forward {
         #[command(flatten)]
         model: ModelArgs,
-        /// Input file: `input_ids` (i64 [B,T]), optional `attention_mask` and `labels`; for
-        /// encoder-decoder models also `decoder_input_ids` and `decoder_attention_mask`.
+        /// Input file: `input_ids` (i64 [B,T]), optional `attention_mask`, `labels` and, for
+        /// decoder-only models, `position_ids` (default 0..T for every row, as TRL's forward);
+        /// for encoder-decoder models also `decoder_input_ids` and `decoder_attention_mask`.
         #[arg(long)]
         inputs: PathBuf,
         /// Output file: `logits` (f32 [B,T,V]), `values` (f32 [B,T]), `loss` (f32, with labels).
@@ -97,7 +98,8 @@ struct GenerateArgs {
     #[arg(long, requires = "prompt")]
     chat: bool,
     /// Prompt token ids instead: a safetensors file with `input_ids` (i64 [B,T], left-padded for
-    /// decoder-only models) and optionally `attention_mask`.
+    /// decoder-only models), optionally `attention_mask` and, for encoder-decoder models, a
+    /// decoder prompt `decoder_input_ids` (continued as HF's generate does).
     #[arg(long)]
     inputs: Option<PathBuf>,
     /// Tokens to generate at most (default: the model's generation config).
@@ -170,10 +172,20 @@ fn run_forward(model: &ValueHeadModel, inputs: &HashMap<String, Tensor>) -> Resu
                 {
                     bail!("`{extra}` is for encoder-decoder models; this model is decoder-only");
                 }
-                let out = m.forward(input_ids, get("attention_mask"), None, get("labels"))?;
+                let out = m.forward_with(&valuehead::CausalLmInput {
+                    input_ids,
+                    attention_mask: get("attention_mask"),
+                    position_ids: get("position_ids"),
+                    past: None,
+                    labels: get("labels"),
+                    logits_to_keep: 0,
+                })?;
                 (out.logits, out.values, out.loss)
             }
             ValueHeadModel::Seq2Seq(m) => {
+                if get("position_ids").is_some() {
+                    bail!("`position_ids` is for decoder-only models; T5's positions are relative");
+                }
                 let out = m.forward(
                     Some(input_ids),
                     get("attention_mask"),
@@ -197,6 +209,7 @@ fn forward(model: &ModelArgs, inputs: &PathBuf, out: &PathBuf) -> Result<()> {
     let known = [
         "input_ids",
         "attention_mask",
+        "position_ids",
         "labels",
         "decoder_input_ids",
         "decoder_attention_mask",
@@ -268,6 +281,7 @@ fn generate(args: &GenerateArgs) -> Result<()> {
         check_output(out, &inputs, &folder)?;
     }
     let tokenizer = load_tokenizer(&folder)?;
+    let mut decoder_input_ids = None;
     let (input_ids, attention_mask) = match (&args.prompt, &args.inputs) {
         (Some(prompt), _) => {
             let tokenizer = tokenizer.as_ref().with_context(|| {
@@ -294,17 +308,18 @@ fn generate(args: &GenerateArgs) -> Result<()> {
         }
         (None, Some(path)) => {
             let mut tensors: HashMap<String, Tensor> = vh_hub::read_safetensors(path)?.into_iter().collect();
-            // Anything else (e.g. T5's decoder_input_ids) would be silently ignored.
-            let known = ["input_ids", "attention_mask"];
+            // Anything else would be silently ignored.
+            let known = ["input_ids", "attention_mask", "decoder_input_ids"];
             if let Some(other) = tensors.keys().find(|k| !known.contains(&k.as_str())) {
                 bail!(
-                    "{}: unexpected tensor `{other}` (generate takes {known:?}; decoding starts from the model's decoder_start_token_id)",
+                    "{}: unexpected tensor `{other}` (generate takes {known:?})",
                     path.display()
                 );
             }
             let ids = tensors
                 .remove("input_ids")
                 .with_context(|| format!("{} has no `input_ids`", path.display()))?;
+            decoder_input_ids = tensors.remove("decoder_input_ids");
             (ids, tensors.remove("attention_mask"))
         }
         (None, None) => bail!("give --prompt or --inputs"),
@@ -319,7 +334,8 @@ fn generate(args: &GenerateArgs) -> Result<()> {
     config.repetition_penalty = args.repetition_penalty.unwrap_or(config.repetition_penalty);
     config.seed = args.seed.or(config.seed);
     let start = std::time::Instant::now();
-    let out = tch::no_grad(|| vh.generate(&input_ids, attention_mask.as_ref(), &config))?;
+    let out =
+        tch::no_grad(|| vh.generate_from(&input_ids, attention_mask.as_ref(), decoder_input_ids.as_ref(), &config))?;
     let seconds = start.elapsed().as_secs_f64();
     print_generation(&out, tokenizer.as_ref(), seconds)?;
     if let Some(path) = &args.out {
@@ -377,9 +393,14 @@ fn print_generation(out: &GenerateOutput, tokenizer: Option<&tokenizers::Tokeniz
             );
         }
     }
+    // The prompt pass and the decode steps apart: decoding speed is what a longer reply gets.
+    let t = &out.timings;
+    let batch = tokens.len();
     println!(
-        "{generated} tokens in {seconds:.2} s ({:.1} tokens/s)",
-        generated as f64 / seconds.max(1e-9)
+        "{generated} tokens in {seconds:.2} s: prompt pass {:.3} s, then {} decode steps at {:.1} tokens/s",
+        t.prompt.as_secs_f64(),
+        t.decode_steps,
+        t.decode_tokens_per_second(batch)
     );
     Ok(())
 }
