@@ -423,7 +423,7 @@ pub fn bench(args: &[String]) -> Result<()> {
     let rust_worker = root.join("target").join(dir).join("examples").join("bench_worker");
 
     let script = root.join("python").join("bench_worker.py");
-    let key = crate::requirements_key(&[script.clone()])?;
+    let key = crate::requirements_key(std::slice::from_ref(&script))?;
     let cache = crate::cache_dir()?;
     let env = |cmd: &mut Command| {
         cmd.env("TRANSFORMERS_VERBOSITY", "error")

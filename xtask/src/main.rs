@@ -17,9 +17,10 @@ usage: cargo xtask <task> [args]
 tasks:
   setup    create or reuse the Python reference environment (torch, transformers, trl) in the
            cache and link it into the checkout (.venv, .libtorch)
-  test     setup, then run every test of the workspace, Python parity included, and the
-           bench's smoke test (`bench --quick`)
-  parity   setup, then run the Python-parity suite and print its tables
+  test     setup, then clippy (warnings are errors), every test of the workspace, Python
+           parity included, and the bench's smoke test (`bench --quick`)
+  parity   setup, then run every Python-parity suite (crates/valuehead/tests/parity_*.rs and
+           the port of TRL's test suite) and print their tables
   bench    setup, then time our workloads against the Python reference side by side
            (`cargo xtask bench --help` for its options; `--quick` is the CI smoke test)
   demo     setup, then load the bundled tiny GPT-2 value-head model and print per-token values
@@ -153,7 +154,7 @@ fn setup() -> Result<PathBuf> {
 /// `.models/smollm2-135m-instruct`.
 fn convert_smollm2(root: &Path, cache: &Path, key: &str, python: &Path) -> Result<()> {
     let script = root.join("python").join("convert_smollm2.py");
-    let script_key = requirements_key(&[script.clone()])?;
+    let script_key = requirements_key(std::slice::from_ref(&script))?;
     let folder = cache
         .join("models")
         .join(format!("smollm2-135m-instruct-{key}-{script_key}"));
@@ -227,25 +228,36 @@ fn cargo() -> Command {
 
 fn test(extra: &[String]) -> Result<()> {
     setup()?;
+    // Lints first: they take seconds and fail fast.
+    run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     run(cargo().args(["test", "--workspace"]).args(extra))?;
     // The bench's own smoke test: both workers, the protocol, the report and the chart.
     bench::bench(&["--quick".to_string()])
 }
 
+/// The Python-parity suites: every integration test of the facade named `parity_*`, plus the
+/// port of TRL's own test suite, found in the tests folder rather than listed here.
+fn parity_suites() -> Result<Vec<String>> {
+    let dir = root().join("crates").join("valuehead").join("tests");
+    let mut suites: Vec<String> = std::fs::read_dir(&dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter_map(|n| n.strip_suffix(".rs").map(str::to_string))
+        .filter(|n| n.starts_with("parity_") || n == "trl_suite")
+        .collect();
+    suites.sort();
+    Ok(suites)
+}
+
 fn parity(extra: &[String]) -> Result<()> {
     setup()?;
-    run(cargo()
-        .args(["test", "-p", "valuehead"])
-        .args([
-            "--test",
-            "parity_gpt2",
-            "--test",
-            "parity_t5",
-            "--test",
-            "parity_generate",
-        ])
-        .args(extra)
-        .args(["--", "--nocapture", "--test-threads=1"]))
+    let mut cmd = cargo();
+    cmd.args(["test", "-p", "valuehead"]);
+    for suite in parity_suites()? {
+        cmd.args(["--test", &suite]);
+    }
+    run(cmd.args(extra).args(["--", "--nocapture", "--test-threads=1"]))
 }
 
 fn demo(extra: &[String]) -> Result<()> {

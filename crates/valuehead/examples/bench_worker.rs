@@ -48,23 +48,19 @@ fn sum(t: &Tensor) -> Result<f64> {
     Ok(t.f_to_kind(Kind::Double)?.f_sum(Kind::Double)?.f_double_value(&[])?)
 }
 
-/// Bytes of weights one decode step reads: every parameter except the tables only indexed by a
-/// lookup (position embeddings, an untied input embedding) and, for seq2seq, the encoder, which
-/// runs once per prompt.
+/// Bytes of weights one decode step reads: every parameter except those the architecture
+/// reports as lookup-only (position tables, an untied input embedding, an encoder that runs once
+/// per prompt).
 fn decode_bytes(model: &ValueHeadModel) -> i64 {
-    let (vs, seq2seq) = match model {
-        ValueHeadModel::Causal(m) => (m.var_store(), false),
-        ValueHeadModel::Seq2Seq(m) => (m.var_store(), true),
+    let vs = match model {
+        ValueHeadModel::Causal(m) => m.var_store(),
+        ValueHeadModel::Seq2Seq(m) => m.var_store(),
     };
-    let entries = vh_core::state::state_dict(vs);
-    // A tied model has no `lm_head.weight` variable: its head is the embedding matrix.
-    let tied = !entries.iter().any(|(name, _)| name == "lm_head.weight");
-    let lookup_only = |name: &str| {
-        name.contains(".wpe.")
-            || (seq2seq && (name.starts_with("encoder.") || (!tied && name == "shared.weight")))
-            || (!tied && (name == "transformer.wte.weight" || name == "model.embed_tokens.weight"))
+    let lookup_only = |name: &str| match model {
+        ValueHeadModel::Causal(m) => m.backbone().is_lookup_only(name),
+        ValueHeadModel::Seq2Seq(m) => m.model().is_lookup_only(name),
     };
-    entries
+    vh_core::state::state_dict(vs)
         .iter()
         .filter(|(name, _)| !lookup_only(name))
         .map(|(_, t)| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64)
@@ -89,11 +85,13 @@ impl Worker {
     fn load(&mut self, request: &Value) -> Result<Value> {
         self.model = None;
         let dir = request["dir"].as_str().context("dir")?;
-        let mut options = LoadOptions::default();
-        options.dtype = match request["dtype"].as_str() {
-            Some("f32") => Kind::Float,
-            Some("bf16") => Kind::BFloat16,
-            other => bail!("unknown dtype {other:?}"),
+        let options = LoadOptions {
+            dtype: match request["dtype"].as_str() {
+                Some("f32") => Kind::Float,
+                Some("bf16") => Kind::BFloat16,
+                other => bail!("unknown dtype {other:?}"),
+            },
+            ..Default::default()
         };
         let model = ValueHeadModel::from_folder(dir, &options)?;
         let bytes = decode_bytes(&model);

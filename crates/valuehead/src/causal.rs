@@ -1,124 +1,20 @@
 //! `CausalLmWithValueHead`: a causal language model plus a value head, as TRL's
 //! `AutoModelForCausalLMWithValueHead`.
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::generation::{
     decode_loop, generation_capacity, reserve_cache, GenerateOutput, GenerationConfig, StepOutput,
 };
 use crate::options::LoadOptions;
-use crate::wrapper::{check_before_load, model_type, read_folder, wrapper_accessors, Wrapped};
+use crate::wrapper::{check_before_load, read_folder, wrapper_accessors, Wrapped};
 use serde_json::Value;
 use std::path::Path;
 use tch::{nn::VarStore, Kind, Tensor};
 use vh_core::error::invalid;
 use vh_core::ops::ScalarOps;
 use vh_core::tensor::{causal_lm_loss, check_labels, expect_rank};
-use vh_models::gpt2::{Gpt2Config, Gpt2LmHeadModel};
-use vh_models::llama::{LlamaConfig, LlamaForCausalLM};
-use vh_models::{AttnImplementation, Cache};
-
-/// The causal backbones this library implements.
-#[derive(Debug)]
-pub enum CausalBackbone {
-    /// GPT-2 (`model_type` "gpt2").
-    Gpt2(Gpt2LmHeadModel),
-    /// The Llama family (`model_type` "llama", e.g. SmolLM2, or "qwen2").
-    Llama(LlamaForCausalLM),
-}
-
-/// What a backbone pass gives the wrapper.
-struct BackboneOutput {
-    logits: Tensor,
-    last_hidden_state: Tensor,
-    cache: Cache,
-}
-
-impl CausalBackbone {
-    fn build(vs: &VarStore, config: &Value, options: &LoadOptions) -> Result<Self> {
-        match model_type(config)? {
-            "gpt2" => {
-                let mut cfg = Gpt2Config::from_json(config)?;
-                // Measured on CPU: the fused kernel made batched f32 GPT-2 passes slower.
-                cfg.attn_implementation = options.attn_implementation.unwrap_or(AttnImplementation::Eager);
-                Ok(Self::Gpt2(Gpt2LmHeadModel::new(vs.root(), &cfg)?))
-            }
-            "llama" | "qwen2" => {
-                let mut cfg = LlamaConfig::from_json(config)?;
-                // Measured on CPU: the fused kernel, with grouped key/value heads, is faster.
-                cfg.attn_implementation = options.attn_implementation.unwrap_or(AttnImplementation::Sdpa);
-                Ok(Self::Llama(LlamaForCausalLM::new(vs.root(), &cfg)?))
-            }
-            other => Err(Error::UnsupportedModel(other.to_string())),
-        }
-    }
-
-    fn parameter_name(&self, key: &str) -> Option<String> {
-        match self {
-            Self::Gpt2(m) => m.parameter_name(key),
-            Self::Llama(m) => m.parameter_name(key),
-        }
-    }
-
-    /// The width of the hidden states the value head reads.
-    fn hidden_size(&self) -> i64 {
-        match self {
-            Self::Gpt2(m) => m.transformer.config().n_embd,
-            Self::Llama(m) => m.config().hidden_size,
-        }
-    }
-
-    fn vocab_size(&self) -> i64 {
-        match self {
-            Self::Gpt2(m) => m.transformer.config().vocab_size,
-            Self::Llama(m) => m.config().vocab_size,
-        }
-    }
-
-    /// The longest sequence (cache included) the model accepts, if it has a limit.
-    fn max_positions(&self) -> Option<i64> {
-        match self {
-            Self::Gpt2(m) => Some(m.transformer.config().n_positions),
-            // Rotary positions have no hard limit (HF enforces none); rope_scaling governs quality.
-            Self::Llama(_) => None,
-        }
-    }
-
-    fn forward(&self, input: &CausalLmInput<'_>, train: bool) -> Result<BackboneOutput> {
-        let i = input;
-        // Both backbones take the same arguments and return the same three fields, in their own types.
-        macro_rules! run {
-            ($model:expr) => {{
-                let out = $model.forward_keeping(
-                    i.input_ids,
-                    i.attention_mask,
-                    i.position_ids,
-                    i.past,
-                    train,
-                    i.logits_to_keep,
-                )?;
-                BackboneOutput {
-                    logits: out.logits,
-                    last_hidden_state: out.last_hidden_state,
-                    cache: out.cache,
-                }
-            }};
-        }
-        Ok(match self {
-            Self::Gpt2(m) => run!(m),
-            Self::Llama(m) => run!(m),
-        })
-    }
-
-    /// The tied-weight aliases HF's state dict lists besides the parameters: (alias, parameter).
-    fn tied_aliases(&self) -> Vec<(&'static str, &'static str)> {
-        match self {
-            Self::Gpt2(m) if m.is_tied() => vec![("lm_head.weight", "transformer.wte.weight")],
-            Self::Gpt2(_) => vec![],
-            Self::Llama(m) if m.config().tie_word_embeddings => vec![("lm_head.weight", "model.embed_tokens.weight")],
-            Self::Llama(_) => vec![],
-        }
-    }
-}
+use vh_models::inputs::{prepare_causal, CausalLimits};
+use vh_models::{BuildOptions, Cache, CausalLm};
 
 /// The inputs of a forward pass; only `input_ids` is required.
 #[derive(Debug, Clone, Copy)]
@@ -196,7 +92,7 @@ pub struct CausalLmOutput {
 #[derive(Debug)]
 pub struct CausalLmWithValueHead {
     wrapped: Wrapped,
-    backbone: CausalBackbone,
+    backbone: Box<dyn CausalLm>,
 }
 
 wrapper_accessors!(CausalLmWithValueHead);
@@ -221,15 +117,16 @@ impl CausalLmWithValueHead {
     pub fn from_parts(config: Value, tensors: Vec<(String, Tensor)>, options: &LoadOptions) -> Result<Self> {
         check_before_load(&config, options)?;
         let vs = VarStore::new(options.device);
+        let build = BuildOptions {
+            attn_implementation: options.attn_implementation,
+        };
         // Placeholders until the checkpoint fills them (see `vh_core::param`).
-        let backbone = vh_core::param::deferred(|| CausalBackbone::build(&vs, &config, options))?;
+        let backbone = vh_core::param::deferred(|| vh_models::registry::build_causal(vs.root(), &config, &build))?;
         let hidden_size = backbone.hidden_size();
         let wrapped = Wrapped::load(vs, config, tensors, options, hidden_size, |key| {
             backbone.parameter_name(key)
         })?;
-        if let CausalBackbone::Gpt2(m) = &backbone {
-            m.arrange_weights()?;
-        }
+        backbone.after_load()?;
         Ok(Self { wrapped, backbone })
     }
 
@@ -256,10 +153,18 @@ impl CausalLmWithValueHead {
         expect_rank(input.input_ids, "input_ids", 2)?;
         if let Some(labels) = input.labels {
             let size = input.input_ids.size();
-            check_labels(labels, size[0], size[1], self.backbone.vocab_size())?;
+            check_labels(labels, size[0], size[1], self.vocab_size())?;
         }
+        let inputs = prepare_causal(
+            input.input_ids,
+            input.attention_mask,
+            input.position_ids,
+            input.past,
+            self.limits(),
+            self.wrapped.vs.device(),
+        )?;
         let train = self.wrapped.train;
-        let out = self.backbone.forward(input, train)?;
+        let out = self.backbone.forward(&inputs, train, input.logits_to_keep)?;
         let values = self.wrapped.v_head.forward(&out.last_hidden_state, train)?;
         let logits = if out.logits.kind() == Kind::Float {
             out.logits
@@ -273,6 +178,15 @@ impl CausalLmWithValueHead {
             values,
             past: out.cache,
         })
+    }
+
+    /// What the backbone's inputs are checked against.
+    fn limits(&self) -> CausalLimits {
+        CausalLimits {
+            vocab_size: self.backbone.vocab_size(),
+            num_layers: self.backbone.num_layers(),
+            max_positions: self.backbone.max_positions(),
+        }
     }
 
     /// Generates up to `max_new_tokens` per row after `input_ids` [batch, prompt] (left-padded,
@@ -365,9 +279,9 @@ impl CausalLmWithValueHead {
         })
     }
 
-    /// The backbone.
-    pub fn backbone(&self) -> &CausalBackbone {
-        &self.backbone
+    /// The backbone (its `model_type`, sizes, and forward on checked inputs).
+    pub fn backbone(&self) -> &dyn CausalLm {
+        self.backbone.as_ref()
     }
 
     /// The vocabulary size.

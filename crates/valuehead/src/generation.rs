@@ -328,7 +328,7 @@ pub(crate) fn top_p_filter(scores: &Tensor, top_p: f64) -> Result<Tensor> {
     let vocab = scores.size()[1];
     let remove = cumulative.s_le(1.0 - top_p)?;
     let mut most_likely = remove.f_narrow(1, vocab - 1, 1)?;
-    let _ = most_likely.s_fill_(0)?;
+    most_likely.s_fill_(0)?;
     let remove = remove.f_scatter(1, &indices, &remove)?;
     Ok(scores.s_masked_fill(&remove, f64::NEG_INFINITY)?)
 }

@@ -32,7 +32,7 @@ pub mod options;
 pub mod seq2seq;
 mod wrapper;
 
-pub use causal::{CausalBackbone, CausalLmInput, CausalLmOutput, CausalLmWithValueHead};
+pub use causal::{CausalLmInput, CausalLmOutput, CausalLmWithValueHead};
 pub use chat::{apply_chat_template, Message};
 pub use error::{Error, Result};
 pub use generation::{GenerateOutput, GenerateTimings, GenerationConfig};
@@ -41,23 +41,24 @@ pub use seq2seq::{Seq2SeqLmInput, Seq2SeqLmOutput, Seq2SeqLmWithValueHead};
 pub use vh_core::tensor::position_ids_from_attention_mask;
 pub use vh_core::{InitStrategy, ValueHead, ValueHeadConfig, ValueHeadOptions};
 pub use vh_models::t5::{EncoderOutput, Seq2SeqCache};
-pub use vh_models::{AttnImplementation, Cache, LayerCache};
+pub use vh_models::{AttnImplementation, Cache, LayerCache, ARCHITECTURES};
 pub use wrapper::V_HEAD_PREFIX;
 
 use std::path::Path;
 
-/// Either kind of value-head model, chosen by config.json's `model_type`.
+/// Either kind of value-head model, chosen by config.json's `model_type` (see
+/// [`vh_models::ARCHITECTURES`]).
 #[derive(Debug)]
 pub enum ValueHeadModel {
-    /// A decoder-only model (`gpt2`).
+    /// A decoder-only model (GPT-2, Llama, Qwen2, ...).
     Causal(CausalLmWithValueHead),
-    /// An encoder-decoder model (`t5`).
+    /// An encoder-decoder model (T5, ...).
     Seq2Seq(Seq2SeqLmWithValueHead),
 }
 
-/// Whether a `model_type` is an encoder-decoder architecture.
+/// Whether a `model_type` is an encoder-decoder architecture (asks the registry).
 pub fn is_seq2seq_model_type(model_type: &str) -> bool {
-    matches!(model_type, "t5")
+    vh_models::architecture(model_type).is_some_and(|a| a.is_seq2seq())
 }
 
 impl ValueHeadModel {

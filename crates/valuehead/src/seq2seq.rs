@@ -6,14 +6,15 @@ use crate::generation::{
     decode_loop, generation_capacity, reserve_cache, GenerateOutput, GenerationConfig, StepOutput,
 };
 use crate::options::LoadOptions;
-use crate::wrapper::{check_before_load, model_type, read_folder, wrapper_accessors, Wrapped};
+use crate::wrapper::{check_before_load, read_folder, wrapper_accessors, Wrapped};
 use serde_json::Value;
 use std::path::Path;
 use tch::{nn::VarStore, Kind, Tensor};
 use vh_core::error::invalid;
 use vh_core::ops::ScalarOps;
 use vh_core::tensor::{check_labels, expect_rank, seq2seq_lm_loss};
-use vh_models::t5::{EncoderOutput, Seq2SeqCache, T5Config, T5ForConditionalGeneration};
+use vh_models::t5::{EncoderOutput, Seq2SeqCache};
+use vh_models::{BuildOptions, Seq2SeqLm};
 
 /// The inputs of a seq2seq forward pass. The encoder side is `input_ids` (with
 /// `attention_mask`) or precomputed `encoder_outputs`; the decoder side is `decoder_input_ids`,
@@ -55,7 +56,7 @@ pub struct Seq2SeqLmOutput {
 #[derive(Debug)]
 pub struct Seq2SeqLmWithValueHead {
     wrapped: Wrapped,
-    model: T5ForConditionalGeneration,
+    model: Box<dyn Seq2SeqLm>,
 }
 
 wrapper_accessors!(Seq2SeqLmWithValueHead);
@@ -78,15 +79,12 @@ impl Seq2SeqLmWithValueHead {
     pub fn from_parts(config: Value, tensors: Vec<(String, Tensor)>, options: &LoadOptions) -> Result<Self> {
         check_before_load(&config, options)?;
         let vs = VarStore::new(options.device);
-        // Placeholders until the checkpoint fills them (see `vh_core::param`).
-        let model = match model_type(&config)? {
-            "t5" => {
-                let cfg = T5Config::from_json(&config)?;
-                vh_core::param::deferred(|| T5ForConditionalGeneration::new(vs.root(), &cfg))?
-            }
-            other => return Err(Error::UnsupportedModel(other.to_string())),
+        let build = BuildOptions {
+            attn_implementation: options.attn_implementation,
         };
-        let hidden_size = model.config().d_model;
+        // Placeholders until the checkpoint fills them (see `vh_core::param`).
+        let model = vh_core::param::deferred(|| vh_models::registry::build_seq2seq(vs.root(), &config, &build))?;
+        let hidden_size = model.hidden_size();
         let wrapped = Wrapped::load(vs, config, tensors, options, hidden_size, |key| {
             model.parameter_name(key)
         })?;
@@ -153,7 +151,7 @@ impl Seq2SeqLmWithValueHead {
         expect_rank(decoder_input_ids, "decoder_input_ids", 2)?;
         if let Some(labels) = input.labels {
             let size = decoder_input_ids.size();
-            check_labels(labels, size[0], size[1], self.model.config().vocab_size)?;
+            check_labels(labels, size[0], size[1], self.model.vocab_size())?;
         }
         let out = self.model.decode(
             decoder_input_ids,
@@ -205,17 +203,17 @@ impl Seq2SeqLmWithValueHead {
         decoder_input_ids: Option<&Tensor>,
         config: &GenerationConfig,
     ) -> Result<GenerateOutput> {
-        let model_config = self.model.config();
-        config.validate(model_config.vocab_size)?;
+        let vocab_size = self.model.vocab_size();
+        config.validate(vocab_size)?;
         let start = config
             .decoder_start_token_id
-            .or(model_config.decoder_start_token_id)
+            .or(self.model.decoder_start_token_id())
             .ok_or_else(|| {
                 Error::InvalidOption(
                     "decoder_start_token_id is set neither in the generation config nor in config.json".into(),
                 )
             })?;
-        let (batch, src_len) = vh_core::tensor::check_input_ids(input_ids, model_config.vocab_size)?;
+        let (batch, src_len) = vh_core::tensor::check_input_ids(input_ids, vocab_size)?;
         if let Some(mask) = attention_mask {
             let mask = vh_core::tensor::attention_mask_to_bool(mask, "attention_mask", &[batch, src_len])?;
             if mask.f_any_dim(1, false)?.f_logical_not()?.f_any()?.f_int64_value(&[])? != 0 {
@@ -225,7 +223,7 @@ impl Seq2SeqLmWithValueHead {
         let prompt = match decoder_input_ids {
             None => None,
             Some(ids) => {
-                let (rows, _) = vh_core::tensor::check_input_ids(ids, model_config.vocab_size)?;
+                let (rows, _) = vh_core::tensor::check_input_ids(ids, vocab_size)?;
                 if rows != batch {
                     return Err(invalid(format!("decoder_input_ids has {rows} rows, input_ids {batch}")).into());
                 }
@@ -282,23 +280,16 @@ impl Seq2SeqLmWithValueHead {
     }
 
     /// The encoder-decoder backbone.
-    pub fn model(&self) -> &T5ForConditionalGeneration {
-        &self.model
+    pub fn model(&self) -> &dyn Seq2SeqLm {
+        self.model.as_ref()
     }
 
     /// The vocabulary size.
     pub fn vocab_size(&self) -> i64 {
-        self.model.config().vocab_size
+        self.model.vocab_size()
     }
 
     fn tied_aliases(&self) -> Vec<(&'static str, &'static str)> {
-        let mut aliases = vec![
-            ("encoder.embed_tokens.weight", "shared.weight"),
-            ("decoder.embed_tokens.weight", "shared.weight"),
-        ];
-        if self.model.config().tie_word_embeddings {
-            aliases.push(("lm_head.weight", "shared.weight"));
-        }
-        aliases
+        self.model.tied_aliases()
     }
 }

@@ -28,6 +28,7 @@ pub(crate) struct Wrapped {
 /// is a float kind, and the listed architectures (if any) have an LM head.
 pub(crate) fn check_before_load(config: &Value, options: &LoadOptions) -> Result<()> {
     check_device(options.device)?;
+    architecture(config)?;
     if !vh_core::tensor::is_float_kind(options.dtype) {
         return Err(Error::InvalidOption(format!(
             "dtype must be a float kind, got {:?}",
@@ -108,11 +109,18 @@ pub(crate) fn copy_tokenizer_files(source: Option<&std::path::Path>, target: &st
     Ok(())
 }
 
-/// The `model_type` of a config.json.
-pub(crate) fn model_type(config: &Value) -> Result<&str> {
-    config.get("model_type").and_then(Value::as_str).ok_or_else(|| {
+/// The registry entry of a config.json's `model_type`: a missing `model_type` is a config
+/// error, one the registry does not list is [`Error::UnsupportedModel`].
+pub(crate) fn architecture(config: &Value) -> Result<&'static vh_models::Architecture> {
+    let model_type = config.get("model_type").and_then(Value::as_str).ok_or_else(|| {
         Error::Model(vh_core::Error::Config(
             "config.json has no `model_type` string".to_string(),
+        ))
+    })?;
+    vh_models::architecture(model_type).ok_or_else(|| {
+        Error::UnsupportedModel(format!(
+            "{model_type} (supported: {})",
+            vh_models::registry::model_types().join(", ")
         ))
     })
 }

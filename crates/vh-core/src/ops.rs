@@ -160,7 +160,7 @@ mod tests {
             same(x.s_mul(0.044715).unwrap(), x.f_mul_scalar(0.044715).unwrap());
             same(x.s_div(7.3).unwrap(), x.f_div_scalar(7.3).unwrap());
             same(x.s_add(1.0).unwrap(), x.f_add_scalar(1.0).unwrap());
-            same(x.s_sub(0.707107).unwrap(), x.f_sub_scalar(0.707107).unwrap());
+            same(x.s_sub(0.625).unwrap(), x.f_sub_scalar(0.625).unwrap());
             same(x.s_clamp(-1.5, 2.25).unwrap(), x.f_clamp(-1.5, 2.25).unwrap());
             let mask = x.f_gt(0.0).unwrap();
             same(x.s_gt(0.0).unwrap(), mask.shallow_clone());

@@ -128,40 +128,6 @@ pub fn position_ids_from_mask(mask: &Tensor, new_len: i64) -> Result<Tensor> {
     Ok(positions.f_narrow(1, total - new_len, new_len)?)
 }
 
-/// The additive causal attention bias [B or 1, 1, T, S] for `new_len` queries that follow
-/// `past_len` cached positions: `future` where a key lies in a query's future, the kind's
-/// minimum where a visible key is padding (`key_mask` [B, S] false), 0 elsewhere; `None` when
-/// nothing is hidden (one new token and no mask).
-///
-/// HF's eager attention ends with `future` = -inf for GPT-2 (its causal fill plus its padding
-/// mask) and the minimum for Llama and T5 (one combined mask); the values at fully padded query
-/// rows, which HF's loss reads, depend on that choice.
-pub fn causal_attention_bias(
-    key_mask: Option<&Tensor>,
-    batch: i64,
-    new_len: i64,
-    past_len: i64,
-    kind: Kind,
-    device: tch::Device,
-    future: f64,
-) -> Result<Option<Tensor>> {
-    if key_mask.is_none() && new_len == 1 {
-        return Ok(None);
-    }
-    let total = past_len + new_len;
-    let keys = Tensor::f_arange(total, (Kind::Int64, device))?.f_unsqueeze(0)?;
-    let queries = Tensor::f_arange_start(past_len, total, (Kind::Int64, device))?.f_unsqueeze(1)?;
-    let in_future = keys.f_gt_tensor(&queries)?.f_view([1, 1, new_len, total])?;
-    let bias = match key_mask {
-        Some(mask) => {
-            let padding = mask.f_logical_not()?.f_view([batch, 1, 1, total])?;
-            Tensor::f_zeros([batch, 1, new_len, total], (kind, device))?.s_masked_fill(&padding, min_value(kind))?
-        }
-        None => Tensor::f_zeros([1, 1, new_len, total], (kind, device))?,
-    };
-    Ok(Some(bias.s_masked_fill(&in_future, future)?))
-}
-
 /// At most this many positions count as a decode step for [`lm_logits`].
 const DECODE_ROWS: i64 = 16;
 

@@ -198,12 +198,12 @@ mod tests {
         check_output_path(&dir.path().join("new")).unwrap();
         let other_spelling = dir.path().join(".").join("model.safetensors");
         assert!(matches!(
-            check_not_an_input(&other_spelling, &[file.clone()]),
+            check_not_an_input(&other_spelling, std::slice::from_ref(&file)),
             Err(HubError::OutputIsInput { .. })
         ));
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&file, &link).unwrap();
-        assert!(check_not_an_input(&link, &[file.clone()]).is_err());
+        assert!(check_not_an_input(&link, std::slice::from_ref(&file)).is_err());
         check_not_an_input(&dir.path().join("new"), &[file]).unwrap();
     }
 }

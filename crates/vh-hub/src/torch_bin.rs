@@ -413,7 +413,7 @@ impl<'a> Unpickler<'a> {
     fn dict_insert(&mut self, items: Vec<Value>) -> std::result::Result<(), String> {
         match self.stack.last_mut() {
             Some(Value::Dict(entries)) => {
-                if items.len() % 2 != 0 {
+                if !items.len().is_multiple_of(2) {
                     return Err("SETITEMS with an odd number of items".into());
                 }
                 for item in items {

@@ -98,6 +98,9 @@ impl Activation {
             Self::Sigmoid => x.f_sigmoid()?,
             Self::Linear => x.shallow_clone(),
             Self::Laplace => {
+                // HF's `LaplaceActivation` literals, kept as written: 0.707107 is not exactly
+                // 1/sqrt(2), and the outputs must match HF's to the bit.
+                #[allow(clippy::approx_constant)]
                 let (mu, sigma) = (0.707107, 0.282095);
                 x.s_sub(mu)?
                     .s_div(sigma * std::f64::consts::SQRT_2)?

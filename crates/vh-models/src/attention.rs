@@ -1,7 +1,9 @@
 //! How attention probabilities are computed, as HF's `attn_implementation`.
 
+use crate::layers::repeat_kv;
 use tch::{Device, Kind, Tensor};
-use vh_core::tensor::causal_attention_bias;
+use vh_core::ops::ScalarOps;
+use vh_core::tensor::{min_value, TrainDropout};
 use vh_core::{Error, Result};
 
 /// `mask` [B, S] (bool) unless it keeps every position: a mask without padding changes nothing
@@ -54,31 +56,157 @@ pub fn causal_bias_when_needed(
     if bias.is_some() || query_len == 1 || (fused && query_len == key_len) {
         return Ok(None);
     }
-    causal_attention_bias(None, 1, query_len, key_len - query_len, kind, device, future)
+    MaskSpec {
+        key_mask: None,
+        batch: 1,
+        new_len: query_len,
+        past_len: key_len - query_len,
+        future,
+    }
+    .bias(kind, device)
 }
 
-/// Fused attention of `query` [B, H, T, D] over `key`/`value` [B, KV, S, D] (KV divides H: each
-/// key/value head serves H / KV query heads), adding `bias` [B or 1, 1, T, S] to the scores
-/// scaled by `scale`, or, without a bias and for T > 1 (then T == S), applying the causal rule
-/// in the kernel; dropout `p` on the probabilities while training.
-pub fn fused_attention(
-    query: &Tensor,
-    key: &Tensor,
-    value: &Tensor,
-    bias: Option<&Tensor>,
-    scale: f64,
-    p: f64,
-    train: bool,
-) -> Result<Tensor> {
-    let grouped = key.size()[1] != query.size()[1];
-    Ok(Tensor::f_scaled_dot_product_attention(
-        query,
-        key,
-        value,
-        bias,
-        if train { p } else { 0.0 },
-        bias.is_none() && query.size()[2] > 1,
-        scale,
-        grouped,
-    )?)
+/// What the additive attention bias of a pass hides: keys in a query's future and padded keys.
+/// Built once per pass and shared by every layer, as HF does.
+#[derive(Debug, Clone, Copy)]
+pub struct MaskSpec<'a> {
+    /// Keys to attend, bool [batch, past + new]; `None` when nothing is padded.
+    pub key_mask: Option<&'a Tensor>,
+    /// Rows.
+    pub batch: i64,
+    /// Queries in this pass.
+    pub new_len: i64,
+    /// Cached positions before them.
+    pub past_len: i64,
+    /// The score a future key gets. HF's eager attention ends with -inf for GPT-2 (its causal
+    /// fill plus its padding mask) and the dtype's minimum for Llama and T5 (one combined mask);
+    /// the outputs at fully padded query rows, which HF's loss reads, depend on that choice.
+    pub future: f64,
+}
+
+impl MaskSpec<'_> {
+    /// The bias [B or 1, 1, new, past + new]: `future` where a key lies in a query's future,
+    /// the kind's minimum where a visible key is padding, 0 elsewhere; `None` when nothing is
+    /// hidden (one new token and no padding).
+    pub fn bias(&self, kind: Kind, device: Device) -> Result<Option<Tensor>> {
+        let (batch, new_len, past_len) = (self.batch, self.new_len, self.past_len);
+        if self.key_mask.is_none() && new_len == 1 {
+            return Ok(None);
+        }
+        let total = past_len + new_len;
+        let keys = Tensor::f_arange(total, (Kind::Int64, device))?.f_unsqueeze(0)?;
+        let queries = Tensor::f_arange_start(past_len, total, (Kind::Int64, device))?.f_unsqueeze(1)?;
+        let in_future = keys.f_gt_tensor(&queries)?.f_view([1, 1, new_len, total])?;
+        let bias = match self.key_mask {
+            Some(mask) => {
+                let padding = mask.f_logical_not()?.f_view([batch, 1, 1, total])?;
+                Tensor::f_zeros([batch, 1, new_len, total], (kind, device))?.s_masked_fill(&padding, min_value(kind))?
+            }
+            None => Tensor::f_zeros([1, 1, new_len, total], (kind, device))?,
+        };
+        Ok(Some(bias.s_masked_fill(&in_future, self.future)?))
+    }
+}
+
+/// One step of turning raw scores `q @ k^T` into logits, applied in order in eager attention
+/// (HF's order of operations differs by model, and the last bit depends on it); the fused kernel
+/// gets their product as its scale.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ScoreOp {
+    /// Multiply by the factor (Llama's `* head_dim^-0.5`).
+    Mul(f64),
+    /// Divide by the divisor (GPT-2's `/ sqrt(head_dim)`, `/ (layer + 1)`).
+    Div(f64),
+}
+
+/// Where the softmax runs in eager attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SoftmaxPrecision {
+    /// In f32, then cast to the values' kind (Llama, T5, GPT-2's upcast variant).
+    F32,
+    /// In the scores' kind, then cast to the values' kind (GPT-2).
+    Scores,
+}
+
+/// How one attention layer turns queries, keys and values into its output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttentionSpec {
+    /// Eager (HF's separate operations) or fused.
+    pub implementation: AttnImplementation,
+    /// Scaling of the raw scores, in HF's order.
+    pub score_ops: Vec<ScoreOp>,
+    /// The eager softmax's precision.
+    pub softmax: SoftmaxPrecision,
+    /// Dropout on the attention probabilities while training.
+    pub dropout: f64,
+    /// The score of future keys in a causal bias built here (see [`MaskSpec::future`]).
+    pub future: f64,
+    /// Whether the layer is causal (self-attention of a decoder): without a bias, the causal rule
+    /// is applied (by the fused kernel, or a bias built here).
+    pub causal: bool,
+}
+
+impl AttentionSpec {
+    /// The product of the score operations: the scale the fused kernel applies.
+    pub fn scale(&self) -> f64 {
+        self.score_ops.iter().fold(1.0, |s, op| match op {
+            ScoreOp::Mul(f) => s * f,
+            ScoreOp::Div(d) => s / d,
+        })
+    }
+
+    /// Attends from `query` [B, H, T, D] over `key`/`value` [B, KV, S, D] (KV divides H: each
+    /// key/value head serves H / KV query heads), adding `bias` [B or 1, 1 or H, T, S] to the
+    /// scores; returns [B, H, T, D].
+    pub fn attend(
+        &self,
+        query: &Tensor,
+        key: &Tensor,
+        value: &Tensor,
+        bias: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let fused = self.implementation == AttnImplementation::Sdpa;
+        let (t, s) = (query.size()[2], key.size()[2]);
+        let built = if self.causal {
+            causal_bias_when_needed(bias, fused, t, s, query.kind(), query.device(), self.future)?
+        } else {
+            None
+        };
+        let bias = bias.or(built.as_ref());
+        if fused {
+            let causal_in_kernel = self.causal && bias.is_none() && t > 1;
+            let grouped = key.size()[1] != query.size()[1];
+            return Ok(Tensor::f_scaled_dot_product_attention(
+                query,
+                key,
+                value,
+                bias,
+                if train { self.dropout } else { 0.0 },
+                causal_in_kernel,
+                self.scale(),
+                grouped,
+            )?);
+        }
+        let groups = query.size()[1] / key.size()[1];
+        let (key, value) = (repeat_kv(key, groups)?, repeat_kv(value, groups)?);
+        let mut scores = query.f_matmul(&key.f_transpose(-1, -2)?)?;
+        for op in &self.score_ops {
+            scores = match op {
+                ScoreOp::Mul(f) => scores.s_mul(*f)?,
+                ScoreOp::Div(d) => scores.s_div(*d)?,
+            };
+        }
+        if let Some(bias) = bias {
+            scores = scores.f_add(bias)?;
+        }
+        let probs = match self.softmax {
+            SoftmaxPrecision::F32 => scores.f_softmax(-1, Kind::Float)?.f_to_kind(value.kind())?,
+            SoftmaxPrecision::Scores => {
+                let kind = scores.kind();
+                scores.f_softmax(-1, kind)?.f_to_kind(value.kind())?
+            }
+        };
+        Ok(probs.train_dropout(self.dropout, train)?.f_matmul(&value)?)
+    }
 }

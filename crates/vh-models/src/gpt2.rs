@@ -2,14 +2,15 @@
 //! (`transformer.h.0.attn.c_attn.weight`, ...), Conv1D weights stored [in, out].
 
 use crate::activation::Activation;
-use crate::attention::{causal_bias_when_needed, fused_attention, AttnImplementation};
+use crate::attention::{AttentionSpec, AttnImplementation, MaskSpec, ScoreOp, SoftmaxPrecision};
 use crate::cache::{Cache, LayerCache};
-use crate::inputs::{prepare_causal, CausalLimits};
+use crate::inputs::{prepare_causal, CausalInputs, CausalLimits};
+use crate::layers::{merge_heads, split_heads, Conv1D, LayerNorm};
+use crate::registry::{Architecture, BuildOptions, CausalLm, CausalLmOutput, Family};
 use serde::Deserialize;
 use tch::{nn, Kind, Tensor};
 use vh_core::error::{check_epsilons, check_positive, check_probabilities, parse_config};
-use vh_core::ops::ScalarOps;
-use vh_core::tensor::{causal_attention_bias, lm_logits, TrainDropout};
+use vh_core::tensor::{lm_logits, TrainDropout};
 use vh_core::{Error, Result};
 
 fn default_vocab_size() -> i64 {
@@ -153,82 +154,6 @@ pub fn parameter_name(key: &str) -> Option<String> {
     Some(key.to_string())
 }
 
-/// HF's `Conv1D`: `x @ weight + bias` with weight stored [in, out].
-#[derive(Debug)]
-pub struct Conv1D {
-    /// [in, out].
-    pub weight: Tensor,
-    /// [out].
-    pub bias: Tensor,
-}
-
-impl Conv1D {
-    /// Creates `weight` [in, out] and `bias` [out] under `vs`, zero-filled until loaded.
-    pub fn new(vs: nn::Path, in_dim: i64, out_dim: i64) -> Result<Self> {
-        Ok(Self {
-            weight: vh_core::param::var(&vs, "weight", &[in_dim, out_dim], nn::Init::Const(0.0))?,
-            bias: vh_core::param::var(&vs, "bias", &[out_dim], nn::Init::Const(0.0))?,
-        })
-    }
-
-    /// Keeps `weight`'s shape [in, out] and values but chooses its memory order for the kernel
-    /// of its dtype: [out, in] order for bf16/f16 on CPU, where that kernel streams the matrix
-    /// 1.2-1.4x faster (measured with torch 2.11 on x86), [in, out] otherwise (faster for f32
-    /// at batch 8). Strides only: training and saving see the same tensor.
-    pub fn arrange_weight(&self) -> Result<()> {
-        let w = &self.weight;
-        let (in_dim, out_dim) = (w.size()[0], w.size()[1]);
-        let want_transposed = matches!(w.kind(), Kind::BFloat16 | Kind::Half) && w.device() == tch::Device::Cpu;
-        let is_transposed = w.stride() == [1, in_dim] && out_dim > 1;
-        if want_transposed == is_transposed {
-            return Ok(());
-        }
-        let arranged = if want_transposed {
-            w.f_tr()?.f_contiguous()?.f_tr()?
-        } else {
-            w.f_contiguous()?
-        };
-        let mut shared = w.shallow_clone();
-        tch::no_grad(|| shared.f_set_data(&arranged))?;
-        Ok(())
-    }
-
-    /// [..., in] -> [..., out].
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut size = x.size();
-        let in_dim = *size.last().unwrap_or(&0);
-        let out = self.bias.f_addmm(&x.f_reshape([-1, in_dim])?, &self.weight)?;
-        *size.last_mut().expect("non-scalar input") = self.weight.size()[1];
-        Ok(out.f_view(size.as_slice())?)
-    }
-}
-
-/// LayerNorm with `weight` and `bias`.
-#[derive(Debug)]
-pub struct LayerNorm {
-    /// Scale, [dim].
-    pub weight: Tensor,
-    /// Shift, [dim].
-    pub bias: Tensor,
-    eps: f64,
-}
-
-impl LayerNorm {
-    /// Creates the parameters under `vs` (weight ones, bias zeros).
-    pub fn new(vs: nn::Path, dim: i64, eps: f64) -> Result<Self> {
-        Ok(Self {
-            weight: vh_core::param::var(&vs, "weight", &[dim], nn::Init::Const(1.0))?,
-            bias: vh_core::param::var(&vs, "bias", &[dim], nn::Init::Const(0.0))?,
-            eps,
-        })
-    }
-
-    /// Normalises over the last dimension.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.f_layer_norm(self.weight.size(), Some(&self.weight), Some(&self.bias), self.eps, true)?)
-    }
-}
-
 /// Causal self-attention with a fused q/k/v projection.
 #[derive(Debug)]
 pub struct Attention {
@@ -263,27 +188,39 @@ impl Attention {
         })
     }
 
-    /// The factor the scores are multiplied by before the softmax.
-    fn scale(&self) -> f64 {
-        let mut scale = 1.0;
+    /// How this layer attends: HF's eager order of operations (divide by sqrt(head_dim), then by
+    /// layer + 1, softmax in the scores' kind), or the fused kernel with the same scale. The
+    /// upcast variant scales before the product and keeps f32 through the softmax, as HF's
+    /// `_upcast_and_reordered_attn`, so half-precision scores cannot overflow: it stays eager.
+    fn spec(&self) -> AttentionSpec {
+        let mut score_ops = Vec::new();
         if self.scale_attn_weights {
-            scale /= (self.head_dim as f64).sqrt();
+            score_ops.push(ScoreOp::Div((self.head_dim as f64).sqrt()));
         }
         if self.scale_attn_by_inverse_layer_idx {
-            scale /= (self.layer_idx + 1) as f64;
+            score_ops.push(ScoreOp::Div((self.layer_idx + 1) as f64));
         }
-        scale
-    }
-
-    /// [B, T, C] -> [B, H, T, D].
-    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, t) = (x.size()[0], x.size()[1]);
-        Ok(x.f_view([b, t, self.n_head, self.head_dim])?.f_transpose(1, 2)?)
+        let mut spec = AttentionSpec {
+            implementation: self.attn_implementation,
+            score_ops,
+            softmax: SoftmaxPrecision::Scores,
+            dropout: self.attn_pdrop,
+            // HF's causal fill (-inf) on top of its padding mask.
+            future: f64::NEG_INFINITY,
+            causal: true,
+        };
+        if self.reorder_and_upcast_attn {
+            let scale = spec.scale();
+            spec.implementation = AttnImplementation::Eager;
+            spec.score_ops = vec![ScoreOp::Mul(scale)];
+            spec.softmax = SoftmaxPrecision::F32;
+        }
+        spec
     }
 
     /// Attends from `x` [B, T, C] over the cached and new positions, adding `bias`
-    /// [B or 1, 1, T, S] to the scores (see [`causal_attention_bias`]); `None` means the causal
-    /// rule alone.
+    /// [B or 1, 1, T, S] to the scores (see [`crate::attention::MaskSpec`]); `None` means the
+    /// causal rule alone.
     pub fn forward(
         &self,
         x: &Tensor,
@@ -291,69 +228,36 @@ impl Attention {
         past: Option<&LayerCache>,
         train: bool,
     ) -> Result<(Tensor, LayerCache)> {
-        let (b, t, c) = (x.size()[0], x.size()[1], x.size()[2]);
+        let c = x.size()[2];
         let qkv = self.c_attn.forward(x)?;
         let parts = qkv.f_split(c, 2)?;
-        let query = self.split_heads(&parts[0])?;
-        let key = self.split_heads(&parts[1])?;
-        let value = self.split_heads(&parts[2])?;
+        let query = split_heads(&parts[0], self.n_head, self.head_dim)?;
+        let key = split_heads(&parts[1], self.n_head, self.head_dim)?;
+        let value = split_heads(&parts[2], self.n_head, self.head_dim)?;
         let cache = match past {
             Some(past) => past.append(&key, &value)?,
             None => LayerCache::new(key, value),
         };
-        let (key, value) = (&cache.keys, &cache.values);
-        // The upcast variant exists to keep half-precision scores finite: it stays eager.
-        let fused = self.attn_implementation == AttnImplementation::Sdpa && !self.reorder_and_upcast_attn;
-        let (kind, device) = (query.kind(), query.device());
-        let built = causal_bias_when_needed(bias, fused, t, key.size()[2], kind, device, f64::NEG_INFINITY)?;
-        let bias = bias.or(built.as_ref());
-        let attended = if fused {
+        let spec = self.spec();
+        let attended = if self.reorder_and_upcast_attn {
+            let (q, k) = (query.f_to_kind(Kind::Float)?, cache.keys.f_to_kind(Kind::Float)?);
+            spec.attend(&q, &k, &cache.values, bias, train)?
+        } else if spec.implementation == AttnImplementation::Sdpa {
             // The fused CPU kernel is markedly slower on the strided views the qkv split gives.
-            let (query, key, value) = (query.f_contiguous()?, key.f_contiguous()?, value.f_contiguous()?);
-            fused_attention(&query, &key, &value, bias, self.scale(), self.attn_pdrop, train)?
+            let (q, k, v) = (
+                query.f_contiguous()?,
+                cache.keys.f_contiguous()?,
+                cache.values.f_contiguous()?,
+            );
+            spec.attend(&q, &k, &v, bias, train)?
         } else {
-            self.eager_attention(&query, key, value, bias, train)?
+            spec.attend(&query, &cache.keys, &cache.values, bias, train)?
         };
-        let out = attended.f_transpose(1, 2)?.f_contiguous()?.f_view([b, t, c])?;
-        let out = self.c_proj.forward(&out)?.train_dropout(self.resid_pdrop, train)?;
+        let out = self
+            .c_proj
+            .forward(&merge_heads(&attended)?)?
+            .train_dropout(self.resid_pdrop, train)?;
         Ok((out, cache))
-    }
-
-    /// HF's eager attention: scores, their scaling, the bias, softmax, dropout, weighted sum.
-    fn eager_attention(
-        &self,
-        query: &Tensor,
-        key: &Tensor,
-        value: &Tensor,
-        bias: Option<&Tensor>,
-        train: bool,
-    ) -> Result<Tensor> {
-        let probs = if self.reorder_and_upcast_attn {
-            // Scaled before the product and kept in f32 through the softmax, as HF's
-            // `_upcast_and_reordered_attn`, so half-precision scores cannot overflow.
-            let q = query.f_to_kind(Kind::Float)?;
-            let k = key.f_to_kind(Kind::Float)?;
-            let mut scores = q.f_matmul(&k.f_transpose(-1, -2)?)?.s_mul(self.scale())?;
-            if let Some(bias) = bias {
-                scores = scores.f_add(bias)?;
-            }
-            scores.f_softmax(-1, Kind::Float)?.f_to_kind(value.kind())?
-        } else {
-            let mut scores = query.f_matmul(&key.f_transpose(-1, -2)?)?;
-            if self.scale_attn_weights {
-                scores = scores.s_div((self.head_dim as f64).sqrt())?;
-            }
-            if self.scale_attn_by_inverse_layer_idx {
-                scores = scores.s_div((self.layer_idx + 1) as f64)?;
-            }
-            if let Some(bias) = bias {
-                scores = scores.f_add(bias)?;
-            }
-            let kind = scores.kind();
-            scores.f_softmax(-1, kind)?.f_to_kind(value.kind())?
-        };
-        let probs = probs.train_dropout(self.attn_pdrop, train)?;
-        Ok(probs.f_matmul(value)?)
     }
 }
 
@@ -380,7 +284,7 @@ impl Mlp {
     /// [B, T, C] -> [B, T, C].
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let h = self.act.forward(&self.c_fc.forward(x)?)?;
-        Ok(self.c_proj.forward(&h)?.train_dropout(self.resid_pdrop, train)?)
+        self.c_proj.forward(&h)?.train_dropout(self.resid_pdrop, train)
     }
 }
 
@@ -467,6 +371,15 @@ impl Gpt2Model {
         &self.cfg
     }
 
+    /// What the inputs of a pass are checked against.
+    pub fn limits(&self) -> CausalLimits {
+        CausalLimits {
+            vocab_size: self.cfg.vocab_size,
+            num_layers: self.h.len(),
+            max_positions: Some(self.cfg.n_positions),
+        }
+    }
+
     /// Runs the transformer over `input_ids` [B, T] after the positions in `past`; see
     /// [`crate::inputs::prepare_causal`] for the mask and the positions (by default
     /// `past..past + T`, as HF's forward).
@@ -478,28 +391,34 @@ impl Gpt2Model {
         past: Option<&Cache>,
         train: bool,
     ) -> Result<Gpt2Output> {
+        let inputs = prepare_causal(
+            input_ids,
+            attention_mask,
+            position_ids,
+            past,
+            self.limits(),
+            self.wte.device(),
+        )?;
+        self.forward_prepared(&inputs, train)
+    }
+
+    /// Runs the transformer on checked inputs.
+    pub fn forward_prepared(&self, inputs: &CausalInputs<'_>, train: bool) -> Result<Gpt2Output> {
         let device = self.wte.device();
-        let limits = CausalLimits {
-            vocab_size: self.cfg.vocab_size,
-            num_layers: self.h.len(),
-            max_positions: Some(self.cfg.n_positions),
-        };
-        let inputs = prepare_causal(input_ids, attention_mask, position_ids, past, limits, device)?;
         let (batch, new_len, past_len) = (inputs.batch, inputs.new_len, inputs.past_len);
         let (input_ids, key_mask, position_ids, past) =
             (&inputs.input_ids, &inputs.key_mask, &inputs.position_ids, inputs.past);
         // -inf for future keys: HF's causal fill plus its padding mask (see causal_attention_bias).
         // Without padding the layers apply the causal rule themselves.
         let bias = match key_mask {
-            Some(mask) => causal_attention_bias(
-                Some(mask),
+            Some(mask) => MaskSpec {
+                key_mask: Some(mask),
                 batch,
                 new_len,
                 past_len,
-                self.wte.kind(),
-                device,
-                f64::NEG_INFINITY,
-            )?,
+                future: f64::NEG_INFINITY,
+            }
+            .bias(self.wte.kind(), device)?,
             None => None,
         };
 
@@ -518,17 +437,6 @@ impl Gpt2Model {
             cache: Cache { layers },
         })
     }
-}
-
-/// The output of a GPT-2 LM pass.
-#[derive(Debug)]
-pub struct Gpt2LmOutput {
-    /// Next-token logits [B, T, vocab], in the model's dtype.
-    pub logits: Tensor,
-    /// The final LayerNorm's output, [B, T, C].
-    pub last_hidden_state: Tensor,
-    /// Keys and values for the cached and new positions.
-    pub cache: Cache,
 }
 
 /// GPT-2 with its language-model head (`GPT2LMHeadModel`).
@@ -601,7 +509,7 @@ impl Gpt2LmHeadModel {
         position_ids: Option<&Tensor>,
         past: Option<&Cache>,
         train: bool,
-    ) -> Result<Gpt2LmOutput> {
+    ) -> Result<CausalLmOutput> {
         self.forward_keeping(input_ids, attention_mask, position_ids, past, train, 0)
     }
 
@@ -615,17 +523,92 @@ impl Gpt2LmHeadModel {
         past: Option<&Cache>,
         train: bool,
         logits_to_keep: i64,
-    ) -> Result<Gpt2LmOutput> {
-        let out = self
-            .transformer
-            .forward(input_ids, attention_mask, position_ids, past, train)?;
+    ) -> Result<CausalLmOutput> {
+        let inputs = prepare_causal(
+            input_ids,
+            attention_mask,
+            position_ids,
+            past,
+            self.transformer.limits(),
+            self.lm_head.device(),
+        )?;
+        CausalLm::forward(self, &inputs, train, logits_to_keep)
+    }
+}
+
+impl CausalLm for Gpt2LmHeadModel {
+    fn model_type(&self) -> &'static str {
+        "gpt2"
+    }
+
+    fn vocab_size(&self) -> i64 {
+        self.transformer.cfg.vocab_size
+    }
+
+    fn hidden_size(&self) -> i64 {
+        self.transformer.cfg.n_embd
+    }
+
+    fn num_layers(&self) -> usize {
+        self.transformer.h.len()
+    }
+
+    fn max_positions(&self) -> Option<i64> {
+        Some(self.transformer.cfg.n_positions)
+    }
+
+    fn forward(&self, inputs: &CausalInputs<'_>, train: bool, logits_to_keep: i64) -> Result<CausalLmOutput> {
+        let out = self.transformer.forward_prepared(inputs, train)?;
         let logits = lm_logits(&out.last_hidden_state, &self.lm_head, logits_to_keep)?;
-        Ok(Gpt2LmOutput {
+        Ok(CausalLmOutput {
             logits,
             last_hidden_state: out.last_hidden_state,
             cache: out.cache,
         })
     }
+
+    fn parameter_name(&self, key: &str) -> Option<String> {
+        Gpt2LmHeadModel::parameter_name(self, key)
+    }
+
+    fn tied_aliases(&self) -> Vec<(&'static str, &'static str)> {
+        if self.tied {
+            vec![("lm_head.weight", "transformer.wte.weight")]
+        } else {
+            vec![]
+        }
+    }
+
+    fn is_lookup_only(&self, name: &str) -> bool {
+        name == "transformer.wpe.weight" || (!self.tied && name == "transformer.wte.weight")
+    }
+
+    fn after_load(&self) -> Result<()> {
+        self.arrange_weights()
+    }
+}
+
+/// GPT-2's registry entry.
+pub const ARCHITECTURE: Architecture = Architecture {
+    model_type: "gpt2",
+    name: "GPT-2",
+    family: Family::Causal(build),
+    // Measured on CPU: the fused kernel made batched f32 GPT-2 passes slower.
+    default_attention: AttnImplementation::Eager,
+    tiny_config,
+};
+
+fn build(vs: nn::Path, config: &serde_json::Value, options: &BuildOptions) -> Result<Box<dyn CausalLm>> {
+    let mut cfg = Gpt2Config::from_json(config)?;
+    cfg.attn_implementation = options.attn_implementation.unwrap_or(ARCHITECTURE.default_attention);
+    Ok(Box::new(Gpt2LmHeadModel::new(vs, &cfg)?))
+}
+
+fn tiny_config() -> serde_json::Value {
+    serde_json::json!({
+        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": 50, "n_positions": 16, "n_embd": 16, "n_layer": 2, "n_head": 4
+    })
 }
 
 #[cfg(test)]

@@ -5,12 +5,19 @@ pub mod attention;
 pub mod cache;
 pub mod gpt2;
 pub mod inputs;
+pub mod layers;
 pub mod llama;
+pub mod registry;
+pub mod rotary;
 pub mod t5;
 
 pub use activation::Activation;
 pub use attention::AttnImplementation;
 pub use cache::{Cache, LayerCache};
+pub use registry::{
+    architecture, architecture_of, Architecture, BuildOptions, CausalLm, CausalLmOutput, Family, Seq2SeqLm,
+    Seq2SeqLmOutput, ARCHITECTURES,
+};
 pub use vh_core::{Error, Result};
 
 #[cfg(test)]

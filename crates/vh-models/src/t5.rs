@@ -3,15 +3,16 @@
 //! parameters named like HF's state dict (`encoder.block.0.layer.0.SelfAttention.q.weight`, ...).
 
 use crate::activation::Activation;
+use crate::attention::{AttentionSpec, AttnImplementation, MaskSpec, SoftmaxPrecision};
 use crate::cache::{Cache, LayerCache};
+use crate::layers::{merge_heads, split_heads, RmsNorm, RmsNormStyle};
+use crate::registry::{Architecture, BuildOptions, Family, Seq2SeqLm, Seq2SeqLmOutput};
 use serde::Deserialize;
 use tch::{nn, Device, Kind, Tensor};
 use vh_core::error::invalid;
 use vh_core::error::{check_epsilons, check_positive, check_probabilities, parse_config};
 use vh_core::ops::ScalarOps;
-use vh_core::tensor::{
-    attention_mask_to_bool, causal_attention_bias, check_input_ids, expect_rank, lm_logits, min_value, TrainDropout,
-};
+use vh_core::tensor::{attention_mask_to_bool, check_input_ids, expect_rank, lm_logits, min_value, TrainDropout};
 use vh_core::{Error, Result};
 
 fn default_vocab_size() -> i64 {
@@ -172,43 +173,8 @@ impl T5Config {
     }
 }
 
-/// HF's `T5LayerNorm`: RMS normalisation in f32, no mean, no bias.
-#[derive(Debug)]
-pub struct T5LayerNorm {
-    /// Scale, [d_model].
-    pub weight: Tensor,
-    eps: f64,
-}
-
-impl T5LayerNorm {
-    /// Creates `weight` under `vs` (ones).
-    pub fn new(vs: nn::Path, dim: i64, eps: f64) -> Result<Self> {
-        Ok(Self {
-            weight: vh_core::param::var(&vs, "weight", &[dim], nn::Init::Const(1.0))?,
-            eps,
-        })
-    }
-
-    /// Normalises over the last dimension.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // x^2 as x * x: what PyTorch's pow computes for the exponent 2.
-        let x32 = x.f_to_kind(Kind::Float)?;
-        let variance = x32.f_mul(&x32)?.f_mean_dim(-1, true, Kind::Float)?;
-        let mut normed = x.f_mul(&variance.s_add(self.eps)?.f_rsqrt()?)?;
-        if matches!(self.weight.kind(), Kind::Half | Kind::BFloat16) {
-            normed = normed.f_to_kind(self.weight.kind())?;
-        }
-        Ok(self.weight.f_mul(&normed)?)
-    }
-}
-
 fn linear(vs: &nn::Path, name: &str, in_dim: i64, out_dim: i64) -> Result<Tensor> {
-    Ok(vh_core::param::var(
-        &vs.sub(name),
-        "weight",
-        &[out_dim, in_dim],
-        nn::Init::Const(0.0),
-    )?)
+    vh_core::param::var(&vs.sub(name), "weight", &[out_dim, in_dim], nn::Init::Const(0.0))
 }
 
 /// The feed-forward network: `wi`, activation, `wo`, or the gated form `act(wi_0) * wi_1`, `wo`.
@@ -353,8 +319,7 @@ impl T5Attention {
     }
 
     fn heads(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, t) = (x.size()[0], x.size()[1]);
-        Ok(x.f_view([b, t, self.n_heads, self.d_kv])?.f_transpose(1, 2)?)
+        split_heads(x, self.n_heads, self.d_kv)
     }
 
     /// Keys and values of `states` [B, S, d_model], [B, heads, S, d_kv] each.
@@ -365,25 +330,21 @@ impl T5Attention {
         ))
     }
 
-    /// Attends from `x` [B, T, d_model] over `kv` with `bias` added to the scores.
+    /// Attends from `x` [B, T, d_model] over `kv` with `bias` added to the scores: no score
+    /// scaling (T5 folds it into the weights), softmax in f32, always eager as in HF (the
+    /// position bias rides on every score); causality and padding are in the bias.
     fn attend(&self, x: &Tensor, kv: &LayerCache, bias: Option<&Tensor>, train: bool) -> Result<Tensor> {
-        let (b, t) = (x.size()[0], x.size()[1]);
         let q = self.heads(&x.f_linear::<Tensor>(&self.q, None)?)?;
-        let mut scores = q.f_matmul(&kv.keys.f_transpose(3, 2)?)?;
-        if let Some(bias) = bias {
-            scores = scores.f_add(bias)?;
-        }
-        let probs = scores
-            .f_softmax(-1, Kind::Float)?
-            .f_to_kind(scores.kind())?
-            .train_dropout(self.dropout, train)?;
-        let out =
-            probs
-                .f_matmul(&kv.values)?
-                .f_transpose(1, 2)?
-                .f_contiguous()?
-                .f_view([b, t, self.n_heads * self.d_kv])?;
-        Ok(out.f_linear::<Tensor>(&self.o, None)?)
+        let spec = AttentionSpec {
+            implementation: AttnImplementation::Eager,
+            score_ops: Vec::new(),
+            softmax: SoftmaxPrecision::F32,
+            dropout: self.dropout,
+            future: min_value(q.kind()),
+            causal: false,
+        };
+        let attended = spec.attend(&q, &kv.keys, &kv.values, bias, train)?;
+        Ok(merge_heads(&attended)?.f_linear::<Tensor>(&self.o, None)?)
     }
 
     /// Self-attention over the cached and new positions; returns the output and the grown cache.
@@ -419,7 +380,7 @@ fn clamp_half(x: Tensor) -> Result<Tensor> {
     } else {
         max
     };
-    Ok(x.s_clamp(-limit, limit)?)
+    x.s_clamp(-limit, limit)
 }
 
 /// One T5 block: self-attention, cross-attention (decoder only), feed-forward, each pre-normed
@@ -427,10 +388,10 @@ fn clamp_half(x: Tensor) -> Result<Tensor> {
 #[derive(Debug)]
 pub struct T5Block {
     self_attention: T5Attention,
-    self_norm: T5LayerNorm,
-    cross: Option<(T5Attention, T5LayerNorm)>,
+    self_norm: RmsNorm,
+    cross: Option<(T5Attention, RmsNorm)>,
     ff: DenseReluDense,
-    ff_norm: T5LayerNorm,
+    ff_norm: RmsNorm,
     dropout: f64,
 }
 
@@ -441,12 +402,22 @@ impl T5Block {
         let layer = vs.sub("layer");
         let l0 = layer.sub(0);
         let self_attention = T5Attention::new(l0.sub("SelfAttention"), cfg, is_decoder, idx == 0)?;
-        let self_norm = T5LayerNorm::new(l0.sub("layer_norm"), cfg.d_model, cfg.layer_norm_epsilon)?;
+        let self_norm = RmsNorm::new(
+            l0.sub("layer_norm"),
+            cfg.d_model,
+            cfg.layer_norm_epsilon,
+            RmsNormStyle::T5,
+        )?;
         let cross = if is_decoder {
             let l1 = layer.sub(1);
             Some((
                 T5Attention::new(l1.sub("EncDecAttention"), cfg, true, false)?,
-                T5LayerNorm::new(l1.sub("layer_norm"), cfg.d_model, cfg.layer_norm_epsilon)?,
+                RmsNorm::new(
+                    l1.sub("layer_norm"),
+                    cfg.d_model,
+                    cfg.layer_norm_epsilon,
+                    RmsNormStyle::T5,
+                )?,
             ))
         } else {
             None
@@ -457,7 +428,12 @@ impl T5Block {
             self_norm,
             cross,
             ff: DenseReluDense::new(lf.sub("DenseReluDense"), cfg)?,
-            ff_norm: T5LayerNorm::new(lf.sub("layer_norm"), cfg.d_model, cfg.layer_norm_epsilon)?,
+            ff_norm: RmsNorm::new(
+                lf.sub("layer_norm"),
+                cfg.d_model,
+                cfg.layer_norm_epsilon,
+                RmsNormStyle::T5,
+            )?,
             dropout: cfg.dropout_rate,
         })
     }
@@ -489,11 +465,9 @@ impl T5Block {
 /// as HF's extended attention masks.
 fn padding_bias(mask: &Tensor, kind: Kind) -> Result<Tensor> {
     let size = mask.size();
-    Ok(
-        Tensor::f_zeros([size[0], 1, 1, size[1]], (kind, mask.device()))?.s_masked_fill(
-            &mask.f_logical_not()?.f_view([size[0], 1, 1, size[1]])?,
-            min_value(kind),
-        )?,
+    Tensor::f_zeros([size[0], 1, 1, size[1]], (kind, mask.device()))?.s_masked_fill(
+        &mask.f_logical_not()?.f_view([size[0], 1, 1, size[1]])?,
+        min_value(kind),
     )
 }
 
@@ -501,7 +475,7 @@ fn padding_bias(mask: &Tensor, kind: Kind) -> Result<Tensor> {
 #[derive(Debug)]
 pub struct T5Stack {
     blocks: Vec<T5Block>,
-    final_layer_norm: T5LayerNorm,
+    final_layer_norm: RmsNorm,
     dropout: f64,
 }
 
@@ -518,7 +492,12 @@ impl T5Stack {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             blocks,
-            final_layer_norm: T5LayerNorm::new(vs.sub("final_layer_norm"), cfg.d_model, cfg.layer_norm_epsilon)?,
+            final_layer_norm: RmsNorm::new(
+                vs.sub("final_layer_norm"),
+                cfg.d_model,
+                cfg.layer_norm_epsilon,
+                RmsNormStyle::T5,
+            )?,
             dropout: cfg.dropout_rate,
         })
     }
@@ -567,17 +546,6 @@ impl Seq2SeqCache {
     pub fn is_empty(&self) -> bool {
         self.self_attention.is_empty()
     }
-}
-
-/// The output of a decoder pass.
-#[derive(Debug)]
-pub struct T5DecoderOutput {
-    /// Logits [B, T, vocab] in the model's dtype.
-    pub logits: Tensor,
-    /// The decoder's final hidden states (after the final norm), [B, T, d_model].
-    pub last_hidden_state: Tensor,
-    /// The caches for the next pass.
-    pub cache: Seq2SeqCache,
 }
 
 /// T5 with its LM head (`T5ForConditionalGeneration`).
@@ -691,7 +659,7 @@ impl T5ForConditionalGeneration {
         encoder: &EncoderOutput,
         past: Option<&Seq2SeqCache>,
         train: bool,
-    ) -> Result<T5DecoderOutput> {
+    ) -> Result<Seq2SeqLmOutput> {
         let (batch, new_len) = check_input_ids(decoder_input_ids, self.cfg.vocab_size)?;
         let enc = &encoder.last_hidden_state;
         expect_rank(enc, "encoder hidden states", 3)?;
@@ -728,15 +696,14 @@ impl T5ForConditionalGeneration {
                     .map_err(Error::from)
             })
             .transpose()?;
-        if let Some(mask_bias) = causal_attention_bias(
-            key_mask.as_ref(),
+        let mask = MaskSpec {
+            key_mask: key_mask.as_ref(),
             batch,
             new_len,
             past_len,
-            kind,
-            device,
-            min_value(kind),
-        )? {
+            future: min_value(kind),
+        };
+        if let Some(mask_bias) = mask.bias(kind, device)? {
             self_bias = self_bias.f_add(&mask_bias)?;
         }
         let cross_bias = encoder
@@ -786,7 +753,7 @@ impl T5ForConditionalGeneration {
             h.shallow_clone()
         };
         let logits = lm_logits(&scaled, &self.lm_head, 0)?;
-        Ok(T5DecoderOutput {
+        Ok(Seq2SeqLmOutput {
             logits,
             last_hidden_state: h,
             cache: Seq2SeqCache {
@@ -811,8 +778,88 @@ impl T5ForConditionalGeneration {
         let first = Tensor::f_full([b, 1], start, (Kind::Int64, labels.device()))?;
         let rest = labels.f_to_kind(Kind::Int64)?.f_narrow(1, 0, t - 1)?;
         let shifted = Tensor::f_cat(&[&first, &rest], 1)?;
-        Ok(shifted.s_masked_fill(&shifted.s_eq(vh_core::tensor::IGNORE_INDEX)?, pad)?)
+        shifted.s_masked_fill(&shifted.s_eq(vh_core::tensor::IGNORE_INDEX)?, pad)
     }
+}
+
+impl Seq2SeqLm for T5ForConditionalGeneration {
+    fn model_type(&self) -> &'static str {
+        "t5"
+    }
+
+    fn vocab_size(&self) -> i64 {
+        self.cfg.vocab_size
+    }
+
+    fn hidden_size(&self) -> i64 {
+        self.cfg.d_model
+    }
+
+    fn decoder_start_token_id(&self) -> Option<i64> {
+        self.cfg.decoder_start_token_id
+    }
+
+    fn encode(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, train: bool) -> Result<EncoderOutput> {
+        T5ForConditionalGeneration::encode(self, input_ids, attention_mask, train)
+    }
+
+    fn decode(
+        &self,
+        decoder_input_ids: &Tensor,
+        decoder_attention_mask: Option<&Tensor>,
+        encoder: &EncoderOutput,
+        past: Option<&Seq2SeqCache>,
+        train: bool,
+    ) -> Result<Seq2SeqLmOutput> {
+        T5ForConditionalGeneration::decode(self, decoder_input_ids, decoder_attention_mask, encoder, past, train)
+    }
+
+    fn shift_right(&self, labels: &Tensor) -> Result<Tensor> {
+        T5ForConditionalGeneration::shift_right(self, labels)
+    }
+
+    fn parameter_name(&self, key: &str) -> Option<String> {
+        T5ForConditionalGeneration::parameter_name(self, key)
+    }
+
+    fn tied_aliases(&self) -> Vec<(&'static str, &'static str)> {
+        let mut aliases = vec![
+            ("encoder.embed_tokens.weight", "shared.weight"),
+            ("decoder.embed_tokens.weight", "shared.weight"),
+        ];
+        if self.cfg.tie_word_embeddings {
+            aliases.push(("lm_head.weight", "shared.weight"));
+        }
+        aliases
+    }
+
+    fn is_lookup_only(&self, name: &str) -> bool {
+        name.starts_with("encoder.") || (!self.cfg.tie_word_embeddings && name == "shared.weight")
+    }
+}
+
+/// T5's registry entry (v1.0, v1.1, flan-t5).
+pub const ARCHITECTURE: Architecture = Architecture {
+    model_type: "t5",
+    name: "T5",
+    family: Family::Seq2Seq(build),
+    // HF's T5 runs eager attention (its position bias is added to the scores).
+    default_attention: AttnImplementation::Eager,
+    tiny_config,
+};
+
+fn build(vs: nn::Path, config: &serde_json::Value, _options: &BuildOptions) -> Result<Box<dyn Seq2SeqLm>> {
+    Ok(Box::new(T5ForConditionalGeneration::new(
+        vs,
+        &T5Config::from_json(config)?,
+    )?))
+}
+
+fn tiny_config() -> serde_json::Value {
+    serde_json::json!({
+        "model_type": "t5", "architectures": ["T5ForConditionalGeneration"], "vocab_size": 40, "d_model": 16,
+        "d_kv": 4, "d_ff": 24, "num_layers": 2, "num_heads": 4, "decoder_start_token_id": 0, "pad_token_id": 0
+    })
 }
 
 #[cfg(test)]

@@ -163,7 +163,7 @@ type Outputs = (Tensor, Tensor, Option<Tensor>);
 fn run_forward(model: &ValueHeadModel, inputs: &HashMap<String, Tensor>) -> Result<Outputs> {
     let input_ids = inputs.get("input_ids").context("the inputs have no `input_ids`")?;
     let get = |name: &str| inputs.get(name);
-    Ok(tch::no_grad(|| -> Result<Outputs> {
+    tch::no_grad(|| -> Result<Outputs> {
         Ok(match model {
             ValueHeadModel::Causal(m) => {
                 if let Some(extra) = ["decoder_input_ids", "decoder_attention_mask"]
@@ -198,10 +198,10 @@ fn run_forward(model: &ValueHeadModel, inputs: &HashMap<String, Tensor>) -> Resu
                 (out.logits, out.values, out.loss)
             }
         })
-    })?)
+    })
 }
 
-fn forward(model: &ModelArgs, inputs: &PathBuf, out: &PathBuf) -> Result<()> {
+fn forward(model: &ModelArgs, inputs: &Path, out: &Path) -> Result<()> {
     vh_hub::files::check_output_path(out)?;
     let (vh, folder) = load(model)?;
     check_output(out, &[inputs], &folder)?;

@@ -195,23 +195,6 @@ pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-/// Writes a small random T5 checkpoint (config.json + model.safetensors with a value head) into
-/// `dir`, built on the Rust side; `config` overrides the default tiny config.
-pub fn write_tiny_t5(dir: &Path, config: serde_json::Value) {
-    let mut cfg = serde_json::json!({
-        "model_type": "t5", "architectures": ["T5ForConditionalGeneration"], "vocab_size": 40, "d_model": 16,
-        "d_kv": 4, "d_ff": 24, "num_layers": 2, "num_heads": 4, "decoder_start_token_id": 0, "pad_token_id": 0
-    });
-    for (k, v) in config.as_object().unwrap() {
-        cfg[k] = v.clone();
-    }
-    tch::manual_seed(11);
-    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-    let parsed = vh_models::t5::T5Config::from_json(&cfg).unwrap();
-    let _model = vh_models::t5::T5ForConditionalGeneration::new(vs.root(), &parsed).unwrap();
-    write_random_checkpoint(dir, &cfg, &vs, parsed.d_model);
-}
-
 /// Deterministic noise, uniform in [-scale, scale), from a hash of the element index and `seed`:
 /// unlike the global RNG, it gives the same checkpoint when tests run in parallel threads.
 pub fn pseudo_random(size: &[i64], seed: f64, scale: f64) -> Tensor {
@@ -219,23 +202,6 @@ pub fn pseudo_random(size: &[i64], seed: f64, scale: f64) -> Tensor {
     let x = Tensor::arange(n, (Kind::Double, tch::Device::Cpu)) * 12.9898 + seed * 78.233;
     let uniform = (x.sin() * 43758.5453).frac().abs();
     ((uniform * 2.0 - 1.0) * scale).to_kind(Kind::Float).reshape(size)
-}
-
-/// Writes a small random Llama-family checkpoint into `dir`; `config` overrides the default
-/// tiny config (grouped-query attention, untied).
-pub fn write_tiny_llama(dir: &Path, config: serde_json::Value) {
-    let mut cfg = serde_json::json!({
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 50, "hidden_size": 16,
-        "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "max_position_embeddings": 64, "eos_token_id": 2, "pad_token_id": 0
-    });
-    for (k, v) in config.as_object().unwrap() {
-        cfg[k] = v.clone();
-    }
-    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-    let parsed = vh_models::llama::LlamaConfig::from_json(&cfg).unwrap();
-    let _model = vh_models::llama::LlamaForCausalLM::new(vs.root(), &parsed).unwrap();
-    write_random_checkpoint(dir, &cfg, &vs, parsed.hidden_size);
 }
 
 /// Writes config.json and a model.safetensors holding random values for every variable of
@@ -258,21 +224,38 @@ fn write_random_checkpoint(dir: &Path, cfg: &serde_json::Value, vs: &tch::nn::Va
     vh_hub::write_safetensors(&dir.join("model.safetensors"), &tensors).unwrap();
 }
 
-/// Writes a small random GPT-2 checkpoint (config.json + model.safetensors with a value head)
-/// into `dir`, built on the Rust side; `config` overrides the default tiny config.
-pub fn write_tiny_gpt2(dir: &Path, config: serde_json::Value) {
-    let mut cfg = serde_json::json!({
-        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
-        "vocab_size": 50, "n_positions": 16, "n_embd": 16, "n_layer": 2, "n_head": 4
-    });
-    for (k, v) in config.as_object().unwrap() {
+/// Writes a small random checkpoint of `model_type` (config.json + model.safetensors with a
+/// value head) into `dir`: the registry's tiny config with `overrides` on top, every parameter
+/// the registry's builder creates filled with deterministic noise.
+pub fn write_tiny(model_type: &str, dir: &Path, overrides: serde_json::Value) {
+    let arch = vh_models::architecture(model_type).unwrap_or_else(|| panic!("no architecture {model_type}"));
+    let mut cfg = (arch.tiny_config)();
+    for (k, v) in overrides.as_object().unwrap() {
         cfg[k] = v.clone();
     }
-    tch::manual_seed(7);
+    let model_type = cfg["model_type"].as_str().unwrap().to_string();
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-    let parsed = vh_models::gpt2::Gpt2Config::from_json(&cfg).unwrap();
-    let _model = vh_models::gpt2::Gpt2LmHeadModel::new(vs.root(), &parsed).unwrap();
-    write_random_checkpoint(dir, &cfg, &vs, parsed.n_embd);
+    let options = vh_models::BuildOptions::default();
+    let hidden = match vh_models::architecture(&model_type).unwrap().family {
+        vh_models::Family::Causal(build) => build(vs.root(), &cfg, &options).unwrap().hidden_size(),
+        vh_models::Family::Seq2Seq(build) => build(vs.root(), &cfg, &options).unwrap().hidden_size(),
+    };
+    write_random_checkpoint(dir, &cfg, &vs, hidden);
+}
+
+/// [`write_tiny`] for GPT-2.
+pub fn write_tiny_gpt2(dir: &Path, config: serde_json::Value) {
+    write_tiny("gpt2", dir, config);
+}
+
+/// [`write_tiny`] for the Llama family (a `model_type` override picks Qwen2).
+pub fn write_tiny_llama(dir: &Path, config: serde_json::Value) {
+    write_tiny("llama", dir, config);
+}
+
+/// [`write_tiny`] for T5.
+pub fn write_tiny_t5(dir: &Path, config: serde_json::Value) {
+    write_tiny("t5", dir, config);
 }
 
 /// Writes a word-level tokenizer.json into `dir` whose vocabulary is `w0`, `w1`, ... (`size`

@@ -604,7 +604,7 @@ fn llama_family_trains_generates_and_rejects_bad_configs() {
         (r#""use_sliding_window": true"#, "Qwen2 sliding windows"),
     ] {
         let key = bad.split(':').next().unwrap();
-        let text = good.replacen(&format!("{{\n"), &format!("{{\n  {bad},\n"), 1);
+        let text = good.replacen(&"{\n".to_string(), &format!("{{\n  {bad},\n"), 1);
         let text = if good.contains(key) {
             // Replace the existing field rather than duplicating it.
             let start = good.find(key).unwrap();

@@ -17,6 +17,9 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 use valuehead::{CausalLmWithValueHead, Error, GenerateOutput, GenerationConfig, LoadOptions, Seq2SeqLmWithValueHead};
 
+/// A named call that must fail with a typed error.
+type Check<'a> = (&'a str, Box<dyn FnOnce() -> Result<(), Error> + 'a>);
+
 /// Loose tolerance for half precision: the largest |error| of logits (and of values) relative to
 /// the largest |f32 logit| (value).
 const HALF_TOLERANCE: f64 = 5e-2;
@@ -737,7 +740,7 @@ fn check_bad_input(device: Device) {
     let t5_config = greedy(1, 0);
 
     for (name, model) in [("gpt2", &gpt2), ("llama", &llama)] {
-        let cases: Vec<(&str, Box<dyn FnOnce() -> Result<(), Error> + '_>)> = vec![
+        let cases: Vec<Check<'_>> = vec![
             (
                 "id = vocab_size",
                 Box::new(|| model.forward(&too_big, None, None, None).map(drop)),
@@ -799,7 +802,7 @@ fn check_bad_input(device: Device) {
     let dec = on(Tensor::from_slice2(&[[0i64, 3], [0, 4]]));
     let enc_too_big = on(Tensor::from_slice2(&[[5i64, 40, 1], [7, 1, 0]]));
     let dec_too_big = on(Tensor::from_slice2(&[[0i64, 40], [0, 4]]));
-    let t5_cases: Vec<(&str, Box<dyn FnOnce() -> Result<(), Error> + '_>)> = vec![
+    let t5_cases: Vec<Check<'_>> = vec![
         (
             "encoder id = vocab_size",
             Box::new(|| {

@@ -146,11 +146,13 @@ fn push_to_hub_then_load_in_rust_and_in_python() {
         assert!(files.contains_key(name), "{name} was not pushed: {:?}", files.keys());
     }
     let cache = tempfile::tempdir().unwrap();
-    let mut options = LoadOptions::default();
-    options.hub = vh_hub::HubOptions {
-        endpoint: Some(server.endpoint()),
-        token: Some("hub-token".into()),
-        cache_dir: Some(cache.path().into()),
+    let options = LoadOptions {
+        hub: vh_hub::HubOptions {
+            endpoint: Some(server.endpoint()),
+            token: Some("hub-token".into()),
+            cache_dir: Some(cache.path().into()),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let ids = Tensor::from_slice2(&[[1i64, 2, 3, 4]]);
@@ -270,11 +272,13 @@ fn corrupt_weights_and_missing_shards_on_the_hub_are_errors() {
         ],
     );
     let cache = tempfile::tempdir().unwrap();
-    let mut options = LoadOptions::default();
-    options.hub = vh_hub::HubOptions {
-        endpoint: Some(server.endpoint()),
-        token: Some("hub-token".into()),
-        cache_dir: Some(cache.path().into()),
+    let options = LoadOptions {
+        hub: vh_hub::HubOptions {
+            endpoint: Some(server.endpoint()),
+            token: Some("hub-token".into()),
+            cache_dir: Some(cache.path().into()),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let err = CausalLmWithValueHead::from_pretrained("user/corrupt", &options).unwrap_err();
@@ -323,11 +327,13 @@ fn python_reads_the_cache_rust_wrote_offline() {
     let (server, source) = serve_tiny();
     let home = tempfile::tempdir().unwrap();
     let cache = home.path().join("hub");
-    let mut options = LoadOptions::default();
-    options.hub = vh_hub::HubOptions {
-        endpoint: Some(server.endpoint()),
-        token: Some("hub-token".into()),
-        cache_dir: Some(cache.clone()),
+    let options = LoadOptions {
+        hub: vh_hub::HubOptions {
+            endpoint: Some(server.endpoint()),
+            token: Some("hub-token".into()),
+            cache_dir: Some(cache.clone()),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let snapshot = vh_hub::resolve_model("user/tiny", &options.hub).unwrap();
@@ -505,11 +511,13 @@ fn vh_refuses_hostile_repo_ids_and_local_files_without_a_request() {
 fn push_to_hub_follows_cache_links_and_refuses_links_out_of_the_source_folder() {
     let (server, source) = serve_tiny();
     let cache = tempfile::tempdir().unwrap();
-    let mut options = LoadOptions::default();
-    options.hub = vh_hub::HubOptions {
-        endpoint: Some(server.endpoint()),
-        token: Some("hub-token".into()),
-        cache_dir: Some(cache.path().into()),
+    let options = LoadOptions {
+        hub: vh_hub::HubOptions {
+            endpoint: Some(server.endpoint()),
+            token: Some("hub-token".into()),
+            cache_dir: Some(cache.path().into()),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let push = vh_hub::PushOptions {

@@ -1,0 +1,242 @@
+//! The one table of architectures: every `model_type` this library implements, how to build it
+//! from config.json, and what the rest of the project needs to know about it. The facade, the
+//! value head, the command line, the bench worker and the tests ask this table; nothing else
+//! keeps a list of architectures.
+//!
+//! Adding an architecture = one model file implementing [`CausalLm`] or [`Seq2SeqLm`], one line
+//! in [`ARCHITECTURES`], one parity entry.
+
+use crate::attention::AttnImplementation;
+use crate::cache::Cache;
+use crate::inputs::CausalInputs;
+use crate::t5::{EncoderOutput, Seq2SeqCache};
+use serde_json::Value;
+use tch::{nn, Tensor};
+use vh_core::{Error, Result};
+
+/// The output of a decoder-only pass.
+#[derive(Debug)]
+pub struct CausalLmOutput {
+    /// Next-token logits [B, K, vocab] in the model's dtype, for the last K positions asked for.
+    pub logits: Tensor,
+    /// The final hidden states [B, T, hidden] (HF's `hidden_states[-1]`), what the value head reads.
+    pub last_hidden_state: Tensor,
+    /// Keys and values of the cached and new positions.
+    pub cache: Cache,
+}
+
+/// A decoder-only language model with its LM head, as HF's `*ForCausalLM`.
+pub trait CausalLm: std::fmt::Debug + Send {
+    /// Its registry entry's `model_type`.
+    fn model_type(&self) -> &'static str;
+    /// Vocabulary size (rows of the LM head).
+    fn vocab_size(&self) -> i64;
+    /// Width of `last_hidden_state`.
+    fn hidden_size(&self) -> i64;
+    /// Decoder layers (entries of a cache).
+    fn num_layers(&self) -> usize;
+    /// The longest sequence, cache included, that learned absolute positions allow; `None` for
+    /// rotary or relative positions (HF enforces no limit there).
+    fn max_positions(&self) -> Option<i64>;
+    /// Runs the model on inputs checked by [`crate::inputs::prepare_causal`], with logits for the
+    /// last `logits_to_keep` positions only (0 = all, as HF's argument of that name).
+    fn forward(&self, inputs: &CausalInputs<'_>, train: bool, logits_to_keep: i64) -> Result<CausalLmOutput>;
+    /// The parameter a checkpoint tensor fills (HF's names, legacy spellings mapped), or `None`
+    /// for tensors that hold no parameter (buffers, the LM head of a tied model).
+    fn parameter_name(&self, key: &str) -> Option<String>;
+    /// Aliases HF's state dict lists besides the parameters (alias, parameter): tied weights.
+    fn tied_aliases(&self) -> Vec<(&'static str, &'static str)>;
+    /// Whether a parameter is only indexed by a lookup (an input embedding not shared with the
+    /// LM head, learned positions), so a decode step does not stream it.
+    fn is_lookup_only(&self, name: &str) -> bool;
+    /// Called once the checkpoint's tensors are in place (and after a dtype change), to lay out
+    /// weights for the fastest kernel of their dtype.
+    fn after_load(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The output of a decoder pass of an encoder-decoder model.
+#[derive(Debug)]
+pub struct Seq2SeqLmOutput {
+    /// Logits [B, T, vocab] in the model's dtype.
+    pub logits: Tensor,
+    /// The decoder's final hidden states [B, T, hidden], what the value head reads.
+    pub last_hidden_state: Tensor,
+    /// The caches for the next pass.
+    pub cache: Seq2SeqCache,
+}
+
+/// An encoder-decoder language model with its LM head, as HF's `*ForConditionalGeneration`.
+pub trait Seq2SeqLm: std::fmt::Debug + Send {
+    /// Its registry entry's `model_type`.
+    fn model_type(&self) -> &'static str;
+    /// Vocabulary size.
+    fn vocab_size(&self) -> i64;
+    /// Width of the decoder's hidden states.
+    fn hidden_size(&self) -> i64;
+    /// The first decoder input (config.json's `decoder_start_token_id`), if set.
+    fn decoder_start_token_id(&self) -> Option<i64>;
+    /// Runs the encoder over `input_ids` [B, S] with an optional padding mask [B, S].
+    fn encode(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, train: bool) -> Result<EncoderOutput>;
+    /// Runs the decoder over `decoder_input_ids` [B, T] after the cached positions, attending to
+    /// `encoder`; `decoder_attention_mask` [B, past + T] covers cached and new tokens.
+    fn decode(
+        &self,
+        decoder_input_ids: &Tensor,
+        decoder_attention_mask: Option<&Tensor>,
+        encoder: &EncoderOutput,
+        past: Option<&Seq2SeqCache>,
+        train: bool,
+    ) -> Result<Seq2SeqLmOutput>;
+    /// Decoder inputs from labels, as HF's `_shift_right`.
+    fn shift_right(&self, labels: &Tensor) -> Result<Tensor>;
+    /// The parameter a checkpoint tensor fills, or `None` for tensors that hold no parameter.
+    fn parameter_name(&self, key: &str) -> Option<String>;
+    /// Aliases HF's state dict lists besides the parameters (alias, parameter).
+    fn tied_aliases(&self) -> Vec<(&'static str, &'static str)>;
+    /// Whether a parameter is not streamed by a decode step (the encoder, lookup-only tables).
+    fn is_lookup_only(&self, name: &str) -> bool;
+}
+
+/// Choices made when building a model that are not part of config.json.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BuildOptions {
+    /// How attention is computed; `None` takes the architecture's default.
+    pub attn_implementation: Option<AttnImplementation>,
+}
+
+/// Builds a decoder-only model's parameters under a var-store path from config.json.
+pub type CausalBuilder = fn(nn::Path, &Value, &BuildOptions) -> Result<Box<dyn CausalLm>>;
+/// Builds an encoder-decoder model's parameters under a var-store path from config.json.
+pub type Seq2SeqBuilder = fn(nn::Path, &Value, &BuildOptions) -> Result<Box<dyn Seq2SeqLm>>;
+
+/// Decoder-only or encoder-decoder, with the matching builder.
+#[derive(Debug, Clone, Copy)]
+pub enum Family {
+    /// A decoder-only model (wrapped by `CausalLmWithValueHead`).
+    Causal(CausalBuilder),
+    /// An encoder-decoder model (wrapped by `Seq2SeqLmWithValueHead`).
+    Seq2Seq(Seq2SeqBuilder),
+}
+
+/// One implemented architecture.
+#[derive(Debug, Clone, Copy)]
+pub struct Architecture {
+    /// config.json's `model_type`.
+    pub model_type: &'static str,
+    /// The name people call it by.
+    pub name: &'static str,
+    /// How it is built, and which wrapper takes it.
+    pub family: Family,
+    /// The attention implementation used when the caller picks none: the faster one measured on
+    /// CPU (`cargo xtask bench`).
+    pub default_attention: AttnImplementation,
+    /// A tiny config.json for tests and fixtures (random weights of this config load and run).
+    pub tiny_config: fn() -> Value,
+}
+
+impl Architecture {
+    /// Whether it is an encoder-decoder model.
+    pub fn is_seq2seq(&self) -> bool {
+        matches!(self.family, Family::Seq2Seq(_))
+    }
+}
+
+/// Every architecture this library implements.
+pub const ARCHITECTURES: &[Architecture] = &[
+    crate::gpt2::ARCHITECTURE,
+    crate::llama::ARCHITECTURE,
+    crate::llama::QWEN2_ARCHITECTURE,
+    crate::t5::ARCHITECTURE,
+];
+
+/// The registry entry of a `model_type`, if implemented.
+pub fn architecture(model_type: &str) -> Option<&'static Architecture> {
+    ARCHITECTURES.iter().find(|a| a.model_type == model_type)
+}
+
+/// The `model_type`s this library implements, in table order.
+pub fn model_types() -> Vec<&'static str> {
+    ARCHITECTURES.iter().map(|a| a.model_type).collect()
+}
+
+/// The registry entry for config.json's `model_type`, or a typed error naming what is supported.
+pub fn architecture_of(config: &Value) -> Result<&'static Architecture> {
+    let model_type = config
+        .get("model_type")
+        .and_then(Value::as_str)
+        .ok_or_else(|| Error::Config("config.json has no `model_type` string".to_string()))?;
+    architecture(model_type).ok_or_else(|| {
+        Error::Config(format!(
+            "unsupported model_type `{model_type}` (supported: {})",
+            model_types().join(", ")
+        ))
+    })
+}
+
+/// Builds the decoder-only model config.json describes under `vs`.
+pub fn build_causal(vs: nn::Path, config: &Value, options: &BuildOptions) -> Result<Box<dyn CausalLm>> {
+    let arch = architecture_of(config)?;
+    match arch.family {
+        Family::Causal(build) => build(vs, config, options),
+        Family::Seq2Seq(_) => Err(Error::Config(format!(
+            "model_type `{}` is an encoder-decoder model: load it as a seq2seq model",
+            arch.model_type
+        ))),
+    }
+}
+
+/// Builds the encoder-decoder model config.json describes under `vs`.
+pub fn build_seq2seq(vs: nn::Path, config: &Value, options: &BuildOptions) -> Result<Box<dyn Seq2SeqLm>> {
+    let arch = architecture_of(config)?;
+    match arch.family {
+        Family::Seq2Seq(build) => build(vs, config, options),
+        Family::Causal(_) => Err(Error::Config(format!(
+            "model_type `{}` is a decoder-only model: load it as a causal model",
+            arch.model_type
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::nn::VarStore;
+
+    #[test]
+    fn every_architecture_builds_from_its_tiny_config_and_runs() {
+        for arch in ARCHITECTURES {
+            let config = (arch.tiny_config)();
+            assert_eq!(config["model_type"], arch.model_type, "{}", arch.name);
+            let vs = VarStore::new(tch::Device::Cpu);
+            let ids = Tensor::from_slice2(&[[1i64, 2, 3]]);
+            match arch.family {
+                Family::Causal(build) => {
+                    let model = build(vs.root(), &config, &BuildOptions::default()).unwrap();
+                    assert_eq!(model.model_type(), arch.model_type);
+                    crate::test_util::randomize(&vs, 1, 0.1);
+                    let limits = crate::inputs::CausalLimits {
+                        vocab_size: model.vocab_size(),
+                        num_layers: model.num_layers(),
+                        max_positions: model.max_positions(),
+                    };
+                    let inputs = crate::inputs::prepare_causal(&ids, None, None, None, limits, vs.device()).unwrap();
+                    let out = model.forward(&inputs, false, 0).unwrap();
+                    assert_eq!(out.logits.size(), vec![1, 3, model.vocab_size()], "{}", arch.name);
+                    assert_eq!(out.last_hidden_state.size()[2], model.hidden_size(), "{}", arch.name);
+                }
+                Family::Seq2Seq(build) => {
+                    let model = build(vs.root(), &config, &BuildOptions::default()).unwrap();
+                    crate::test_util::randomize(&vs, 1, 0.1);
+                    let encoder = model.encode(&ids, None, false).unwrap();
+                    let out = model.decode(&ids, None, &encoder, None, false).unwrap();
+                    assert_eq!(out.logits.size(), vec![1, 3, model.vocab_size()], "{}", arch.name);
+                }
+            }
+        }
+        assert!(architecture("nope").is_none());
+        let err = architecture_of(&serde_json::json!({"model_type": "nope"})).unwrap_err();
+        assert!(err.to_string().contains("gpt2"), "{err}");
+    }
+}
