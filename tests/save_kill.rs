@@ -1,6 +1,6 @@
 //! Killing `save_pretrained` at random points: a child process (this test binary re-invoked
-//! with `VH_SAVE_KILL_CHILD` set) saves checkpoint A or B of a tiny GPT-2 into one folder in a
-//! loop, and the parent SIGKILLs it at random times. After every kill the folder must hold A or
+//! with `VH_SAVE_KILL_CHILD` set) forks a saver that saves checkpoint A or B of a tiny GPT-2
+//! into one folder in a loop, and SIGKILLs it after a random delay the parent draws (seeded). After every kill the folder must hold A or
 //! B exactly (every file, byte for byte, and loadable), or, only before the first completed
 //! save, not exist; the leftovers of a killed save must be gone once the next save completes.
 //!
@@ -15,10 +15,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::BufRead;
+use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use valuehead::{CausalLmWithValueHead, LoadOptions};
 
@@ -76,24 +75,79 @@ fn save(model: &CausalLmWithValueHead, is_a: bool, dir: &Path) {
         .unwrap();
 }
 
-/// The child: loads A and B, says `@@ready`, then saves them alternately into the target,
-/// saying `@@saved` after each save, until it is killed.
-#[test]
-#[ignore = "the child process of killing_save_pretrained_leaves_the_old_or_the_new_checkpoint"]
-fn save_loop_child() {
-    let Ok(spec) = std::env::var(CHILD_ENV) else { return };
-    let spec: serde_json::Value = serde_json::from_str(&spec).unwrap();
+/// The child: loads A and B once, says `@@ready`, then for each `run EXCHANGE A_FIRST DELAY_US`
+/// line on stdin forks a saver that saves A and B alternately into the target until, after
+/// `DELAY_US` microseconds, the child SIGKILLs it; then it says `@@killed SAVES STATUS`.
+/// Forking a process per kill spares each run the second it takes to start a process that
+/// loads libtorch; the child keeps a single thread (this binary has no test harness, whose
+/// threads would run beside it) so that the fork is safe.
+fn save_loop_child(spec: &str) {
+    let spec: serde_json::Value = serde_json::from_str(spec).unwrap();
     let path = |key: &str| PathBuf::from(spec[key].as_str().unwrap());
-    vh_hub::checkpoint::set_rename_exchange(spec["exchange"].as_bool().unwrap());
+    tch::set_num_threads(1);
     let a = CausalLmWithValueHead::from_folder(path("a"), &LoadOptions::default()).unwrap();
     let b = CausalLmWithValueHead::from_folder(path("b"), &LoadOptions::default()).unwrap();
-    let target = path("target");
-    let mut is_a = spec["start_with_a"].as_bool().unwrap();
+    let threads = std::fs::read_dir("/proc/self/task").unwrap().count();
+    assert_eq!(threads, 1, "the child must be single-threaded to fork");
     println!("@@ready");
-    loop {
-        save(if is_a { &a } else { &b }, is_a, &target);
-        println!("@@saved");
-        is_a = !is_a;
+    for line in std::io::stdin().lock().lines() {
+        let line = line.unwrap();
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let [_run, exchange, a_first, delay_us] = words[..] else { return };
+        let (exchange, mut is_a) = (exchange == "1", a_first == "1");
+        let delay = Duration::from_micros(delay_us.parse().unwrap());
+        let mut pipe = [0; 2];
+        // SAFETY: pipe2 fills the two descriptors of a fresh pipe.
+        assert_eq!(unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: this process has a single thread (checked above), so the forked saver holds
+        // no lock another thread took; it never returns from this block.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            // The saver: one byte on the pipe per completed save; any error exits with 3.
+            let saved = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                // SAFETY: closing the read end, which the saver does not use.
+                unsafe { libc::close(pipe[0]) };
+                vh_hub::checkpoint::set_rename_exchange(exchange);
+                let target = path("target");
+                loop {
+                    let model = if is_a { &a } else { &b };
+                    if let Err(e) = model.save_pretrained(&target, if is_a { None } else { Some(B_SHARD) }) {
+                        eprintln!("save failed: {e}");
+                        return;
+                    }
+                    // SAFETY: writes one byte from a live buffer to the pipe's write end.
+                    unsafe { libc::write(pipe[1], b"s".as_ptr().cast(), 1) };
+                    is_a = !is_a;
+                }
+            }));
+            let _ = saved;
+            // SAFETY: leaves at once, running nothing of the parent's (no libtest exit path).
+            unsafe { libc::_exit(3) };
+        }
+        // SAFETY: closing the write end, so reads see EOF once the saver is gone.
+        unsafe { libc::close(pipe[1]) };
+        std::thread::sleep(delay);
+        let mut status = 0;
+        // SAFETY: kill and waitpid on the saver this process forked.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, &mut status, 0);
+        }
+        let mut saves = 0usize;
+        let mut buffer = [0u8; 4096];
+        loop {
+            // SAFETY: reads into a live buffer of the given length.
+            let n = unsafe { libc::read(pipe[0], buffer.as_mut_ptr().cast(), buffer.len()) };
+            if n <= 0 {
+                break;
+            }
+            saves += n as usize;
+        }
+        // SAFETY: closing the read end this process owns.
+        unsafe { libc::close(pipe[0]) };
+        let killed = libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGKILL;
+        println!("@@killed {saves} {}", if killed { "killed" } else { "exited" });
     }
 }
 
@@ -119,11 +173,18 @@ fn which(dir: &Path, a: &BTreeMap<String, Vec<u8>>, b: &BTreeMap<String, Vec<u8>
     }
 }
 
-#[test]
-fn killing_save_pretrained_leaves_the_old_or_the_new_checkpoint() {
-    if std::env::var(CHILD_ENV).is_ok() {
-        return;
+/// Runs the test, or the child when this binary is re-invoked as one.
+fn main() {
+    match std::env::var(CHILD_ENV) {
+        Ok(spec) => save_loop_child(&spec),
+        Err(_) => {
+            killing_save_pretrained_leaves_the_old_or_the_new_checkpoint();
+            println!("test killing_save_pretrained_leaves_the_old_or_the_new_checkpoint ... ok");
+        }
     }
+}
+
+fn killing_save_pretrained_leaves_the_old_or_the_new_checkpoint() {
     let runs: usize = std::env::var("VH_KILL_RUNS").map_or(200, |v| v.parse().unwrap());
     let seed: u64 = std::env::var("VH_KILL_SEED").map_or(12, |v| v.parse().unwrap());
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -141,55 +202,53 @@ fn killing_save_pretrained_leaves_the_old_or_the_new_checkpoint() {
     assert_ne!(files_a["config.json"], files_b["config.json"]);
     assert!(files_b.contains_key("model.safetensors.index.json") && !files_b.contains_key("model.safetensors"));
 
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .env(
+            CHILD_ENV,
+            json!({"a": source_a, "b": source_b, "target": work.path().join("target").join("ckpt")}).to_string(),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut commands = child.stdin.take().unwrap();
+    let mut replies = std::io::BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .map_while(|l| l.ok())
+        .filter(|l| l.starts_with("@@"));
+    assert_eq!(replies.next().as_deref(), Some("@@ready"), "the child did not start");
+    // Runs the saver for `delay` and returns how many saves it completed before the kill.
+    let mut kill_after = |exchange: bool, a_first: bool, delay: Duration| -> usize {
+        writeln!(commands, "run {} {} {}", exchange as u8, a_first as u8, delay.as_micros()).unwrap();
+        let reply = replies.next().expect("the child ended");
+        let words: Vec<&str> = reply.split_whitespace().collect();
+        assert_eq!(words.get(2), Some(&"killed"), "the saver was not killed but ended: {reply}");
+        words[1].parse().unwrap()
+    };
+
     let start = Instant::now();
     let mut tallies = [Tally::default(), Tally::default()];
     for (mode, exchange) in [(0, true), (1, false)] {
-        let root = work.path().join(if exchange { "exchange" } else { "fallback" });
+        let root = work.path().join("target");
+        if root.exists() {
+            std::fs::remove_dir_all(&root).unwrap();
+        }
         std::fs::create_dir(&root).unwrap();
         let target = root.join("ckpt");
         let tally = &mut tallies[mode];
         let mut ever_saved = false;
-        // The time one child takes from `@@ready` through a few saves, learnt from the first
-        // runs so that kills spread over the whole save rather than land before the first.
-        let mut window = Duration::from_millis(40);
+        // The kills spread over about four saves: the time of one is measured here first.
+        let probe = Duration::from_millis(300);
+        let saves = kill_after(exchange, true, probe).max(1);
+        let window = (probe / saves as u32 * 4).max(Duration::from_millis(2));
+        std::fs::remove_dir_all(&root).unwrap();
+        std::fs::create_dir(&root).unwrap();
         for run in 0..runs / 2 {
             let context = format!("{} run {run} (seed {seed})", if exchange { "exchange" } else { "fallback" });
             let dead_leftovers = hidden(&root);
-            let spec = json!({
-                "a": source_a, "b": source_b, "target": target, "exchange": exchange,
-                "start_with_a": rng.gen_bool(0.5),
-            });
-            let mut child = Command::new(std::env::current_exe().unwrap())
-                .args(["--exact", "save_loop_child", "--ignored", "--nocapture", "--test-threads=1", "-q"])
-                .env(CHILD_ENV, spec.to_string())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-            let (sender, lines) = mpsc::channel();
-            let stdout = child.stdout.take().unwrap();
-            let reader = std::thread::spawn(move || {
-                for line in std::io::BufReader::new(stdout).lines().map_while(|l| l.ok()) {
-                    if line.starts_with("@@") && sender.send((line, Instant::now())).is_err() {
-                        break;
-                    }
-                }
-            });
-            let (ready, ready_at) = lines.recv_timeout(Duration::from_secs(60)).expect("the child never got ready");
-            assert_eq!(ready, "@@ready", "{context}");
-            std::thread::sleep(window.mul_f64(rng.gen_range(0.0..1.0)));
-            child.kill().unwrap();
-            // Waited for, so the pid is gone (not a zombie) when the next save looks at it.
-            child.wait().unwrap();
-            reader.join().unwrap();
-            let saved: Vec<Instant> = lines.try_iter().map(|(_, at)| at).collect();
-            if run < 4 {
-                if let Some(first) = saved.first() {
-                    window = (*first - ready_at).mul_f64(4.0).max(Duration::from_millis(5));
-                }
-            }
+            let saves = kill_after(exchange, rng.gen_bool(0.5), window.mul_f64(rng.gen_range(0.0..1.0)));
             tally.kills += 1;
-            tally.saves += saved.len();
+            tally.saves += saves;
 
             let left = hidden(&root);
             for (kind, tag) in [("staging", ".saving-"), ("aside", ".old-"), ("trash", ".trash-")] {
@@ -197,11 +256,11 @@ fn killing_save_pretrained_leaves_the_old_or_the_new_checkpoint() {
                     *tally.left.entry(kind).or_default() += 1;
                 }
             }
-            if !saved.is_empty() {
+            if saves > 0 {
                 let stale: Vec<&String> = dead_leftovers.intersection(&left).collect();
                 assert!(stale.is_empty(), "{context}: a completed save left earlier leftovers: {stale:?}");
             }
-            ever_saved |= !saved.is_empty();
+            ever_saved |= saves > 0;
 
             // The target: on odd runs of the fallback a missing target is checked through its
             // aside copy and left for the next save to restore; otherwise the load restores it.
@@ -271,5 +330,8 @@ fn killing_save_pretrained_leaves_the_old_or_the_new_checkpoint() {
         assert!(tally.found.get("A").is_some_and(|&n| n > 0) && tally.found.get("B").is_some_and(|&n| n > 0));
         assert!(tally.left.get("staging").is_some_and(|&n| n > 0), "no kill hit a save");
     }
+    drop(kill_after);
+    drop(commands);
+    assert!(child.wait().unwrap().success());
     println!("{runs} kills in {:.1} s", start.elapsed().as_secs_f64());
 }
