@@ -109,6 +109,9 @@ fn save_loop_child(spec: &str) {
                 // SAFETY: closing the read end, which the saver does not use.
                 unsafe { libc::close(pipe[0]) };
                 vh_hub::checkpoint::set_rename_exchange(exchange);
+                // Widens the fallback's window between its renames (microseconds otherwise) so
+                // that some kills land there and the restore is exercised.
+                vh_hub::checkpoint::set_pause_between_renames(Duration::from_millis(3));
                 let target = path("target");
                 loop {
                     let model = if is_a { &a } else { &b };
@@ -237,10 +240,10 @@ fn killing_save_pretrained_leaves_the_old_or_the_new_checkpoint() {
         let target = root.join("ckpt");
         let tally = &mut tallies[mode];
         let mut ever_saved = false;
-        // The kills spread over about four saves: the time of one is measured here first.
+        // The kills spread over about three saves: the time of one is measured here first.
         let probe = Duration::from_millis(300);
         let saves = kill_after(exchange, true, probe).max(1);
-        let window = (probe / saves as u32 * 4).max(Duration::from_millis(2));
+        let window = (probe / saves as u32 * 3).max(Duration::from_millis(2));
         std::fs::remove_dir_all(&root).unwrap();
         std::fs::create_dir(&root).unwrap();
         for run in 0..runs / 2 {

@@ -35,6 +35,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 use tch::Tensor;
 
 /// The index file of a sharded safetensors checkpoint.
@@ -76,6 +77,18 @@ thread_local! {
     /// Whether this thread's saves try the one-step exchange (tests turn it off to exercise the
     /// two-rename fallback that file systems without `RENAME_EXCHANGE` take).
     static EXCHANGE_ENABLED: Cell<bool> = const { Cell::new(true) };
+}
+
+thread_local! {
+    /// How long this thread's fallback saves wait between their two renames (zero but in tests,
+    /// which widen the window so that random kills land in it).
+    static PAUSE_BETWEEN_RENAMES: Cell<Duration> = const { Cell::new(Duration::ZERO) };
+}
+
+/// Makes this thread's fallback saves wait `pause` between their two renames; for kill tests.
+#[doc(hidden)]
+pub fn set_pause_between_renames(pause: Duration) {
+    PAUSE_BETWEEN_RENAMES.with(|p| p.set(pause));
 }
 
 /// Makes this thread's saves use the two-rename fallback (`false`) or the atomic exchange where
@@ -478,6 +491,10 @@ fn swap_into_place(parent: &Path, name: &OsStr, staging: &Path, n: u64) -> Resul
             std::fs::rename(&dir, &aside).map_err(|e| HubError::io(&dir, e))?;
             // Killed here, the target is missing and `aside` complete: the next save or load
             // renames it back (`restore_if_missing`).
+            let pause = PAUSE_BETWEEN_RENAMES.with(Cell::get);
+            if !pause.is_zero() {
+                std::thread::sleep(pause);
+            }
             if let Err(e) = std::fs::rename(staging, &dir) {
                 let _ = std::fs::rename(&aside, &dir);
                 return Err(HubError::io(&dir, e));
