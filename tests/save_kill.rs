@@ -51,7 +51,11 @@ fn hidden(root: &Path) -> BTreeSet<String> {
 fn make_sources(root: &Path) -> (PathBuf, PathBuf) {
     let a = root.join("source-a");
     write_tiny_gpt2(&a, json!({"vh_kill_test": "A"}));
-    std::fs::write(a.join("generation_config.json"), r#"{"eos_token_id": 3, "max_new_tokens": 4}"#).unwrap();
+    std::fs::write(
+        a.join("generation_config.json"),
+        r#"{"eos_token_id": 3, "max_new_tokens": 4}"#,
+    )
+    .unwrap();
     let model = CausalLmWithValueHead::from_folder(&a, &LoadOptions::default()).unwrap();
     tch::no_grad(|| {
         for (_, mut v) in model.var_store().variables() {
@@ -93,7 +97,9 @@ fn save_loop_child(spec: &str) {
     for line in std::io::stdin().lock().lines() {
         let line = line.unwrap();
         let words: Vec<&str> = line.split_whitespace().collect();
-        let [_run, exchange, a_first, delay_us] = words[..] else { return };
+        let [_run, exchange, a_first, delay_us] = words[..] else {
+            return;
+        };
         let (exchange, mut is_a) = (exchange == "1", a_first == "1");
         let delay = Duration::from_micros(delay_us.parse().unwrap());
         let mut pipe = [0; 2];
@@ -222,10 +228,21 @@ fn killing_save_pretrained_leaves_the_old_or_the_new_checkpoint() {
     assert_eq!(replies.next().as_deref(), Some("@@ready"), "the child did not start");
     // Runs the saver for `delay` and returns how many saves it completed before the kill.
     let mut kill_after = |exchange: bool, a_first: bool, delay: Duration| -> usize {
-        writeln!(commands, "run {} {} {}", exchange as u8, a_first as u8, delay.as_micros()).unwrap();
+        writeln!(
+            commands,
+            "run {} {} {}",
+            exchange as u8,
+            a_first as u8,
+            delay.as_micros()
+        )
+        .unwrap();
         let reply = replies.next().expect("the child ended");
         let words: Vec<&str> = reply.split_whitespace().collect();
-        assert_eq!(words.get(2), Some(&"killed"), "the saver was not killed but ended: {reply}");
+        assert_eq!(
+            words.get(2),
+            Some(&"killed"),
+            "the saver was not killed but ended: {reply}"
+        );
         words[1].parse().unwrap()
     };
 
@@ -247,7 +264,10 @@ fn killing_save_pretrained_leaves_the_old_or_the_new_checkpoint() {
         std::fs::remove_dir_all(&root).unwrap();
         std::fs::create_dir(&root).unwrap();
         for run in 0..runs / 2 {
-            let context = format!("{} run {run} (seed {seed})", if exchange { "exchange" } else { "fallback" });
+            let context = format!(
+                "{} run {run} (seed {seed})",
+                if exchange { "exchange" } else { "fallback" }
+            );
             let dead_leftovers = hidden(&root);
             let saves = kill_after(exchange, rng.gen_bool(0.5), window.mul_f64(rng.gen_range(0.0..1.0)));
             tally.kills += 1;
@@ -261,7 +281,10 @@ fn killing_save_pretrained_leaves_the_old_or_the_new_checkpoint() {
             }
             if saves > 0 {
                 let stale: Vec<&String> = dead_leftovers.intersection(&left).collect();
-                assert!(stale.is_empty(), "{context}: a completed save left earlier leftovers: {stale:?}");
+                assert!(
+                    stale.is_empty(),
+                    "{context}: a completed save left earlier leftovers: {stale:?}"
+                );
             }
             ever_saved |= saves > 0;
 

@@ -90,10 +90,7 @@ fn generate_soak_keeps_resident_memory_flat() {
         .iter()
         .map(|d| CausalLmWithValueHead::from_folder(d.path(), &LoadOptions::default()).unwrap())
         .collect();
-    let bases: Vec<GenerationConfig> = models
-        .iter()
-        .map(|m| m.default_generation_config().unwrap())
-        .collect();
+    let bases: Vec<GenerationConfig> = models.iter().map(|m| m.default_generation_config().unwrap()).collect();
     let prompts = prompts();
 
     let every = calls / 20;
@@ -109,7 +106,11 @@ fn generate_soak_keeps_resident_memory_flat() {
         if i < 12 {
             first_round.push(out);
         } else {
-            assert!(same(&out, &first_round[i % 12]), "call {i} differs from call {}", i % 12);
+            assert!(
+                same(&out, &first_round[i % 12]),
+                "call {i} differs from call {}",
+                i % 12
+            );
         }
         if (i + 1) % every == 0 {
             samples.push((i + 1, rss_kib()));

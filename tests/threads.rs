@@ -133,7 +133,10 @@ fn models_moved_into_worker_threads_give_the_main_threads_outputs() {
     for worker in workers {
         let (i, model, outputs) = worker.join().unwrap();
         for out in &outputs {
-            assert!(out.equal(&expected[i % 3]), "model {i} gives other outputs in its thread");
+            assert!(
+                out.equal(&expected[i % 3]),
+                "model {i} gives other outputs in its thread"
+            );
         }
         // Moved back to this thread, it still works.
         assert!(run(&model).equal(&expected[i % 3]));

@@ -175,14 +175,15 @@ pub fn is_unfinished_save(path: &Path) -> bool {
             .skip(2)
             .filter(|(_, &b)| b == b'.')
             .any(|(i, _)| {
-                parse_leftover(OsStr::from_bytes(&bytes[1..i]), file)
-                    .is_some_and(|(kind, _)| kind != Leftover::Old)
+                parse_leftover(OsStr::from_bytes(&bytes[1..i]), file).is_some_and(|(kind, _)| kind != Leftover::Old)
             })
 }
 
 /// Whether process `pid` exists (signal 0 only checks; EPERM means it exists under another user).
 fn process_alive(pid: u32) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
     if pid <= 0 {
         return true;
     }
@@ -298,7 +299,9 @@ fn exchange_unsupported(e: &std::io::Error) -> bool {
 
 /// The leftovers beside target `name` in `parent`, with their kind and owner.
 fn leftovers(parent: &Path, name: &OsStr) -> Vec<(PathBuf, Leftover, u32)> {
-    let Ok(entries) = std::fs::read_dir(parent) else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return Vec::new();
+    };
     entries
         .filter_map(|e| e.ok())
         .filter_map(|e| {
@@ -348,12 +351,19 @@ fn tidy(parent: &Path, name: &OsStr) -> Result<()> {
 /// two renames of the fallback path (see the module docs). Called by [`crate::ModelFolder::open`]
 /// for a folder that does not exist; errors (e.g. a read-only parent) leave things as they are.
 pub fn recover_missing_folder(dir: &Path) -> bool {
-    let Ok((parent, name)) = split_target(dir) else { return false };
+    let Ok((parent, name)) = split_target(dir) else {
+        return false;
+    };
     // Most missing folders are simply missing: look before taking any lock.
-    if !leftovers(&parent, &name).iter().any(|(_, kind, _)| *kind == Leftover::Old) {
+    if !leftovers(&parent, &name)
+        .iter()
+        .any(|(_, kind, _)| *kind == Leftover::Old)
+    {
         return false;
     }
-    let Ok(_lock) = FolderLock::acquire(&parent) else { return false };
+    let Ok(_lock) = FolderLock::acquire(&parent) else {
+        return false;
+    };
     restore_if_missing(&parent, &name).unwrap_or(false)
 }
 
@@ -410,7 +420,9 @@ pub fn write_checkpoint(
 /// Copies a file and flushes the copy to disk.
 fn copy_synced(from: &Path, to: &Path) -> Result<()> {
     std::fs::copy(from, to).map_err(|e| HubError::io(from, e))?;
-    File::open(to).and_then(|f| f.sync_all()).map_err(|e| HubError::io(to, e))
+    File::open(to)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| HubError::io(to, e))
 }
 
 fn fill_staging(
@@ -684,7 +696,11 @@ mod tests {
         kill_between_renames(2.0);
         write_checkpoint(&dir, &json!({}), None, &filled(3.0), None).unwrap();
         assert_eq!(fill_value(&dir), 3.0);
-        assert_eq!(names(root.path()), ["ckpt"], "the save restored, then replaced, and tidied up");
+        assert_eq!(
+            names(root.path()),
+            ["ckpt"],
+            "the save restored, then replaced, and tidied up"
+        );
 
         // No aside: a missing folder stays missing.
         std::fs::remove_dir_all(&dir).unwrap();
