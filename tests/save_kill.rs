@@ -163,6 +163,7 @@ fn save_loop_child(spec: &str) {
 /// What the parent saw after one kill.
 #[derive(Default)]
 struct Tally {
+    window: Duration,
     kills: usize,
     saves: usize,
     found: BTreeMap<&'static str, usize>,
@@ -261,6 +262,7 @@ fn killing_save_pretrained_leaves_the_old_or_the_new_checkpoint() {
         let probe = Duration::from_millis(300);
         let saves = kill_after(exchange, true, probe).max(1);
         let window = (probe / saves as u32 * 3).max(Duration::from_millis(2));
+        tally.window = window;
         std::fs::remove_dir_all(&root).unwrap();
         std::fs::create_dir(&root).unwrap();
         for run in 0..runs / 2 {
@@ -343,9 +345,10 @@ fn killing_save_pretrained_leaves_the_old_or_the_new_checkpoint() {
 
     for (tally, mode) in tallies.iter().zip(["exchange", "fallback"]) {
         println!(
-            "{mode}: {} kills, {} saves completed ({:.1} per child); folder after the kill: {:?}; \
-             kills that left (before tidy-up): {:?}",
+            "{mode}: {} kills at random points of a {:.1} ms window, {} saves completed ({:.1} per child); \
+             folder after the kill: {:?}; kills that left (before tidy-up): {:?}",
             tally.kills,
+            tally.window.as_secs_f64() * 1e3,
             tally.saves,
             tally.saves as f64 / tally.kills as f64,
             tally.found,
@@ -356,7 +359,6 @@ fn killing_save_pretrained_leaves_the_old_or_the_new_checkpoint() {
         assert!(tally.found.get("A").is_some_and(|&n| n > 0) && tally.found.get("B").is_some_and(|&n| n > 0));
         assert!(tally.left.get("staging").is_some_and(|&n| n > 0), "no kill hit a save");
     }
-    drop(kill_after);
     drop(commands);
     assert!(child.wait().unwrap().success());
     println!("{runs} kills in {:.1} s", start.elapsed().as_secs_f64());
