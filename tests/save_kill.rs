@@ -183,14 +183,43 @@ fn which(dir: &Path, a: &BTreeMap<String, Vec<u8>>, b: &BTreeMap<String, Vec<u8>
     }
 }
 
+/// The test's name, for `--list` and name filters.
+const TEST_NAME: &str = "killing_save_pretrained_leaves_the_old_or_the_new_checkpoint";
+
+/// Whether the command line (libtest's, as `cargo test` passes it on) selects the test: name
+/// filters, `--exact` and `--skip` are honoured, other flags ignored.
+fn selected(args: &[String]) -> bool {
+    let mut filters = Vec::new();
+    let mut skips = Vec::new();
+    let exact = args.iter().any(|a| a == "--exact");
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--skip" => skips.extend(args.next()),
+            "--test-threads" | "--format" | "--color" | "--logfile" | "--shuffle-seed" | "-Z" => {
+                args.next();
+            }
+            flag if flag.starts_with('-') => {}
+            filter => filters.push(filter),
+        }
+    }
+    let matches = |f: &str| if exact { f == TEST_NAME } else { TEST_NAME.contains(f) };
+    (filters.is_empty() || filters.iter().any(|f| matches(f))) && !skips.iter().any(|s| TEST_NAME.contains(s.as_str()))
+}
+
 /// Runs the test, or the child when this binary is re-invoked as one.
 fn main() {
-    match std::env::var(CHILD_ENV) {
-        Ok(spec) => save_loop_child(&spec),
-        Err(_) => {
-            killing_save_pretrained_leaves_the_old_or_the_new_checkpoint();
-            println!("test killing_save_pretrained_leaves_the_old_or_the_new_checkpoint ... ok");
-        }
+    if let Ok(spec) = std::env::var(CHILD_ENV) {
+        return save_loop_child(&spec);
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--list") {
+        println!("{TEST_NAME}: test");
+    } else if selected(&args) {
+        killing_save_pretrained_leaves_the_old_or_the_new_checkpoint();
+        println!("test {TEST_NAME} ... ok");
+    } else {
+        println!("running 0 tests (filtered out: {TEST_NAME})");
     }
 }
 
