@@ -341,7 +341,9 @@ fn tidy(parent: &Path, name: &OsStr) -> Result<()> {
             Leftover::Saving | Leftover::Trash => owner_gone(pid, &path),
         };
         if garbage {
-            remove_tree(&path)?;
+            // Best effort: a leftover this process may not delete (another user's) must not
+            // stop the save; the next one tries again.
+            let _ = remove_tree(&path);
         }
     }
     Ok(())
