@@ -23,6 +23,57 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # Threads
+//!
+//! A model is `Send` but not `Sync`: its parameters are libtorch tensors, which tch lets move
+//! between threads but not be used from two threads at once. So use one model per thread
+//! (load one per worker, or move it into the thread), or share one behind a `Mutex` (one thread
+//! at a time). Sharing a plain `&model` between threads does not compile:
+//!
+//! ```compile_fail,E0277
+//! fn share(model: &valuehead::CausalLmWithValueHead) {
+//!     std::thread::scope(|s| {
+//!         s.spawn(|| model.config().clone());
+//!         s.spawn(|| model.config().clone());
+//!     });
+//! }
+//! ```
+//!
+//! What compiles instead (grad mode is per thread, so `tch::no_grad` goes inside the worker; the
+//! intra-op thread pool is shared, see `tch::set_num_threads`):
+//!
+//! ```no_run
+//! use std::sync::Mutex;
+//! use tch::Tensor;
+//! use valuehead::{CausalLmWithValueHead, LoadOptions};
+//!
+//! # fn main() -> valuehead::Result<()> {
+//! let load = || CausalLmWithValueHead::from_folder("my-trl-model", &LoadOptions::default());
+//! let ids = Tensor::from_slice2(&[[464i64, 2068]]);
+//! // One model per thread: each worker owns the model moved into it.
+//! let models = vec![load()?, load()?];
+//! std::thread::scope(|s| {
+//!     for model in models {
+//!         let ids = ids.shallow_clone();
+//!         s.spawn(move || tch::no_grad(|| model.forward(&ids, None, None, None).map(|o| o.values)));
+//!     }
+//! });
+//! // One model for every thread, behind a Mutex.
+//! let shared = Mutex::new(load()?);
+//! std::thread::scope(|s| {
+//!     for _ in 0..2 {
+//!         let ids = ids.shallow_clone();
+//!         let shared = &shared;
+//!         s.spawn(move || {
+//!             let model = shared.lock().expect("no thread panicked holding the model");
+//!             tch::no_grad(|| model.forward(&ids, None, None, None).map(|o| o.values))
+//!         });
+//!     }
+//! });
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod causal;
 pub mod chat;

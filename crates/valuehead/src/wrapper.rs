@@ -290,8 +290,9 @@ macro_rules! wrapper_accessors {
             /// generation_config.json (when the model has one), and the backbone under HF names
             /// with the value head as `v_head.summary.*`, tied weights stored once, in one
             /// model.safetensors or, above `max_shard_size` bytes, in shards with an index. The
-            /// folder is written aside and swapped in, so an interrupted save leaves no folder
-            /// that loads as a valid checkpoint.
+            /// folder is written aside, flushed and swapped in atomically, so a process killed at
+            /// any point leaves `dir` as the old or the new checkpoint, and the next save removes
+            /// what a killed one left (see [`vh_hub::checkpoint`]).
             pub fn save_pretrained(&self, dir: impl AsRef<std::path::Path>, max_shard_size: Option<u64>) -> Result<()> {
                 let tensors = vh_core::state::state_dict(&self.wrapped.vs);
                 vh_hub::write_checkpoint(

@@ -35,9 +35,20 @@ pub struct ModelFolder {
 }
 
 impl ModelFolder {
-    /// Opens an existing folder.
+    /// Opens an existing folder. A folder missing because a save was killed between the two
+    /// renames of its fallback path is first restored from its aside copy; the staging and
+    /// trash folders of saves are refused, as they may be incomplete.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
+        if crate::checkpoint::is_unfinished_save(dir) {
+            return Err(HubError::NotAModelFolder {
+                path: dir.to_path_buf(),
+                reason: "it is the hidden staging or trash folder of a save, which may be incomplete".to_string(),
+            });
+        }
+        if std::fs::symlink_metadata(dir).is_err() {
+            crate::checkpoint::recover_missing_folder(dir);
+        }
         if !dir.is_dir() {
             return Err(HubError::NotFound {
                 what: "model folder".to_string(),

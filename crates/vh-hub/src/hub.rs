@@ -358,6 +358,11 @@ fn looks_like_path(value: &str) -> bool {
 /// Hub request; so is a repo id or revision that fails validation.
 pub fn resolve_model(id_or_path: &str, options: &HubOptions) -> Result<PathBuf> {
     let path = Path::new(id_or_path);
+    if std::fs::symlink_metadata(path).is_err() {
+        // A local folder missing only because a save was killed mid-swap is restored here, so
+        // that it is not mistaken for a repo id.
+        crate::checkpoint::recover_missing_folder(path);
+    }
     if path.is_dir() {
         return Ok(path.to_path_buf());
     }
