@@ -91,8 +91,8 @@ pub use options::{parse_device, parse_dtype, LoadOptions};
 pub use seq2seq::{Seq2SeqLmInput, Seq2SeqLmOutput, Seq2SeqLmWithValueHead};
 pub use vh_core::tensor::position_ids_from_attention_mask;
 pub use vh_core::{InitStrategy, ValueHead, ValueHeadConfig, ValueHeadOptions};
-pub use vh_models::t5::{EncoderOutput, Seq2SeqCache};
 pub use vh_models::{AttnImplementation, Cache, LayerCache, ARCHITECTURES};
+pub use vh_models::{EncoderOutput, Seq2SeqCache};
 pub use wrapper::V_HEAD_PREFIX;
 
 use std::path::Path;

@@ -13,8 +13,8 @@ use tch::{nn::VarStore, Kind, Tensor};
 use vh_core::error::invalid;
 use vh_core::ops::ScalarOps;
 use vh_core::tensor::{check_labels, expect_rank, seq2seq_lm_loss};
-use vh_models::t5::{EncoderOutput, Seq2SeqCache};
 use vh_models::{BuildOptions, Seq2SeqLm};
+use vh_models::{EncoderOutput, Seq2SeqCache};
 
 /// The inputs of a seq2seq forward pass. The encoder side is `input_ids` (with
 /// `attention_mask`) or precomputed `encoder_outputs`; the decoder side is `decoder_input_ids`,

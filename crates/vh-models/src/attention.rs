@@ -62,6 +62,7 @@ pub fn causal_bias_when_needed(
         new_len: query_len,
         past_len: key_len - query_len,
         future,
+        sliding_window: None,
     }
     .bias(kind, device)
 }
@@ -82,6 +83,10 @@ pub struct MaskSpec<'a> {
     /// fill plus its padding mask) and the dtype's minimum for Llama and T5 (one combined mask);
     /// the outputs at fully padded query rows, which HF's loss reads, depend on that choice.
     pub future: f64,
+    /// Sliding-window attention (Mistral, Qwen2's sliding layers, Gemma2's local layers): a query
+    /// sees only keys less than this many positions behind it (HF's `kv_idx > q_idx - window`);
+    /// older keys get the `future` score too.
+    pub sliding_window: Option<i64>,
 }
 
 impl MaskSpec<'_> {
@@ -90,13 +95,20 @@ impl MaskSpec<'_> {
     /// hidden (one new token and no padding).
     pub fn bias(&self, kind: Kind, device: Device) -> Result<Option<Tensor>> {
         let (batch, new_len, past_len) = (self.batch, self.new_len, self.past_len);
-        if self.key_mask.is_none() && new_len == 1 {
+        let total = past_len + new_len;
+        let window = self.sliding_window.filter(|w| total > *w);
+        if self.key_mask.is_none() && new_len == 1 && window.is_none() {
             return Ok(None);
         }
-        let total = past_len + new_len;
         let keys = Tensor::f_arange(total, (Kind::Int64, device))?.f_unsqueeze(0)?;
         let queries = Tensor::f_arange_start(past_len, total, (Kind::Int64, device))?.f_unsqueeze(1)?;
-        let in_future = keys.f_gt_tensor(&queries)?.f_view([1, 1, new_len, total])?;
+        let mut in_future = keys.f_gt_tensor(&queries)?;
+        if let Some(window) = window {
+            // Keys at or beyond `window` positions behind the query are hidden like future ones.
+            let too_old = keys.f_le_tensor(&queries.s_sub(window)?)?;
+            in_future = in_future.f_logical_or(&too_old)?;
+        }
+        let in_future = in_future.f_view([1, 1, new_len, total])?;
         let bias = match self.key_mask {
             Some(mask) => {
                 let padding = mask.f_logical_not()?.f_view([batch, 1, 1, total])?;
@@ -117,6 +129,9 @@ pub enum ScoreOp {
     Mul(f64),
     /// Divide by the divisor (GPT-2's `/ sqrt(head_dim)`, `/ (layer + 1)`).
     Div(f64),
+    /// Soft-capping, `tanh(x / cap) * cap` (Gemma2): no fused kernel applies it, so a layer with
+    /// it always runs eager.
+    SoftCap(f64),
 }
 
 /// Where the softmax runs in eager attention.
@@ -152,7 +167,14 @@ impl AttentionSpec {
         self.score_ops.iter().fold(1.0, |s, op| match op {
             ScoreOp::Mul(f) => s * f,
             ScoreOp::Div(d) => s / d,
+            ScoreOp::SoftCap(_) => s,
         })
+    }
+
+    /// Whether the fused kernel runs: asked for, and nothing it cannot apply.
+    pub fn is_fused(&self) -> bool {
+        self.implementation == AttnImplementation::Sdpa
+            && !self.score_ops.iter().any(|op| matches!(op, ScoreOp::SoftCap(_)))
     }
 
     /// Attends from `query` [B, H, T, D] over `key`/`value` [B, KV, S, D] (KV divides H: each
@@ -166,7 +188,7 @@ impl AttentionSpec {
         bias: Option<&Tensor>,
         train: bool,
     ) -> Result<Tensor> {
-        let fused = self.implementation == AttnImplementation::Sdpa;
+        let fused = self.is_fused();
         let (t, s) = (query.size()[2], key.size()[2]);
         let built = if self.causal {
             causal_bias_when_needed(bias, fused, t, s, query.kind(), query.device(), self.future)?
@@ -195,6 +217,7 @@ impl AttentionSpec {
             scores = match op {
                 ScoreOp::Mul(f) => scores.s_mul(*f)?,
                 ScoreOp::Div(d) => scores.s_div(*d)?,
+                ScoreOp::SoftCap(cap) => scores.s_div(*cap)?.f_tanh()?.s_mul(*cap)?,
             };
         }
         if let Some(bias) = bias {

@@ -167,6 +167,28 @@ impl Cache {
     }
 }
 
+/// The decoder's caches: self-attention keys and values that grow by the new tokens, and
+/// cross-attention keys and values computed once from the encoder output.
+#[derive(Debug, Default)]
+pub struct Seq2SeqCache {
+    /// Decoder self-attention, per layer.
+    pub self_attention: Cache,
+    /// Cross-attention over the encoder output, per layer.
+    pub cross_attention: Cache,
+}
+
+impl Seq2SeqCache {
+    /// Decoder positions cached so far.
+    pub fn seq_len(&self) -> i64 {
+        self.self_attention.seq_len()
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.self_attention.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

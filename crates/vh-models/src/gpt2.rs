@@ -417,6 +417,7 @@ impl Gpt2Model {
                 new_len,
                 past_len,
                 future: f64::NEG_INFINITY,
+                sliding_window: None,
             }
             .bias(self.wte.kind(), device)?,
             None => None,

@@ -13,10 +13,10 @@ pub mod t5;
 
 pub use activation::Activation;
 pub use attention::AttnImplementation;
-pub use cache::{Cache, LayerCache};
+pub use cache::{Cache, LayerCache, Seq2SeqCache};
 pub use registry::{
-    architecture, architecture_of, Architecture, BuildOptions, CausalLm, CausalLmOutput, Family, Seq2SeqLm,
-    Seq2SeqLmOutput, ARCHITECTURES,
+    architecture, architecture_of, Architecture, BuildOptions, CausalLm, CausalLmOutput, EncoderOutput, Family,
+    Seq2SeqLm, Seq2SeqLmOutput, ARCHITECTURES,
 };
 pub use vh_core::{Error, Result};
 

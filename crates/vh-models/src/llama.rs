@@ -611,6 +611,7 @@ impl CausalLm for LlamaForCausalLM {
                 new_len,
                 past_len,
                 future: min_value(kind),
+                sliding_window: None,
             }
             .bias(kind, device)?,
             None => None,

@@ -8,8 +8,8 @@
 
 use crate::attention::AttnImplementation;
 use crate::cache::Cache;
+use crate::cache::Seq2SeqCache;
 use crate::inputs::CausalInputs;
-use crate::t5::{EncoderOutput, Seq2SeqCache};
 use serde_json::Value;
 use tch::{nn, Tensor};
 use vh_core::{Error, Result};
@@ -65,6 +65,25 @@ pub struct Seq2SeqLmOutput {
     pub last_hidden_state: Tensor,
     /// The caches for the next pass.
     pub cache: Seq2SeqCache,
+}
+
+/// The encoder's output, reusable across decoder passes.
+#[derive(Debug)]
+pub struct EncoderOutput {
+    /// The encoder's final hidden states, [B, S, d_model].
+    pub last_hidden_state: Tensor,
+    /// The encoder's padding mask as bool [B, S] (true = attend), if one was given.
+    pub attention_mask: Option<Tensor>,
+}
+
+impl EncoderOutput {
+    /// A cheap copy sharing storage.
+    pub fn shallow_clone(&self) -> Self {
+        Self {
+            last_hidden_state: self.last_hidden_state.shallow_clone(),
+            attention_mask: self.attention_mask.as_ref().map(Tensor::shallow_clone),
+        }
+    }
 }
 
 /// An encoder-decoder language model with its LM head, as HF's `*ForConditionalGeneration`.

@@ -4,8 +4,9 @@
 
 use crate::activation::Activation;
 use crate::attention::{AttentionSpec, AttnImplementation, MaskSpec, SoftmaxPrecision};
-use crate::cache::{Cache, LayerCache};
+use crate::cache::{Cache, LayerCache, Seq2SeqCache};
 use crate::layers::{merge_heads, split_heads, RmsNorm, RmsNormStyle};
+use crate::registry::EncoderOutput;
 use crate::registry::{Architecture, BuildOptions, Family, Seq2SeqLm, Seq2SeqLmOutput};
 use serde::Deserialize;
 use tch::{nn, Device, Kind, Tensor};
@@ -507,47 +508,6 @@ impl T5Stack {
     }
 }
 
-/// The encoder's output, reusable across decoder passes.
-#[derive(Debug)]
-pub struct EncoderOutput {
-    /// The encoder's final hidden states, [B, S, d_model].
-    pub last_hidden_state: Tensor,
-    /// The encoder's padding mask as bool [B, S] (true = attend), if one was given.
-    pub attention_mask: Option<Tensor>,
-}
-
-impl EncoderOutput {
-    /// A cheap copy sharing storage.
-    pub fn shallow_clone(&self) -> Self {
-        Self {
-            last_hidden_state: self.last_hidden_state.shallow_clone(),
-            attention_mask: self.attention_mask.as_ref().map(Tensor::shallow_clone),
-        }
-    }
-}
-
-/// The decoder's caches: self-attention keys and values that grow by the new tokens, and
-/// cross-attention keys and values computed once from the encoder output.
-#[derive(Debug, Default)]
-pub struct Seq2SeqCache {
-    /// Decoder self-attention, per layer.
-    pub self_attention: Cache,
-    /// Cross-attention over the encoder output, per layer.
-    pub cross_attention: Cache,
-}
-
-impl Seq2SeqCache {
-    /// Decoder positions cached so far.
-    pub fn seq_len(&self) -> i64 {
-        self.self_attention.seq_len()
-    }
-
-    /// Whether nothing is cached yet.
-    pub fn is_empty(&self) -> bool {
-        self.self_attention.is_empty()
-    }
-}
-
 /// T5 with its LM head (`T5ForConditionalGeneration`).
 #[derive(Debug)]
 pub struct T5ForConditionalGeneration {
@@ -702,6 +662,7 @@ impl T5ForConditionalGeneration {
             new_len,
             past_len,
             future: min_value(kind),
+            sliding_window: None,
         };
         if let Some(mask_bias) = mask.bias(kind, device)? {
             self_bias = self_bias.f_add(&mask_bias)?;
