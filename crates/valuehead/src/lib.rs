@@ -1,7 +1,8 @@
 //! TRL-compatible value-head language models in Rust on libtorch.
 //!
-//! [`CausalLmWithValueHead`] wraps a causal LM (GPT-2) and [`Seq2SeqLmWithValueHead`] an
-//! encoder-decoder (T5) with TRL's `ValueHead`, giving logits, the LM loss and one value per
+//! [`CausalLmWithValueHead`] wraps any decoder-only model of the registry
+//! ([`vh_models::ARCHITECTURES`]: GPT-2, Llama, Qwen2, ...) and [`Seq2SeqLmWithValueHead`] any
+//! encoder-decoder (T5, ...) with TRL's `ValueHead`, giving logits, the LM loss and one value per
 //! token, and both load the checkpoints that Python TRL saves.
 //!
 //! ```no_run

@@ -671,7 +671,11 @@ pub const QWEN2_ARCHITECTURE: Architecture = Architecture {
 
 fn build(vs: nn::Path, config: &Value, options: &BuildOptions) -> Result<Box<dyn CausalLm>> {
     let mut cfg = LlamaConfig::from_json(config)?;
-    cfg.attn_implementation = options.attn_implementation.unwrap_or(AttnImplementation::Sdpa);
+    let entry = match cfg.flavour {
+        LlamaFlavour::Llama => ARCHITECTURE,
+        LlamaFlavour::Qwen2 => QWEN2_ARCHITECTURE,
+    };
+    cfg.attn_implementation = options.attn_implementation.unwrap_or(entry.default_attention);
     Ok(Box::new(LlamaForCausalLM::new(vs, &cfg)?))
 }
 

@@ -427,7 +427,14 @@ fn push(
 
 fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    let cli = Cli::parse();
+    // The supported architectures come from the registry, so the help never goes stale.
+    let supported: Vec<String> = valuehead::ARCHITECTURES
+        .iter()
+        .map(|a| format!("{} ({})", a.model_type, a.name))
+        .collect();
+    let command = <Cli as clap::CommandFactory>::command()
+        .after_help(format!("Supported model_type values: {}.", supported.join(", ")));
+    let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&command.get_matches())?;
     match &cli.command {
         Command::Forward { model, inputs, out } => forward(model, inputs, out),
         Command::Score {
