@@ -119,6 +119,7 @@ impl CausalLmWithValueHead {
         let vs = VarStore::new(options.device);
         let build = BuildOptions {
             attn_implementation: options.attn_implementation,
+            ..Default::default()
         };
         // Placeholders until the checkpoint fills them (see `vh_core::param`).
         let backbone = vh_core::param::deferred(|| vh_models::registry::build_causal(vs.root(), &config, &build))?;

@@ -81,6 +81,7 @@ pub mod chat;
 pub mod error;
 pub mod generation;
 pub mod options;
+pub mod reward;
 pub mod seq2seq;
 mod wrapper;
 
@@ -89,6 +90,7 @@ pub use chat::{apply_chat_template, Message};
 pub use error::{Error, Result};
 pub use generation::{GenerateOutput, GenerateTimings, GenerationConfig};
 pub use options::{parse_device, parse_dtype, LoadOptions};
+pub use reward::{SequenceClassifier, SequenceClassifierOutput};
 pub use seq2seq::{Seq2SeqLmInput, Seq2SeqLmOutput, Seq2SeqLmWithValueHead};
 pub use vh_core::tensor::position_ids_from_attention_mask;
 pub use vh_core::{InitStrategy, ValueHead, ValueHeadConfig, ValueHeadOptions};

@@ -81,6 +81,7 @@ impl Seq2SeqLmWithValueHead {
         let vs = VarStore::new(options.device);
         let build = BuildOptions {
             attn_implementation: options.attn_implementation,
+            ..Default::default()
         };
         // Placeholders until the checkpoint fills them (see `vh_core::param`).
         let model = vh_core::param::deferred(|| vh_models::registry::build_seq2seq(vs.root(), &config, &build))?;

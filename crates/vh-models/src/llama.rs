@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use tch::{nn, Kind, Tensor};
 use vh_core::error::{check_epsilons, check_positive, check_probabilities, parse_config};
-use vh_core::tensor::{lm_logits, min_value};
+use vh_core::tensor::min_value;
 use vh_core::{Error, Result};
 
 /// Which member of the family a config describes: same layers, different defaults and biases.
@@ -464,8 +464,8 @@ pub struct LlamaForCausalLM {
     pub embed_tokens: Tensor,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    /// `lm_head.weight`; the embedding matrix when tied.
-    pub lm_head: Tensor,
+    /// `lm_head.weight`; the embedding matrix when tied; `None` when built without an LM head.
+    pub lm_head: Option<Tensor>,
     rotary: RotaryEmbedding,
     cfg: LlamaConfig,
 }
@@ -473,6 +473,12 @@ pub struct LlamaForCausalLM {
 impl LlamaForCausalLM {
     /// Creates `model.*` and, unless tied, `lm_head.weight` under `vs`.
     pub fn new(vs: nn::Path, cfg: &LlamaConfig) -> Result<Self> {
+        Self::with_head(vs, cfg, true)
+    }
+
+    /// [`LlamaForCausalLM::new`], with or without the LM head (`model.*` alone, as under
+    /// `LlamaForSequenceClassification`'s `score`).
+    pub fn with_head(vs: nn::Path, cfg: &LlamaConfig, lm_head: bool) -> Result<Self> {
         cfg.validate()?;
         let model = vs.sub("model");
         let embed_tokens = vh_core::param::var(
@@ -484,21 +490,16 @@ impl LlamaForCausalLM {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::new(model.sub("layers").sub(i), cfg))
             .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::new(
-            model.sub("norm"),
-            cfg.hidden_size,
-            cfg.rms_norm_eps,
-            RmsNormStyle::Llama,
-        )?;
-        let lm_head = if cfg.tie_word_embeddings {
-            embed_tokens.shallow_clone()
-        } else {
-            vh_core::param::var(
+        let norm = RmsNorm::new(model.sub("norm"), cfg.hidden_size, cfg.rms_norm_eps, RmsNormStyle::Llama)?;
+        let lm_head = match (lm_head, cfg.tie_word_embeddings) {
+            (false, _) => None,
+            (true, true) => Some(embed_tokens.shallow_clone()),
+            (true, false) => Some(vh_core::param::var(
                 &vs.sub("lm_head"),
                 "weight",
                 &[cfg.vocab_size, cfg.hidden_size],
                 nn::Init::Const(0.0),
-            )?
+            )?),
         };
         let rotary = RotaryEmbedding::new(
             &RotaryConfig {
@@ -527,7 +528,8 @@ impl LlamaForCausalLM {
     /// Maps a checkpoint key to a parameter name: rotary buffers of old checkpoints carry no
     /// parameters, and a tied model reads its head from the embedding.
     pub fn parameter_name(&self, key: &str) -> Option<String> {
-        if key.ends_with("rotary_emb.inv_freq") || (self.cfg.tie_word_embeddings && key == "lm_head.weight") {
+        let head_is_embedding = self.cfg.tie_word_embeddings || self.lm_head.is_none();
+        if key.ends_with("rotary_emb.inv_freq") || (head_is_embedding && key == "lm_head.weight") {
             return None;
         }
         Some(key.to_string())
@@ -595,7 +597,7 @@ impl CausalLm for LlamaForCausalLM {
         None
     }
 
-    fn forward(&self, inputs: &CausalInputs<'_>, train: bool, logits_to_keep: i64) -> Result<CausalLmOutput> {
+    fn forward_hidden(&self, inputs: &CausalInputs<'_>, train: bool) -> Result<(Tensor, Cache)> {
         let device = self.embed_tokens.device();
         let kind = self.embed_tokens.kind();
         let (batch, new_len, past_len) = (inputs.batch, inputs.new_len, inputs.past_len);
@@ -624,13 +626,11 @@ impl CausalLm for LlamaForCausalLM {
             h = out;
             layers.push(cache);
         }
-        let h = self.norm.forward(&h)?;
-        let logits = lm_logits(&h, &self.lm_head, logits_to_keep)?;
-        Ok(CausalLmOutput {
-            logits,
-            last_hidden_state: h,
-            cache: Cache { layers },
-        })
+        Ok((self.norm.forward(&h)?, Cache { layers }))
+    }
+
+    fn lm_head(&self) -> Option<&Tensor> {
+        self.lm_head.as_ref()
     }
 
     fn parameter_name(&self, key: &str) -> Option<String> {
@@ -638,7 +638,7 @@ impl CausalLm for LlamaForCausalLM {
     }
 
     fn tied_aliases(&self) -> Vec<(&'static str, &'static str)> {
-        if self.cfg.tie_word_embeddings {
+        if self.cfg.tie_word_embeddings && self.lm_head.is_some() {
             vec![("lm_head.weight", "model.embed_tokens.weight")]
         } else {
             vec![]
@@ -646,7 +646,8 @@ impl CausalLm for LlamaForCausalLM {
     }
 
     fn is_lookup_only(&self, name: &str) -> bool {
-        !self.cfg.tie_word_embeddings && name == "model.embed_tokens.weight"
+        let head_reads_embedding = self.cfg.tie_word_embeddings && self.lm_head.is_some();
+        !head_reads_embedding && name == "model.embed_tokens.weight"
     }
 }
 
@@ -676,7 +677,7 @@ fn build(vs: nn::Path, config: &Value, options: &BuildOptions) -> Result<Box<dyn
         LlamaFlavour::Qwen2 => QWEN2_ARCHITECTURE,
     };
     cfg.attn_implementation = options.attn_implementation.unwrap_or(entry.default_attention);
-    Ok(Box::new(LlamaForCausalLM::new(vs, &cfg)?))
+    Ok(Box::new(LlamaForCausalLM::with_head(vs, &cfg, !options.without_lm_head)?))
 }
 
 fn tiny_llama_config() -> Value {

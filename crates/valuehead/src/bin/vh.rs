@@ -66,6 +66,19 @@ enum Command {
     },
     /// Generate a continuation and print it with each new token's log-probability and value.
     Generate(GenerateArgs),
+    /// Score sequences with a reward model (a `*ForSequenceClassification` folder) and write each
+    /// row's logits and reward.
+    Reward {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Input file: `input_ids` (i64 [B,T]) and optionally `attention_mask`.
+        #[arg(long)]
+        inputs: PathBuf,
+        /// Output file: `logits` (f32 [B, num_labels], read at each row's last non-pad token, as
+        /// HF does) and `rewards` (f32 [B], the first label's logit).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Upload a model folder to a Hub repo (created when missing), in one commit. HF_ENDPOINT
     /// and HF_TOKEN apply; the token is never printed.
     Push {
@@ -223,6 +236,37 @@ fn forward(model: &ModelArgs, inputs: &Path, out: &Path) -> Result<()> {
         written.push(("loss".to_string(), loss));
     }
     vh_hub::write_safetensors(out, &written)?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
+
+fn reward(args: &ModelArgs, inputs: &Path, out: &Path) -> Result<()> {
+    vh_hub::files::check_output_path(out)?;
+    let mut options = LoadOptions::from_pairs(args.options.iter().map(String::as_str))?;
+    options.dtype = parse_dtype(&args.dtype)?;
+    options.device = parse_device(&args.device)?;
+    if args.revision.is_some() {
+        options.hub.revision = args.revision.clone();
+    }
+    let folder = vh_hub::resolve_model(&args.model, &options.hub).with_context(|| format!("finding {}", args.model))?;
+    check_output(out, &[inputs], &folder)?;
+    let model = valuehead::SequenceClassifier::from_folder(&folder, &options)
+        .with_context(|| format!("loading the reward model from {}", folder.display()))?;
+    let tensors: HashMap<String, Tensor> = vh_hub::read_safetensors(inputs)?.into_iter().collect();
+    let known = ["input_ids", "attention_mask"];
+    if let Some(other) = tensors.keys().find(|k| !known.contains(&k.as_str())) {
+        bail!("{}: unexpected tensor `{other}` (expected {known:?})", inputs.display());
+    }
+    let input_ids = tensors.get("input_ids").context("the inputs have no `input_ids`")?;
+    let scored = tch::no_grad(|| model.forward(input_ids, tensors.get("attention_mask")))
+        .with_context(|| format!("scoring {}", inputs.display()))?;
+    vh_hub::write_safetensors(
+        out,
+        &[
+            ("logits".to_string(), scored.logits),
+            ("rewards".to_string(), scored.rewards),
+        ],
+    )?;
     eprintln!("wrote {}", out.display());
     Ok(())
 }
@@ -443,6 +487,7 @@ fn main() -> Result<()> {
             decoder_input_ids,
         } => score(model, input_ids, decoder_input_ids.as_deref()),
         Command::Generate(args) => generate(args),
+        Command::Reward { model, inputs, out } => reward(model, inputs, out),
         Command::Push {
             model,
             repo_id,
