@@ -243,6 +243,10 @@ fn parity(extra: &[String]) -> Result<()> {
             "parity_t5",
             "--test",
             "parity_generate",
+            "--test",
+            "parity_train",
+            "--test",
+            "parity_ppo",
         ])
         .args(extra)
         .args(["--", "--nocapture", "--test-threads=1"]))
