@@ -144,7 +144,10 @@ def named_grads(model):
 
 
 def decay_names(model):
-    return sorted(n.removeprefix("pretrained_model.") for n in Trainer.get_decay_parameter_names(None, model))
+    """HF Trainer's decayed parameters, as named_parameters() lists them (a tied LM head, which
+    get_decay_parameter_names also names, is the embedding's tensor)."""
+    decay = set(Trainer.get_decay_parameter_names(None, model))
+    return sorted(n.removeprefix("pretrained_model.") for n, _ in model.named_parameters() if n in decay)
 
 
 def gradients(folder, arch, batch, dtype):
@@ -231,6 +234,14 @@ def main(out_dir):
             batches, final, lrs, norms = optimiser_run(folder, arch, cfg["vocab_size"], seed)
             save_file(batches, os.path.join(folder, "optimiser_batches.safetensors"))
             save_file(final, os.path.join(folder, "optimiser_final.safetensors"))
+            # PyTorch against itself: the same run with two intra-op threads, which sums some
+            # products in another order. Where a gradient is mathematically zero and only
+            # rounding noise remains (GPT-2's key bias: softmax ignores a score shift shared by
+            # all keys), AdamW normalises that noise into full-size steps, and the runs part.
+            torch.set_num_threads(2)
+            _, final_2, _, _ = optimiser_run(folder, arch, cfg["vocab_size"], seed)
+            torch.set_num_threads(1)
+            save_file(final_2, os.path.join(folder, "optimiser_final_2threads.safetensors"))
             entry["optimiser"] = dict(
                 OPT, betas=list(OPT["betas"]), warmup=WARMUP, total=TOTAL, steps=STEPS, micro=MICRO,
                 max_norm=MAX_NORM, lrs=lrs, norms=norms,

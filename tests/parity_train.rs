@@ -14,9 +14,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use tch::{nn::VarStore, Kind, Tensor};
 use valuehead::{LoadOptions, ValueHeadModel};
-use vh_train::{
-    get_linear_schedule_with_warmup, lm_value_loss, optimizer_step, AdamW, AdamWConfig, GradAccumulator,
-};
+use vh_train::{get_linear_schedule_with_warmup, lm_value_loss, optimizer_step, AdamW, AdamWConfig, GradAccumulator};
 
 /// Gradients in f32 must agree with PyTorch's within this relative error, per parameter
 /// (`||ours - torch|| / ||torch||`). f32's unit roundoff is 6e-8; a gradient is a sum over the
@@ -30,11 +28,12 @@ const GRAD_TOLERANCE: f64 = 1e-5;
 const PARAM_TOLERANCE: f64 = 1e-6;
 /// Our bf16 gradients may be this much further from PyTorch's f32 ones than PyTorch's own bf16
 /// gradients are (worst parameter per case). Both errors are bf16 rounding (2^-9 relative per
-/// stored value) accumulated through the layers; rounding the same values in a different order
-/// (our GPT-2 weights in [out, in] memory order for the bf16 kernel, our f32 cross-entropy where
-/// HF's T5 computes it in bf16) moves the error by a random factor around 1 whose spread over 13
-/// cases we measured below 1.3; a systematic error (a bf16 step where PyTorch keeps f32) would
-/// show as a factor of 2 or more on every case.
+/// stored value) accumulated through the layers. Where we run PyTorch's kernels in PyTorch's
+/// order the two are equal (the Llama family: ratio 1.00); where we round the same values in
+/// another order (GPT-2's weights in [out, in] memory order for the bf16 kernel, our f32
+/// cross-entropy where HF's T5 computes it in bf16) the error moves by a random factor around 1,
+/// measured between 0.87 and 1.19 over the 13 cases. A systematic error (a bf16 step where
+/// PyTorch keeps f32, a wrong cast) would show as a factor of 2 or more.
 const BF16_MARGIN: f64 = 1.5;
 
 fn reference() -> &'static (PathBuf, Vec<Value>) {
@@ -50,10 +49,7 @@ fn reference() -> &'static (PathBuf, Vec<Value>) {
 }
 
 fn load(dir: &std::path::Path, kind: Kind) -> ValueHeadModel {
-    let options = LoadOptions {
-        dtype: kind,
-        ..eager()
-    };
+    let options = LoadOptions { dtype: kind, ..eager() };
     ValueHeadModel::from_folder(dir, &options).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
 }
 
@@ -72,7 +68,11 @@ fn var_store(model: &ValueHeadModel) -> &VarStore {
 }
 
 /// Our forward and the loss the reference computes: (loss terms, logits, values).
-fn loss_of(model: &ValueHeadModel, batch: &HashMap<String, Tensor>, coef: f64) -> (vh_train::LmValueLoss, Tensor, Tensor) {
+fn loss_of(
+    model: &ValueHeadModel,
+    batch: &HashMap<String, Tensor>,
+    coef: f64,
+) -> (vh_train::LmValueLoss, Tensor, Tensor) {
     let (ids, mask, labels) = (&batch["input_ids"], &batch["attention_mask"], &batch["labels"]);
     let (lm, logits, values) = match model {
         ValueHeadModel::Causal(m) => {
@@ -80,7 +80,9 @@ fn loss_of(model: &ValueHeadModel, batch: &HashMap<String, Tensor>, coef: f64) -
             (out.loss.unwrap(), out.logits, out.values)
         }
         ValueHeadModel::Seq2Seq(m) => {
-            let out = m.forward(Some(ids), Some(mask), None, None, None, None, Some(labels)).unwrap();
+            let out = m
+                .forward(Some(ids), Some(mask), None, None, None, None, Some(labels))
+                .unwrap();
             (out.loss.unwrap(), out.logits, out.values)
         }
     };
@@ -264,7 +266,10 @@ fn train_mode_dropout_matches_pytorch_under_the_same_seed() {
         ]);
         assert!(eval_err <= TOLERANCE, "{name}: eval outputs differ by {eval_err:e}");
         assert!(out_err <= 1e-5, "{name}: train-mode outputs differ by {out_err:e}");
-        assert!(grad_err <= GRAD_TOLERANCE, "{name}: train-mode gradients differ by {grad_err:e}");
+        assert!(
+            grad_err <= GRAD_TOLERANCE,
+            "{name}: train-mode gradients differ by {grad_err:e}"
+        );
         assert!(moved > 1e-3, "{name}: train mode changed nothing ({moved:e})");
     }
     println!("\nTrain mode with dropout against PyTorch under torch.manual_seed (max abs error; gradients relative):");
@@ -281,6 +286,24 @@ fn train_mode_dropout_matches_pytorch_under_the_same_seed() {
     );
 }
 
+/// GPT-2's key bias (the middle third of `attn.c_attn.bias`): the same shift of every score of a
+/// query, which softmax ignores, so its gradient is mathematically zero and numerically rounding
+/// noise (~1e-8 against ~0.1 for the query and value biases). AdamW divides that noise by its own
+/// running scale and takes full-size steps in random directions: no two implementations (not
+/// PyTorch with 1 and with 2 threads) end at the same key bias. Those slices are compared against
+/// the bound such steps have, 2 * the sum of the learning rates, and their gradient is checked to
+/// be noise; every other parameter (and the query and value biases) must agree within
+/// [`PARAM_TOLERANCE`].
+fn key_bias_split(name: &str, t: &Tensor) -> Option<(Tensor, Tensor)> {
+    if !name.ends_with("attn.c_attn.bias") {
+        return None;
+    }
+    let c = t.size()[0] / 3;
+    let key = t.narrow(0, c, c);
+    let rest = Tensor::cat(&[t.narrow(0, 0, c), t.narrow(0, 2 * c, c)], 0);
+    Some((key, rest))
+}
+
 #[test]
 fn adamw_schedule_clipping_and_accumulation_match_pytorch() {
     let mut rows = Vec::new();
@@ -293,6 +316,7 @@ fn adamw_schedule_clipping_and_accumulation_match_pytorch() {
         let coef = case["value_coef"].as_f64().unwrap();
         let batches = read_tensors(&dir.join("optimiser_batches.safetensors"));
         let expected = read_tensors(&dir.join("optimiser_final.safetensors"));
+        let torch_2threads = read_tensors(&dir.join("optimiser_final_2threads.safetensors"));
         let mut model = load(&dir, Kind::Float);
         set_train(&mut model, true);
         let config = AdamWConfig {
@@ -303,60 +327,94 @@ fn adamw_schedule_clipping_and_accumulation_match_pytorch() {
             amsgrad: false,
         };
         let mut opt = AdamW::hf(var_store(&model), config).unwrap();
-        let mut sched = get_linear_schedule_with_warmup(
-            &mut opt,
-            o["warmup"].as_u64().unwrap(),
-            o["total"].as_u64().unwrap(),
-        )
-        .unwrap();
+        let mut sched =
+            get_linear_schedule_with_warmup(&mut opt, o["warmup"].as_u64().unwrap(), o["total"].as_u64().unwrap())
+                .unwrap();
         let micro = o["micro"].as_u64().unwrap();
         let mut acc = GradAccumulator::new(micro).unwrap();
         let mut norm_err = 0f64;
+        let mut lrs = Vec::new();
         for step in 0..o["steps"].as_u64().unwrap() {
             for m in 0..micro {
                 let key = |k: &str| format!("step{step}_micro{m}_{k}");
-                let batch: HashMap<String, Tensor> = [
-                    "input_ids",
-                    "attention_mask",
-                    "labels",
-                    "value_mask",
-                    "value_targets",
-                ]
-                .iter()
-                .map(|k| (k.to_string(), batches[&key(k)].shallow_clone()))
-                .collect();
+                let batch: HashMap<String, Tensor> =
+                    ["input_ids", "attention_mask", "labels", "value_mask", "value_targets"]
+                        .iter()
+                        .map(|k| (k.to_string(), batches[&key(k)].shallow_clone()))
+                        .collect();
                 let (terms, _, _) = loss_of(&model, &batch, coef);
                 let ready = acc.backward(&terms.total).unwrap();
                 assert_eq!(ready, m + 1 == micro);
             }
+            for (n, p) in opt.parameters() {
+                if let Some((key, rest)) = key_bias_split(n, &p.grad()) {
+                    let (k, r) = (key.norm().double_value(&[]), rest.norm().double_value(&[]));
+                    assert!(
+                        k <= 1e-6 * r,
+                        "{name}: {n}'s key-bias gradient {k:e} is not noise next to {r:e}"
+                    );
+                }
+            }
             let report = optimizer_step(&mut opt, Some(&mut sched), Some(o["max_norm"].as_f64().unwrap())).unwrap();
             let expected_lr = o["lrs"][step as usize].as_f64().unwrap();
             assert_eq!(report.lr, expected_lr, "{name}: learning rate of step {step}");
+            lrs.push(report.lr);
             let expected_norm = o["norms"][step as usize].as_f64().unwrap();
             norm_err = norm_err.max((report.grad_norm - expected_norm).abs() / expected_norm);
         }
-        let errors: Vec<(String, f64)> = vh_train::named_parameters(var_store(&model))
-            .iter()
-            .map(|(n, p)| (n.clone(), rel_err(p, &expected[n])))
-            .collect();
-        assert_eq!(errors.len(), expected.len(), "{name}: parameter count");
+        let noise_bound = 2.0 * lrs.iter().sum::<f64>();
+        let params = vh_train::named_parameters(var_store(&model));
+        assert_eq!(params.len(), expected.len(), "{name}: parameter count");
+        let (mut errors, mut torch_errors) = (Vec::new(), Vec::new());
+        let (mut key_ours, mut key_torch) = (0f64, 0f64);
+        for (n, p) in &params {
+            let (reference, other) = (&expected[n], &torch_2threads[n]);
+            match (
+                key_bias_split(n, p),
+                key_bias_split(n, reference),
+                key_bias_split(n, other),
+            ) {
+                (Some((pk, pr)), Some((rk, rr)), Some((ok, or))) => {
+                    errors.push((format!("{n} (query, value)"), rel_err(&pr, &rr)));
+                    torch_errors.push((n.clone(), rel_err(&or, &rr)));
+                    key_ours = key_ours.max(max_abs_diff(&pk, &rk));
+                    key_torch = key_torch.max(max_abs_diff(&ok, &rk));
+                }
+                _ => {
+                    errors.push((n.clone(), rel_err(p, reference)));
+                    torch_errors.push((n.clone(), rel_err(other, reference)));
+                }
+            }
+        }
         let (param, param_err) = worst(&errors);
-        let max_abs = vh_train::named_parameters(var_store(&model))
-            .iter()
-            .map(|(n, p)| max_abs_diff(p, &expected[n]))
-            .fold(0.0, f64::max);
+        let (_, torch_err) = worst(&torch_errors);
         rows.push(vec![
             name.to_string(),
-            format!("{:?}", o["lrs"].as_array().unwrap()),
+            format!("{lrs:?}"),
             fmt_err(norm_err),
             fmt_err(param_err),
             param.clone(),
-            fmt_err(max_abs),
+            fmt_err(torch_err),
+            if key_ours > 0.0 || key_torch > 0.0 {
+                format!("{} / {}", fmt_err(key_ours), fmt_err(key_torch))
+            } else {
+                "-".to_string()
+            },
         ]);
-        assert!(norm_err <= 1e-5, "{name}: clip_grad_norm's total norm differs by {norm_err:e}");
-        assert!(param_err <= PARAM_TOLERANCE, "{name}: {param} differs by {param_err:e} after the steps");
+        assert!(
+            norm_err <= 1e-5,
+            "{name}: clip_grad_norm's total norm differs by {norm_err:e}"
+        );
+        assert!(
+            param_err <= PARAM_TOLERANCE,
+            "{name}: {param} differs by {param_err:e} after the steps"
+        );
+        assert!(
+            key_ours <= noise_bound,
+            "{name}: key biases moved {key_ours:e} apart, more than noise-driven AdamW steps can ({noise_bound:e})"
+        );
     }
-    println!("\nThree AdamW steps (HF decay groups, linear warm-up, clip_grad_norm 1.0, 2 accumulated micro-batches) against torch.optim.AdamW (relative errors):");
+    println!("\nThree AdamW steps (HF decay groups, linear warm-up, clip_grad_norm 1.0, 2 accumulated micro-batches) against torch.optim.AdamW (relative errors per parameter; GPT-2's key biases, whose gradient is rounding noise, as max abs):");
     print_table(
         &[
             "case",
@@ -364,7 +422,8 @@ fn adamw_schedule_clipping_and_accumulation_match_pytorch() {
             "grad norm",
             "parameters, worst",
             "worst parameter",
-            "max abs",
+            "torch 2 threads vs 1",
+            "key biases: ours / torch 2 threads",
         ],
         &rows,
     );

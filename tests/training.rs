@@ -41,7 +41,9 @@ fn dropout_zeroes_a_share_p_and_scales_survivors_by_one_over_one_minus_p() {
         let spread = (&survivors - expected).abs().max().double_value(&[]);
         assert!(spread <= 1e-6 * expected, "p {p}: survivors off by {spread}");
         // The mean is preserved in expectation.
-        assert!((y.mean(Kind::Double).double_value(&[]) - 3.0).abs() < SIGMAS * 3.0 * (p / (1.0 - p) / n as f64).sqrt());
+        assert!(
+            (y.mean(Kind::Double).double_value(&[]) - 3.0).abs() < SIGMAS * 3.0 * (p / (1.0 - p) / n as f64).sqrt()
+        );
         // Eval mode, or p = 0, is the identity.
         assert!(x.train_dropout(p, false).unwrap().equal(&x));
     }
@@ -62,7 +64,9 @@ fn value_head_dropout_statistics() {
     };
     let head = ValueHead::new(vs.root(), &cfg).unwrap();
     tch::no_grad(|| {
-        head.weight.shallow_clone().copy_(&Tensor::from_slice2(&[[1.0f32, 0.0, 0.0, 0.0]]));
+        head.weight
+            .shallow_clone()
+            .copy_(&Tensor::from_slice2(&[[1.0f32, 0.0, 0.0, 0.0]]));
         head.bias.shallow_clone().copy_(&Tensor::from_slice(&[0.5f32]));
     });
     let (rows, seq) = (400, 250);
@@ -75,7 +79,10 @@ fn value_head_dropout_statistics() {
     let sd = (p * (1.0 - p) / (rows * seq) as f64).sqrt();
     assert!((dropped - p).abs() < SIGMAS * sd, "share dropped {dropped}");
     assert!((dropped + kept - 1.0).abs() < 1e-12, "every value is b or b + h0/(1-p)");
-    assert!(head.forward(&h, false).unwrap().equal(&head.forward(&h, false).unwrap()));
+    assert!(head
+        .forward(&h, false)
+        .unwrap()
+        .equal(&head.forward(&h, false).unwrap()));
     assert!((head.forward(&h, false).unwrap() - 2.5).abs().max().double_value(&[]) < 1e-6);
 }
 
@@ -87,7 +94,10 @@ fn dropout_noise(forward: impl Fn() -> Tensor, samples: i64) -> f64 {
             forward()
         })
         .collect();
-    Tensor::stack(&outs, 0).var_dim(0, true, false).mean(Kind::Double).double_value(&[])
+    Tensor::stack(&outs, 0)
+        .var_dim(0, true, false)
+        .mean(Kind::Double)
+        .double_value(&[])
 }
 
 #[test]
@@ -168,7 +178,10 @@ fn every_architecture_is_deterministic_in_eval_and_noisy_in_train() {
 
 fn tiny_gpt2() -> (tempfile::TempDir, CausalLmWithValueHead) {
     let dir = tempfile::tempdir().unwrap();
-    write_tiny_gpt2(dir.path(), json!({"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}));
+    write_tiny_gpt2(
+        dir.path(),
+        json!({"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}),
+    );
     let model = CausalLmWithValueHead::from_folder(dir.path(), &LoadOptions::default()).unwrap();
     (dir, model)
 }
@@ -187,7 +200,10 @@ fn mismatched_shapes_are_typed_errors() {
         "{err}"
     );
     let err = lm_value_loss(&loss, &out.values, &out.values.zeros_like(), &mask.narrow(1, 0, 2), 0.5).unwrap_err();
-    assert!(matches!(&err, TrainError::Shape { right, .. } if right == "mask"), "{err}");
+    assert!(
+        matches!(&err, TrainError::Shape { right, .. } if right == "mask"),
+        "{err}"
+    );
     assert!(matches!(
         lm_value_loss(&loss, &out.values, &out.values.zeros_like(), &mask.zeros_like(), 0.5),
         Err(TrainError::EmptyMask(_))
@@ -201,7 +217,10 @@ fn mismatched_shapes_are_typed_errors() {
     ));
     let lp = vh_rl::selective_log_softmax(&logits, &ids).unwrap();
     let bad_mask = Tensor::ones([2, 3], (Kind::Bool, Device::Cpu));
-    assert!(matches!(vh_rl::masked_mean(&lp, &bad_mask, None), Err(RlError::Shape { .. })));
+    assert!(matches!(
+        vh_rl::masked_mean(&lp, &bad_mask, None),
+        Err(RlError::Shape { .. })
+    ));
     let pm = Tensor::zeros([2, 4], (Kind::Bool, Device::Cpu));
     let batch = vh_rl::PpoBatch {
         new_logprobs: &lp,
@@ -277,18 +296,28 @@ fn nan_losses_name_the_term_and_never_step() {
     let mask = ids.ones_like();
     let targets = Tensor::zeros([1, 4], (Kind::Float, Device::Cpu));
     let snapshot = |m: &CausalLmWithValueHead| -> Vec<(String, Tensor)> {
-        let mut v: Vec<(String, Tensor)> = m.var_store().variables().into_iter().map(|(n, t)| (n, t.copy())).collect();
+        let mut v: Vec<(String, Tensor)> = m
+            .var_store()
+            .variables()
+            .into_iter()
+            .map(|(n, t)| (n, t.copy()))
+            .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     };
-    let poison = |t: &Tensor| tch::no_grad(|| t.shallow_clone().narrow(-1, 0, 1).fill_(f64::NAN));
+    let poison = |t: &Tensor| {
+        let _ = tch::no_grad(|| t.shallow_clone().narrow(-1, 0, 1).fill_(f64::NAN));
+    };
 
     // A NaN in the value head: the LM loss is fine, the value loss is not.
     let before = snapshot(&model);
     poison(&model.v_head().weight);
     let out = model.forward(&ids, None, None, Some(&ids)).unwrap();
     let err = lm_value_loss(out.loss.as_ref().unwrap(), &out.values, &targets, &mask, 0.5).unwrap_err();
-    assert!(matches!(&err, TrainError::NonFinite { term, .. } if term == "value_loss"), "{err}");
+    assert!(
+        matches!(&err, TrainError::NonFinite { term, .. } if term == "value_loss"),
+        "{err}"
+    );
 
     // A NaN in the backbone: the LM loss goes first.
     let (_dir2, model2) = tiny_gpt2();
@@ -296,17 +325,26 @@ fn nan_losses_name_the_term_and_never_step() {
     poison(&wte);
     let out = model2.forward(&ids, None, None, Some(&ids)).unwrap();
     let err = lm_value_loss(out.loss.as_ref().unwrap(), &out.values, &targets, &mask, 0.5).unwrap_err();
-    assert!(matches!(&err, TrainError::NonFinite { term, .. } if term == "lm_loss"), "{err}");
+    assert!(
+        matches!(&err, TrainError::NonFinite { term, .. } if term == "lm_loss"),
+        "{err}"
+    );
 
     // A NaN that only shows in the gradients never reaches the weights either.
     let (_dir3, model3) = tiny_gpt2();
     let mut opt = AdamW::hf(model3.var_store(), AdamWConfig::default()).unwrap();
     let before3 = snapshot(&model3);
     let out = model3.forward(&ids, None, None, Some(&ids)).unwrap();
-    let loss = out.loss.unwrap() + (model3.v_head().bias.shallow_clone() - model3.v_head().bias.detach()).sqrt().sum(Kind::Float);
+    let loss = out.loss.unwrap()
+        + (model3.v_head().bias.shallow_clone() - model3.v_head().bias.detach())
+            .sqrt()
+            .sum(Kind::Float);
     vh_train::backward(&loss).unwrap();
     let err = vh_train::optimizer_step(&mut opt, None, Some(1.0)).unwrap_err();
-    assert!(matches!(&err, TrainError::NonFinite { term, .. } if term == "gradient norm"), "{err}");
+    assert!(
+        matches!(&err, TrainError::NonFinite { term, .. } if term == "gradient norm"),
+        "{err}"
+    );
     for ((name, a), (_, b)) in snapshot(&model3).iter().zip(&before3) {
         assert!(a.equal(b), "{name} changed after a refused step");
     }
@@ -315,7 +353,7 @@ fn nan_losses_name_the_term_and_never_step() {
 
 #[test]
 fn a_short_run_learns_the_batch() {
-    // 40 AdamW steps on one batch: the LM loss and the value loss both fall.
+    // 60 AdamW steps on one batch: the LM loss and the value loss both fall below half.
     let (_dir, mut model) = tiny_gpt2();
     model.set_train(true);
     let ids = Tensor::from_slice2(&[[1i64, 5, 9, 13, 17, 21, 25, 29], [2, 4, 8, 16, 32, 3, 6, 12]]);
@@ -325,15 +363,15 @@ fn a_short_run_learns_the_batch() {
     let mut opt = AdamW::hf(
         model.var_store(),
         AdamWConfig {
-            lr: 3e-3,
+            lr: 2e-2,
             ..Default::default()
         },
     )
     .unwrap();
-    let mut sched = vh_train::get_linear_schedule_with_warmup(&mut opt, 5, 40).unwrap();
+    let mut sched = vh_train::get_linear_schedule_with_warmup(&mut opt, 5, 60).unwrap();
     let mut first = None;
     let mut last = (0.0, 0.0);
-    for _ in 0..40 {
+    for _ in 0..60 {
         let out = model.forward(&ids, Some(&mask), None, Some(&labels)).unwrap();
         let terms = lm_value_loss(out.loss.as_ref().unwrap(), &out.values, &targets, &mask, 0.5).unwrap();
         let pair = (terms.lm_loss.double_value(&[]), terms.value_loss.double_value(&[]));
@@ -345,5 +383,5 @@ fn a_short_run_learns_the_batch() {
     let first = first.unwrap();
     assert!(last.0 < 0.5 * first.0, "LM loss {first:?} -> {last:?}");
     assert!(last.1 < 0.5 * first.1, "value loss {first:?} -> {last:?}");
-    assert_eq!(sched.steps(), 40);
+    assert_eq!(sched.steps(), 60);
 }

@@ -154,7 +154,11 @@ fn workloads(o: &Options, smollm2: bool) -> Vec<Workload> {
                 let task_batches = if task == "train" { train_batches } else { batches };
                 // Training is timed on the causal models the issue names (the toy GPT-2 only as
                 // the smoke test's).
-                let trains = if o.quick { model == "gpt2-toy" } else { matches!(model, "gpt2-small" | "smollm2") };
+                let trains = if o.quick {
+                    model == "gpt2-toy"
+                } else {
+                    matches!(model, "gpt2-small" | "smollm2")
+                };
                 if task == "train" && !trains {
                     continue;
                 }
@@ -664,7 +668,10 @@ fn numerics(rows: &[Row]) -> Vec<Value> {
             // masks differ where the model has dropout).
             let first_lm = |dtype: &str| {
                 let r = find(model, dtype, "train", 8).or_else(|| find(model, dtype, "train", 1))?;
-                Some((r.ours_check.get("first_lm_loss")?.as_f64()? - r.python_check.get("first_lm_loss")?.as_f64()?).abs())
+                Some(
+                    (r.ours_check.get("first_lm_loss")?.as_f64()? - r.python_check.get("first_lm_loss")?.as_f64()?)
+                        .abs(),
+                )
             };
             json!({
                 "model": model,

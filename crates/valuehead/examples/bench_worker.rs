@@ -176,12 +176,7 @@ impl Worker {
             bail!("the train task is for causal models");
         };
         let mut training = task.training.as_ref().context("train task not prepared")?.borrow_mut();
-        let out = m.forward(
-            &task.input_ids,
-            Some(&task.attention_mask),
-            None,
-            Some(&task.input_ids),
-        )?;
+        let out = m.forward(&task.input_ids, Some(&task.attention_mask), None, Some(&task.input_ids))?;
         let lm_loss = out.loss.context("no loss")?;
         let terms = vh_train::lm_value_loss(
             &lm_loss,

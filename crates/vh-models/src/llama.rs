@@ -110,6 +110,7 @@ struct RawConfig {
     tie_word_embeddings: Option<bool>,
     attention_dropout: Option<f64>,
     use_sliding_window: Option<bool>,
+    pad_token_id: Option<i64>,
 }
 
 /// HF's `LlamaConfig` / `Qwen2Config`: the fields that change the math, with HF's defaults for
@@ -152,6 +153,9 @@ pub struct LlamaConfig {
     pub tie_word_embeddings: bool,
     /// Dropout on attention probabilities (train mode).
     pub attention_dropout: f64,
+    /// The padding token, HF's `padding_idx` of `embed_tokens`: its embedding row gets no
+    /// gradient (forward outputs do not depend on it).
+    pub pad_token_id: Option<i64>,
 }
 
 impl LlamaConfig {
@@ -196,6 +200,7 @@ impl LlamaConfig {
             mlp_bias: if qwen { false } else { raw.mlp_bias.unwrap_or(false) },
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             attention_dropout: raw.attention_dropout.unwrap_or(0.0),
+            pad_token_id: raw.pad_token_id,
             model_type,
             attn_implementation: AttnImplementation::default(),
         };
@@ -649,6 +654,18 @@ impl LlamaForCausalLM {
         })
     }
 
+    /// `embed_tokens`' padding index as `nn.Embedding(vocab, hidden, pad_token_id)` normalises
+    /// it (a negative id counts from the end), or -1 (none) without a pad token. An id outside
+    /// the vocabulary, which HF refuses when it builds the model, is ignored.
+    fn padding_idx(&self) -> i64 {
+        let vocab = self.cfg.vocab_size;
+        match self.cfg.pad_token_id {
+            Some(p) if (0..vocab).contains(&p) => p,
+            Some(p) if (-vocab..0).contains(&p) => p + vocab,
+            _ => -1,
+        }
+    }
+
     /// The configuration.
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg
@@ -706,7 +723,7 @@ impl LlamaForCausalLM {
             None => None,
         };
 
-        let mut h = Tensor::f_embedding(&self.embed_tokens, &inputs.input_ids, -1, false, false)?;
+        let mut h = Tensor::f_embedding(&self.embed_tokens, &inputs.input_ids, self.padding_idx(), false, false)?;
         let mut layers = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
             let (out, cache) = layer.forward(&h, &cos, &sin, bias.as_ref(), past.map(|p| &p.layers[i]), train)?;
