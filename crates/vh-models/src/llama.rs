@@ -83,6 +83,8 @@ struct LlamaJson {
     tie_word_embeddings: bool,
     #[serde(default)]
     attention_dropout: f64,
+    #[serde(default)]
+    pad_token_id: Option<i64>,
 }
 
 mod llama_defaults {
@@ -141,6 +143,8 @@ struct Qwen2Json {
     attention_dropout: f64,
     #[serde(default)]
     use_sliding_window: bool,
+    #[serde(default)]
+    pad_token_id: Option<i64>,
 }
 
 mod qwen2_defaults {
@@ -198,6 +202,9 @@ pub struct LlamaConfig {
     pub tie_word_embeddings: bool,
     /// Dropout on attention probabilities (train mode).
     pub attention_dropout: f64,
+    /// The padding token, HF's `padding_idx` of `embed_tokens`: its embedding row gets no
+    /// gradient (forward outputs do not depend on it).
+    pub pad_token_id: Option<i64>,
 }
 
 /// hidden_size / num_attention_heads, or a config error (checked before dividing).
@@ -236,6 +243,7 @@ impl LlamaConfig {
                     mlp_bias: raw.mlp_bias,
                     tie_word_embeddings: raw.tie_word_embeddings,
                     attention_dropout: raw.attention_dropout,
+                    pad_token_id: raw.pad_token_id,
                 }
             }
             "qwen2" => {
@@ -265,6 +273,7 @@ impl LlamaConfig {
                     mlp_bias: false,
                     tie_word_embeddings: raw.tie_word_embeddings,
                     attention_dropout: raw.attention_dropout,
+                    pad_token_id: raw.pad_token_id,
                 }
             }
             other => {
@@ -520,6 +529,18 @@ impl LlamaForCausalLM {
         })
     }
 
+    /// `embed_tokens`' padding index as `nn.Embedding(vocab, hidden, pad_token_id)` normalises
+    /// it (a negative id counts from the end), or -1 (none) without a pad token. An id outside
+    /// the vocabulary, which HF refuses when it builds the model, is ignored.
+    fn padding_idx(&self) -> i64 {
+        let vocab = self.cfg.vocab_size;
+        match self.cfg.pad_token_id {
+            Some(p) if (0..vocab).contains(&p) => p,
+            Some(p) if (-vocab..0).contains(&p) => p + vocab,
+            _ => -1,
+        }
+    }
+
     /// The configuration.
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg
@@ -619,7 +640,7 @@ impl CausalLm for LlamaForCausalLM {
             None => None,
         };
 
-        let mut h = Tensor::f_embedding(&self.embed_tokens, &inputs.input_ids, -1, false, false)?;
+        let mut h = Tensor::f_embedding(&self.embed_tokens, &inputs.input_ids, self.padding_idx(), false, false)?;
         let mut layers = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
             let (out, cache) = layer.forward(&h, &cos, &sin, bias.as_ref(), past.map(|p| &p.layers[i]), train)?;
