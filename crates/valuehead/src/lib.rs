@@ -26,6 +26,7 @@
 
 pub mod causal;
 pub mod chat;
+pub mod cli_io;
 pub mod error;
 pub mod generation;
 pub mod options;
