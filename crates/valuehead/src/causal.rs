@@ -211,7 +211,8 @@ impl CausalLmWithValueHead {
         check_before_load(&config, options)?;
         let vs = VarStore::new(options.device);
         // Placeholders until the checkpoint fills them (see `vh_core::param`).
-        let backbone = vh_core::param::deferred(|| CausalBackbone::build(&vs, &config, options))?;
+        let backbone =
+            vh_core::param::deferred_for_checkpoint(tensors.len(), || CausalBackbone::build(&vs, &config, options))?;
         let wrapped = Wrapped::load(vs, config, tensors, options, |key| backbone.parameter_name(key))?;
         if let CausalBackbone::Gpt2(m) = &backbone {
             m.arrange_weights()?;

@@ -81,7 +81,9 @@ impl Seq2SeqLmWithValueHead {
         let model = match model_type(&config)? {
             "t5" => {
                 let cfg = T5Config::from_json(&config)?;
-                vh_core::param::deferred(|| T5ForConditionalGeneration::new(vs.root(), &cfg))?
+                vh_core::param::deferred_for_checkpoint(tensors.len(), || {
+                    T5ForConditionalGeneration::new(vs.root(), &cfg)
+                })?
             }
             other => return Err(Error::UnsupportedModel(other.to_string())),
         };
@@ -141,6 +143,19 @@ impl Seq2SeqLmWithValueHead {
         let decoder_input_ids = match (input.decoder_input_ids, input.labels) {
             (Some(ids), _) => ids,
             (None, Some(labels)) => {
+                // Checked before shifting, which allocates [batch, 1] from the labels' shape:
+                // labels of shape [2^32, 0] (a few bytes in a `vh forward` file) made that a 32 GB
+                // allocation, whose failure tch 0.24 turns into a panic (found by fuzzing).
+                expect_rank(labels, "labels", 2)?;
+                let (batch, seq) = (labels.size()[0], labels.size()[1]);
+                let encoder_batch = encoder_outputs.last_hidden_state.size()[0];
+                if batch != encoder_batch || seq == 0 {
+                    return Err(invalid(format!(
+                        "`labels` must have shape [{encoder_batch}, seq] with seq > 0 (the encoder's batch), got {:?}",
+                        labels.size()
+                    ))
+                    .into());
+                }
                 shifted = self.model.shift_right(labels)?;
                 &shifted
             }

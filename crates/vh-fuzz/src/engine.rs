@@ -157,6 +157,10 @@ struct Run<'a> {
     spec: WorkerSpec,
     worker: Option<Worker>,
     corpus: Vec<Vec<u8>>,
+    /// The bytes the corpus holds, kept under [`MAX_CORPUS_BYTES`].
+    corpus_bytes: usize,
+    /// Corpus entries below this index are seeds, never evicted.
+    seeds: usize,
     known: HashSet<u64>,
     features: HashSet<String>,
     execs: u64,
@@ -168,6 +172,9 @@ struct Run<'a> {
 
 /// Inputs kept at most: past this, new finds replace older ones at random.
 const MAX_CORPUS: usize = 20_000;
+/// Bytes the corpus may hold: mutants grow (long strings, huge arrays) and each one with a new
+/// feature is kept, so without a cap the fuzzer itself would run out of memory.
+const MAX_CORPUS_BYTES: usize = 256 << 20;
 /// Inputs saved per distinct failure (the first is reported).
 const SAVED_PER_FINDING: usize = 3;
 
@@ -207,12 +214,7 @@ impl Run<'_> {
                     }
                 }
                 if new && self.known.insert(fnv64(input)) {
-                    if self.corpus.len() < MAX_CORPUS {
-                        self.corpus.push(input.to_vec());
-                    } else {
-                        let i = rng.below(self.corpus.len());
-                        self.corpus[i] = input.to_vec();
-                    }
+                    self.keep(input, rng);
                 }
             }
             Outcome::Panic(message) => {
@@ -233,6 +235,21 @@ impl Run<'_> {
             }
         }
         Ok(outcome)
+    }
+
+    /// Adds an input to the corpus, evicting random non-seed entries while it holds more than
+    /// [`MAX_CORPUS`] entries or [`MAX_CORPUS_BYTES`] bytes.
+    fn keep(&mut self, input: &[u8], rng: &mut Rng) {
+        self.corpus.push(input.to_vec());
+        self.corpus_bytes += input.len();
+        while (self.corpus.len() > MAX_CORPUS || self.corpus_bytes > MAX_CORPUS_BYTES)
+            && self.corpus.len() > self.seeds + 1
+        {
+            // Never the entry just added (the last one).
+            let i = self.seeds + rng.below(self.corpus.len() - 1 - self.seeds);
+            let evicted = self.corpus.swap_remove(i);
+            self.corpus_bytes -= evicted.len();
+        }
     }
 
     /// Saves a failing input (a few per signature) and reports the first of each signature.
@@ -313,6 +330,8 @@ fn new_run(kind: TargetKind, settings: &Settings, spec: WorkerSpec) -> Run<'_> {
         spec,
         worker: None,
         corpus: Vec::new(),
+        corpus_bytes: 0,
+        seeds: 0,
         known: HashSet::new(),
         features: HashSet::new(),
         execs: 0,
@@ -336,10 +355,14 @@ pub fn fuzz(kind: TargetKind, settings: &Settings) -> Result<Summary> {
     };
     // Every seed runs once (and joins the corpus), so their features are known before mutating.
     for seed in &seeds {
-        run.execute(seed, &mut rng)?;
         if run.known.insert(fnv64(seed)) {
             run.corpus.push(seed.clone());
+            run.corpus_bytes += seed.len();
         }
+    }
+    run.seeds = run.corpus.len();
+    for seed in &seeds {
+        run.execute(seed, &mut rng)?;
     }
     let mut last_status = Instant::now();
     while !out_of_budget(&run) && !run.corpus.is_empty() {
@@ -366,15 +389,17 @@ pub fn fuzz(kind: TargetKind, settings: &Settings) -> Result<Summary> {
             last_status = Instant::now();
             let secs = start.elapsed().as_secs_f64();
             eprintln!(
-                "[{}] {:.0} s: {} execs ({:.0}/s), corpus {}, features {}, failing execs {}, workers {}",
+                "[{}] {:.0} s: {} execs ({:.0}/s), corpus {} ({} MiB), features {}, failing execs {}, workers {}, fuzzer RSS {} MiB",
                 kind.name(),
                 secs,
                 run.execs,
                 run.execs as f64 / secs,
                 run.corpus.len(),
+                run.corpus_bytes >> 20,
                 run.features.len(),
                 run.failures,
-                run.workers
+                run.workers,
+                crate::worker::status_bytes("VmRSS").unwrap_or(0) >> 20
             );
         }
     }
@@ -384,7 +409,7 @@ pub fn fuzz(kind: TargetKind, settings: &Settings) -> Result<Summary> {
     if let Some(save) = &settings.save_corpus {
         let out = save.join(kind.name());
         std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-        for input in &run.corpus[seed_count.min(run.corpus.len())..] {
+        for input in &run.corpus[run.seeds..] {
             std::fs::write(out.join(format!("{:016x}", fnv64(input))), input)?;
         }
     }

@@ -69,6 +69,9 @@ struct Cli {
     scratch: Option<PathBuf>,
 }
 
+/// Address space (MiB) the fuzzer's own process may map beyond what it maps at start-up.
+const PARENT_MEM_MB: u64 = 2048;
+
 /// This crate's folder: the default home of the corpus, crashes and regressions.
 fn crate_dir() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -152,6 +155,9 @@ fn main() -> Result<()> {
         }
         return Ok(());
     }
+    // The fuzzer's own process is capped too (its corpus and features are bounded, but a bug
+    // there must not take the machine's memory from everyone else); workers set their own cap.
+    worker::limit_address_space(PARENT_MEM_MB, true)?;
     let mut summaries = Vec::new();
     for kind in targets {
         let summary = engine::fuzz(kind, &settings)?;

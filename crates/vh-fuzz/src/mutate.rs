@@ -339,15 +339,17 @@ pub fn mutate_json_tree(doc: &mut Value, rng: &mut Rng, other: Option<&Value>, d
         3 => *node = interesting_json_value(rng, dict),
         4 => {
             // A long string.
-            let n = rng.small_size(18);
+            let n = rng.small_size(16);
             let c = *rng.pick(&['a', '0', ' ', '\u{e9}', '/', '.']);
             *node = Value::String(std::iter::repeat_n(c, n).collect());
         }
         5 => {
-            // A huge array of small numbers, or of copies of the node.
-            let n = rng.small_size(17);
+            // A huge array of small numbers, or of copies of the node, kept within the input
+            // size cap (copies of a node holding a long string would otherwise take gigabytes).
             let item = if rng.one_in(2) { Value::from(1) } else { node.clone() };
-            if count_nodes(&item).saturating_mul(n) < 1 << 20 {
+            let item_len = serde_json::to_vec(&item).map_or(usize::MAX, |v| v.len() + 1);
+            let n = rng.small_size(16).min(MAX_INPUT_LEN / item_len);
+            if n > 0 {
                 *node = Value::Array(vec![item; n]);
             }
         }

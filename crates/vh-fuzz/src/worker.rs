@@ -37,30 +37,57 @@ fn read_frame(r: &mut impl Read) -> std::io::Result<Option<Vec<u8>>> {
 /// The message of the last panic in this worker, set by the panic hook.
 static LAST_PANIC: Mutex<Option<String>> = Mutex::new(None);
 
-/// The worker's virtual memory size in bytes, from /proc/self/status.
-fn vm_size() -> Option<u64> {
+/// A size field of /proc/self/status (`VmSize`, `VmRSS`) in bytes.
+pub fn status_bytes(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmSize:"))?;
+    let line = status
+        .lines()
+        .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// This process's virtual memory size in bytes.
+fn vm_size() -> Option<u64> {
+    status_bytes("VmSize")
 }
 
 /// Caps the worker's address space at what it maps after loading plus `extra_mb`, so that an
 /// input asking for gigabytes meets a failed allocation (which the library must turn into an
 /// error) instead of the machine's memory. Measured after start-up because libtorch and its
-/// dependencies map a few gigabytes of address space before any input is read.
-fn limit_address_space(extra_mb: u64) -> Result<()> {
+/// dependencies map a few gigabytes of address space before any input is read. With
+/// `soft_only`, the hard limit stays as it is, so that child processes can set their own.
+pub fn limit_address_space(extra_mb: u64, soft_only: bool) -> Result<()> {
     let base = vm_size().context("reading VmSize from /proc/self/status")?;
     let limit = base + (extra_mb << 20);
-    let rlim = libc::rlimit {
-        rlim_cur: limit,
-        rlim_max: limit,
+    let mut rlim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
     };
-    // SAFETY: setrlimit with a valid rlimit value for this process.
-    if unsafe { libc::setrlimit(libc::RLIMIT_AS, &rlim) } != 0 {
-        bail!("setrlimit(RLIMIT_AS): {}", std::io::Error::last_os_error());
+    // SAFETY: getrlimit and setrlimit with a valid rlimit value for this process.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_AS, &mut rlim) != 0 {
+            bail!("getrlimit(RLIMIT_AS): {}", std::io::Error::last_os_error());
+        }
+        rlim.rlim_cur = limit.min(rlim.rlim_max);
+        if !soft_only {
+            rlim.rlim_max = rlim.rlim_cur;
+        }
+        if libc::setrlimit(libc::RLIMIT_AS, &rlim) != 0 {
+            bail!("setrlimit(RLIMIT_AS): {}", std::io::Error::last_os_error());
+        }
     }
     Ok(())
+}
+
+/// The first `crates/...:line` of a backtrace that is not the fuzzer's own code.
+fn workspace_frame(backtrace: &str) -> Option<String> {
+    backtrace.lines().map(str::trim).find_map(|line| {
+        let at = line.strip_prefix("at ")?;
+        let start = at.find("/crates/")? + 1;
+        let file = &at[start..];
+        (!file.starts_with("crates/vh-fuzz/")).then(|| file.to_string())
+    })
 }
 
 /// The worker process: opens the target, caps its memory, then runs inputs until stdin ends.
@@ -77,7 +104,7 @@ pub fn worker_main(kind: TargetKind, fixtures: &Path, scratch: &Path, mem_mb: u6
     tch::set_num_threads(1);
     let mut target = kind.open(fixtures, scratch)?;
     if mem_mb > 0 {
-        limit_address_space(mem_mb)?;
+        limit_address_space(mem_mb, false)?;
     }
     std::panic::set_hook(Box::new(|info| {
         let payload = info.payload();
@@ -90,8 +117,19 @@ pub fn worker_main(kind: TargetKind, fixtures: &Path, scratch: &Path, mem_mb: u6
             .location()
             .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
             .unwrap_or_default();
+        // A panic inside a dependency (e.g. a tch method that unwraps a libtorch error) is
+        // located by the first frame of this workspace's libraries that led to it.
+        let caller = if location.starts_with("crates/") {
+            None
+        } else {
+            workspace_frame(&std::backtrace::Backtrace::force_capture().to_string())
+        };
+        let at = match caller {
+            Some(caller) => format!("{location} via {caller}"),
+            None => location,
+        };
         if let Ok(mut last) = LAST_PANIC.lock() {
-            *last = Some(format!("{message} at {location}"));
+            *last = Some(format!("{message} at {at}"));
         }
     }));
     write_frame(&mut frames, b"R")?;

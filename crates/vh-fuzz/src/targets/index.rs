@@ -5,7 +5,7 @@
 //! things an index must not make the loader hang on or read: a FIFO, a link to /dev/zero, a
 //! folder, a link loop, a file of the other format.
 
-use super::{describe_tensors, feature, write_file, FuzzError, Result, Target};
+use super::{describe_tensors, hub_feature, write_file, FuzzError, Result, Target};
 use crate::mutate::mutate_json_or_bytes;
 use crate::rng::Rng;
 use serde_json::json;
@@ -124,7 +124,7 @@ impl Target for IndexTarget {
                 continue;
             }
             let read = vh_hub::ModelFolder::open(&dir).and_then(|f| f.tensors());
-            out.push(feature(format, &read, &dirs, |t| describe_tensors(t)));
+            out.push(hub_feature(format, &read, &dirs, |t| describe_tensors(t)));
         }
         out
     }

@@ -58,13 +58,23 @@ impl Target for InputsTarget {
         if let Err(e) = std::fs::write(&inputs, input) {
             return vec![format!("write:err:{e}")];
         }
-        self.models
+        let features: Vec<String> = self
+            .models
             .iter()
             .map(|(arch, model)| {
                 let result = valuehead::cli_io::forward_file(model, &inputs, &out);
                 feature(arch, &result, &dirs, |_| String::new())
             })
-            .collect()
+            .collect();
+        // A file that no model gets past (e.g. a broken header) is one feature, not three.
+        let outcomes: Vec<&str> = features
+            .iter()
+            .filter_map(|f| f.split_once(':').map(|(_, o)| o))
+            .collect();
+        if outcomes.len() == features.len() && outcomes.windows(2).all(|w| w[0] == w[1]) {
+            return vec![format!("all:{}", outcomes[0])];
+        }
+        features
     }
 }
 

@@ -183,12 +183,34 @@ impl TargetKind {
 /// The longest feature kept: error messages are cut here.
 const MAX_FEATURE: usize = 160;
 
-/// Backtick-quoted parts of an error message that look like names (`vocab_size`,
-/// `model.layers.0.mlp`) stay; other quoted text (and everything in double quotes, where
-/// serde_json echoes values) is mostly the fuzzed input echoed back and becomes `…`, so that
-/// it does not make every input a new feature.
+/// Names the library's messages quote that are not fuzzed input: config keys, header keys,
+/// tensor and storage names the targets know.
+fn is_known_name(name: &str) -> bool {
+    let lists: [&[&str]; 6] = [
+        config::DICT,
+        safetensors::DICT,
+        index::DICT,
+        torch_bin::DICT,
+        &valuehead::cli_io::FORWARD_INPUT_NAMES,
+        hub::DICT,
+    ];
+    // Parameter paths the model code builds (`model.layers.#.mlp.up_proj.weight`) are
+    // bounded too.
+    let parameter_path = name.contains('.')
+        && name.split('.').all(|seg| {
+            !seg.is_empty()
+                && seg
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_#".contains(c))
+        });
+    parameter_path || lists.iter().any(|list| list.contains(&name))
+}
+
+/// Quoted parts of an error message that are known names ([`is_known_name`]) stay; other
+/// quoted text (in backticks, or in double quotes, where serde_json echoes values) is mostly
+/// the fuzzed input echoed back and becomes `…`, so that it does not make every input a new
+/// feature.
 fn collapse_quoted(text: &str) -> String {
-    let looks_like_name = |q: &str| q.len() <= 40 && q.chars().all(|c| c.is_ascii_alphanumeric() || "_.#".contains(c));
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(open) = rest.find(['`', '"']) {
@@ -198,7 +220,7 @@ fn collapse_quoted(text: &str) -> String {
         match after.find(quote) {
             Some(close) => {
                 let inner = &after[..close];
-                out.push_str(if quote == '`' && looks_like_name(inner) {
+                out.push_str(if quote == '`' && is_known_name(inner) {
                     inner
                 } else {
                     "…"
@@ -215,18 +237,106 @@ fn collapse_quoted(text: &str) -> String {
     out
 }
 
-/// An error message made into a feature: the worker's folders replaced by `<dir>`, echoed
-/// input collapsed ([`collapse_quoted`]), every run of digits (and hex digits after `0x`) made
-/// `#` (so that `got 7` and `got 8` are one feature, not two), cut at 160 characters.
-pub fn normalize(message: &str, dirs: &[&Path]) -> String {
-    let mut text = message.to_string();
+/// Replaces each path below one of `dirs` by `<dir>/…`: the file names there are often the
+/// fuzzed input (shard names of an index), and the message says what is wrong with the file.
+fn collapse_paths(text: &str, dirs: &[&Path]) -> String {
+    let mut text = text.to_string();
     for dir in dirs {
         let dir = dir.to_string_lossy();
-        if !dir.is_empty() {
-            text = text.replace(dir.as_ref(), "<dir>");
+        if dir.is_empty() {
+            continue;
+        }
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find(dir.as_ref()) {
+            out.push_str(&rest[..at]);
+            out.push_str("<dir>/…");
+            let after = &rest[at + dir.len()..];
+            let end = after.find([' ', ':', '`', '"', '\'', ',']).unwrap_or(after.len());
+            rest = &after[end..];
+        }
+        out.push_str(rest);
+        text = out;
+    }
+    // "NAME not found: PATH": the name is the one the input asked for.
+    if let Some((what, path)) = text.split_once(" not found: ") {
+        if !is_known_name(what) && !what.contains(' ') {
+            text = format!("… not found: {path}");
         }
     }
-    let text = collapse_quoted(&text);
+    text
+}
+
+/// Replaces bracketed groups that look like echoed JSON (nested, or holding strings, or long)
+/// by `[…]` / `{…}`; short flat ones such as shapes (`[#, #]`) stay.
+fn collapse_brackets(text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        if c != '[' && c != '{' {
+            out.push(c);
+            i += 1;
+            continue;
+        }
+        // Find the matching close bracket, counting both kinds.
+        let mut depth = 0usize;
+        let mut end = None;
+        for (j, &d) in chars.iter().enumerate().skip(i) {
+            match d {
+                '[' | '{' => depth += 1,
+                ']' | '}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        end = Some(j);
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let Some(end) = end else {
+            // Unbalanced (cut off): everything after it is echoed input.
+            out.push(c);
+            out.push('…');
+            break;
+        };
+        let inner = &chars[i + 1..end];
+        let json_like = inner.len() > 24 || inner.iter().any(|d| "[{\"".contains(*d));
+        if json_like {
+            out.push(c);
+            out.push('…');
+            out.push(chars[end]);
+        } else {
+            out.extend(&chars[i..=end]);
+        }
+        i = end + 1;
+    }
+    out
+}
+
+/// The feature text of a checkpoint-file error: its kind and message without the path (the
+/// path names the file the input chose, e.g. a shard name of an index).
+pub fn hub_error_text(e: &vh_hub::HubError, dirs: &[&Path]) -> String {
+    use vh_hub::HubError;
+    match e {
+        HubError::NotFound { .. } => "not found".to_string(),
+        HubError::Io { source, .. } => format!("io: {}", normalize(&source.to_string(), dirs)),
+        HubError::Json { message, .. } => format!("json: {}", normalize(message, dirs)),
+        HubError::Safetensors { message, .. } => format!("safetensors: {}", normalize(message, dirs)),
+        HubError::NotRegularFile { what, .. } => format!("not a regular file: {what}"),
+        HubError::TooLarge { limit, .. } => format!("too large: {limit}"),
+        other => normalize(&other.to_string(), dirs),
+    }
+}
+
+/// An error message made into a feature: paths in the worker's folders collapsed
+/// ([`collapse_paths`]), echoed input collapsed ([`collapse_quoted`]), every run of digits
+/// (and hex digits after `0x`) made `#` (so that `got 7` and `got 8` are one feature, not two),
+/// cut at 160 characters.
+pub fn normalize(message: &str, dirs: &[&Path]) -> String {
+    let text = collapse_brackets(&collapse_quoted(&collapse_paths(message, dirs)));
     let mut out = String::with_capacity(text.len().min(MAX_FEATURE));
     let mut in_digits = false;
     let mut hex = false;
@@ -276,14 +386,40 @@ pub fn feature<T, E: Display>(
     }
 }
 
-/// A short description of loaded tensors for features: how many (capped at 4), their kinds and
-/// their largest rank.
+/// The feature of a stage that reads checkpoint files: as [`feature`], with the error as
+/// [`hub_error_text`] gives it.
+pub fn hub_feature<T>(
+    stage: &str,
+    result: &std::result::Result<T, vh_hub::HubError>,
+    dirs: &[&Path],
+    detail: impl FnOnce(&T) -> String,
+) -> String {
+    match result {
+        Ok(v) => format!("{stage}:ok:{}", detail(v)),
+        Err(e) => format!("{stage}:err:{}", hub_error_text(e, dirs)),
+    }
+}
+
+/// A short description of loaded tensors for features: how many (capped at 4) and their
+/// largest rank.
 pub fn describe_tensors(tensors: &[(String, tch::Tensor)]) -> String {
-    let mut kinds: Vec<String> = tensors.iter().map(|(_, t)| format!("{:?}", t.kind())).collect();
+    let rank = tensors.iter().map(|(_, t)| t.dim()).max().unwrap_or(0);
+    format!("n={} rank={rank}", tensors.len().min(4))
+}
+
+/// One feature per kind of the loaded tensors (`stage:kind:Float`), when they loaded: each
+/// kind takes its own path through the readers, while their combinations say nothing new.
+pub fn kind_features<E>(stage: &str, result: &std::result::Result<Vec<(String, tch::Tensor)>, E>) -> Vec<String> {
+    let mut kinds: Vec<String> = match result {
+        Ok(tensors) => tensors
+            .iter()
+            .map(|(_, t)| format!("{stage}:kind:{:?}", t.kind()))
+            .collect(),
+        Err(_) => Vec::new(),
+    };
     kinds.sort();
     kinds.dedup();
-    let rank = tensors.iter().map(|(_, t)| t.dim()).max().unwrap_or(0);
-    format!("n={} rank={rank} {}", tensors.len().min(4), kinds.join(","))
+    kinds
 }
 
 #[cfg(test)]
@@ -295,11 +431,22 @@ mod tests {
         let dir = Path::new("/dev/shm/vh-fuzz-12/w3");
         assert_eq!(
             normalize("/dev/shm/vh-fuzz-12/w3/in.safetensors: got 1234, want 5\nmore", &[dir]),
-            "<dir>/in.safetensors: got #, want # more"
+            "<dir>/…: got #, want # more"
         );
         assert_eq!(
-            normalize("opcode 0xff, key `vocab_size`, value \"x y\", `unclosed", &[]),
-            "opcode #, key `vocab_size`, value \"…\", `unclosed"
+            normalize("shard-1.bin not found: /dev/shm/vh-fuzz-12/w3/st/shard-1.bin", &[dir]),
+            "… not found: <dir>/…"
+        );
+        assert_eq!(
+            normalize(
+                "opcode 0xff, key `vocab_size`, param `model.layers.3.mlp.weight`, name `xq_ids`, value \"x\", `unclosed",
+                &[]
+            ),
+            "opcode #, key `vocab_size`, param `model.layers.#.mlp.weight`, name `…`, value \"…\", `unclosed"
+        );
+        assert_eq!(
+            normalize("shape [2, 3], got [[1, [2]], {\"a\": 1}] and [[[", &[]),
+            "shape [#, #], got […] and […"
         );
         assert!(normalize(&"x".repeat(1000), &[]).len() <= MAX_FEATURE);
         let ok: std::result::Result<u8, String> = Ok(3);

@@ -2,7 +2,7 @@
 //! reader of every model.safetensors, shard and `vh` input file.
 
 use super::st_format::{self, StTensor, DTYPES};
-use super::{describe_tensors, feature, Target};
+use super::{describe_tensors, hub_feature, kind_features, Target};
 use crate::mutate::mutate_bytes;
 use crate::rng::Rng;
 use std::path::{Path, PathBuf};
@@ -49,7 +49,9 @@ impl Target for SafetensorsTarget {
             return vec![format!("write:err:{e}")];
         }
         let read = vh_hub::read_safetensors(&self.path);
-        vec![feature("read", &read, &[&self.scratch], |t| describe_tensors(t))]
+        let mut out = vec![hub_feature("read", &read, &[&self.scratch], |t| describe_tensors(t))];
+        out.extend(kind_features("read", &read));
+        out
     }
 }
 

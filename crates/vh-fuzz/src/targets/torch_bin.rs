@@ -4,7 +4,7 @@
 //! level, its storages or its entry names, and write a fresh archive around them; some then
 //! make one of the archive's size, offset or count fields lie.
 
-use super::{describe_tensors, feature, Target};
+use super::{describe_tensors, hub_feature, kind_features, Target};
 use crate::mutate::{mutate_bytes, INTERESTING_U64};
 use crate::pickle::{self, int_op, str_op, Op};
 use crate::rng::Rng;
@@ -50,7 +50,9 @@ impl Target for TorchBinTarget {
             return vec![format!("write:err:{e}")];
         }
         let read = vh_hub::torch_bin::read_torch_bin(&self.path);
-        vec![feature("read", &read, &[&self.scratch], |t| describe_tensors(t))]
+        let mut out = vec![hub_feature("read", &read, &[&self.scratch], |t| describe_tensors(t))];
+        out.extend(kind_features("read", &read));
+        out
     }
 }
 
