@@ -342,7 +342,10 @@ pub fn mutate_ops(ops: &mut Vec<Op>, rng: &mut Rng, other: &[Op]) {
             // A run of operations repeated: deep nesting, memo expansion, long dicts.
             let n = 1 + rng.below(8.min(ops.len() - i));
             let run: Vec<Op> = ops[i..i + n].to_vec();
-            let times = rng.small_size(12);
+            // Within the input size cap: a run holding a long string, repeated thousands of
+            // times, would otherwise take gigabytes.
+            let run_len: usize = run.iter().map(|op| 1 + op.arg.len()).sum();
+            let times = rng.small_size(12).min(crate::mutate::MAX_INPUT_LEN / run_len.max(1));
             let at = i + n;
             ops.splice(at..at, std::iter::repeat_n(run, times).flatten());
         }
