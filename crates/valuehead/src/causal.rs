@@ -122,7 +122,9 @@ impl CausalLmWithValueHead {
             ..Default::default()
         };
         // Placeholders until the checkpoint fills them (see `vh_core::param`).
-        let backbone = vh_core::param::deferred(|| vh_models::registry::build_causal(vs.root(), &config, &build))?;
+        let backbone = vh_core::param::deferred_for_checkpoint(tensors.len(), || {
+            vh_models::registry::build_causal(vs.root(), &config, &build)
+        })?;
         let hidden_size = backbone.hidden_size();
         let wrapped = Wrapped::load(vs, config, tensors, options, hidden_size, |key| {
             backbone.parameter_name(key)

@@ -78,6 +78,7 @@
 
 pub mod causal;
 pub mod chat;
+pub mod cli_io;
 pub mod error;
 pub mod generation;
 pub mod options;

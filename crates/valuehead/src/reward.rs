@@ -126,7 +126,9 @@ impl SequenceClassifier {
             attn_implementation: options.attn_implementation,
             without_lm_head: true,
         };
-        let backbone = vh_core::param::deferred(|| vh_models::registry::build_causal(vs.root(), &config, &build))?;
+        let backbone = vh_core::param::deferred_for_checkpoint(tensors.len(), || {
+            vh_models::registry::build_causal(vs.root(), &config, &build)
+        })?;
         let score = vh_core::param::deferred(|| {
             vh_core::param::var(
                 &vs.root().sub("score"),

@@ -105,6 +105,14 @@ impl Gpt2Config {
     /// Checks sizes and names: positive sizes, heads dividing the width, a known activation,
     /// dropout probabilities in [0, 1].
     pub fn validate(&self) -> Result<()> {
+        // The default MLP width is 4 * n_embd: an n_embd from config.json near i64::MAX would
+        // overflow it (found by fuzzing: a panic in debug builds, a wrapped width in release).
+        if self.n_inner.is_none() && self.n_embd.checked_mul(4).is_none() {
+            return Err(Error::Config(format!(
+                "n_embd ({}) is too large: the MLP width 4 * n_embd overflows",
+                self.n_embd
+            )));
+        }
         check_positive(&[
             ("vocab_size", self.vocab_size),
             ("n_positions", self.n_positions),
@@ -131,7 +139,8 @@ impl Gpt2Config {
 
     /// The MLP's inner width.
     pub fn inner_dim(&self) -> i64 {
-        self.n_inner.unwrap_or(4 * self.n_embd)
+        // Saturating, so that an unchecked config cannot panic here; `validate` refuses it.
+        self.n_inner.unwrap_or(self.n_embd.saturating_mul(4))
     }
 
     /// The MLP activation.
@@ -681,6 +690,19 @@ mod tests {
         assert!(Gpt2Config::from_json(&json!({"n_embd": 10, "n_head": 3})).is_err());
         assert!(Gpt2Config::from_json(&json!({"activation_function": "nope"})).is_err());
         assert!(Gpt2Config::from_json(&json!({"n_layer": "two"})).is_err());
+    }
+
+    /// Fuzzing regression (crates/vh-fuzz/regressions/config/gpt2-n-embd-times-4-overflow.json):
+    /// the default MLP width 4 * n_embd overflowed i64 and panicked, even with `n_inner` set.
+    #[test]
+    fn huge_widths_are_config_errors_not_overflows() {
+        let err = Gpt2Config::from_json(&json!({"n_embd": i64::MAX, "n_head": 1})).unwrap_err();
+        assert!(
+            matches!(&err, Error::Config(m) if m.contains("4 * n_embd overflows")),
+            "{err}"
+        );
+        let cfg = Gpt2Config::from_json(&json!({"n_embd": 1i64 << 61, "n_head": 4, "n_inner": 64})).unwrap();
+        assert_eq!(cfg.inner_dim(), 64);
     }
 
     #[test]

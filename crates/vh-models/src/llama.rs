@@ -298,6 +298,19 @@ impl LlamaConfig {
             ("head_dim", self.head_dim),
             ("max_position_embeddings", self.max_position_embeddings),
         ])?;
+        // The projections are heads * head_dim wide: sizes from config.json may make that
+        // product overflow (found by fuzzing: a panic in debug builds, a wrapped width in release).
+        for (name, heads) in [
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+        ] {
+            if heads.checked_mul(self.head_dim).is_none() {
+                return Err(Error::Config(format!(
+                    "{name} * head_dim overflows ({heads} * {})",
+                    self.head_dim
+                )));
+            }
+        }
         if self.num_attention_heads % self.num_key_value_heads != 0 {
             return Err(Error::Config(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
@@ -771,6 +784,13 @@ mod tests {
         assert!(bad(json!({"hidden_act": "nope"})));
         assert!(bad(json!({"model_type": "qwen2", "use_sliding_window": true})));
         assert!(bad(json!({"head_dim": 7})));
+        // Fuzzing regression: heads * head_dim overflowed i64 and panicked while building the
+        // projections (crates/vh-fuzz/regressions/config/llama-heads-times-head-dim-overflow.json).
+        let err = LlamaConfig::from_json(&json!({"head_dim": 1i64 << 62, "num_attention_heads": 4})).unwrap_err();
+        assert!(
+            err.to_string().contains("num_attention_heads * head_dim overflows"),
+            "{err}"
+        );
         assert_eq!(
             LlamaConfig::from_json(&json!({"rope_scaling": {"type": "dynamic", "factor": 2.0}}))
                 .unwrap()

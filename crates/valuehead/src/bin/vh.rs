@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
+use valuehead::cli_io::{run_forward, ForwardOutputs};
 use valuehead::{load_tokenizer, parse_device, parse_dtype, GenerateOutput, LoadOptions, ValueHeadModel};
 
 #[derive(Parser)]
@@ -170,72 +171,11 @@ fn check_output(out: &Path, inputs: &[&Path], model_folder: &Path) -> Result<()>
     Ok(())
 }
 
-/// (logits, values, loss) of one forward pass.
-type Outputs = (Tensor, Tensor, Option<Tensor>);
-
-fn run_forward(model: &ValueHeadModel, inputs: &HashMap<String, Tensor>) -> Result<Outputs> {
-    let input_ids = inputs.get("input_ids").context("the inputs have no `input_ids`")?;
-    let get = |name: &str| inputs.get(name);
-    tch::no_grad(|| -> Result<Outputs> {
-        Ok(match model {
-            ValueHeadModel::Causal(m) => {
-                if let Some(extra) = ["decoder_input_ids", "decoder_attention_mask"]
-                    .iter()
-                    .find(|n| get(n).is_some())
-                {
-                    bail!("`{extra}` is for encoder-decoder models; this model is decoder-only");
-                }
-                let out = m.forward_with(&valuehead::CausalLmInput {
-                    input_ids,
-                    attention_mask: get("attention_mask"),
-                    position_ids: get("position_ids"),
-                    past: None,
-                    labels: get("labels"),
-                    logits_to_keep: 0,
-                })?;
-                (out.logits, out.values, out.loss)
-            }
-            ValueHeadModel::Seq2Seq(m) => {
-                if get("position_ids").is_some() {
-                    bail!("`position_ids` is for decoder-only models; T5's positions are relative");
-                }
-                let out = m.forward(
-                    Some(input_ids),
-                    get("attention_mask"),
-                    get("decoder_input_ids"),
-                    get("decoder_attention_mask"),
-                    None,
-                    None,
-                    get("labels"),
-                )?;
-                (out.logits, out.values, out.loss)
-            }
-        })
-    })
-}
-
 fn forward(model: &ModelArgs, inputs: &Path, out: &Path) -> Result<()> {
     vh_hub::files::check_output_path(out)?;
     let (vh, folder) = load(model)?;
     check_output(out, &[inputs], &folder)?;
-    let tensors: HashMap<String, Tensor> = vh_hub::read_safetensors(inputs)?.into_iter().collect();
-    let known = [
-        "input_ids",
-        "attention_mask",
-        "position_ids",
-        "labels",
-        "decoder_input_ids",
-        "decoder_attention_mask",
-    ];
-    if let Some(other) = tensors.keys().find(|k| !known.contains(&k.as_str())) {
-        bail!("{}: unexpected tensor `{other}` (expected {known:?})", inputs.display());
-    }
-    let (logits, values, loss) = run_forward(&vh, &tensors).with_context(|| format!("running {}", inputs.display()))?;
-    let mut written = vec![("logits".to_string(), logits), ("values".to_string(), values)];
-    if let Some(loss) = loss {
-        written.push(("loss".to_string(), loss));
-    }
-    vh_hub::write_safetensors(out, &written)?;
+    valuehead::cli_io::forward_file(&vh, inputs, out).with_context(|| format!("running {}", inputs.display()))?;
     eprintln!("wrote {}", out.display());
     Ok(())
 }
@@ -299,7 +239,7 @@ fn score(model: &ModelArgs, input_ids: &str, decoder_input_ids: Option<&str>) ->
         (ValueHeadModel::Causal(_), Some(_)) => bail!("--decoder-input-ids is for encoder-decoder models"),
         (ValueHeadModel::Causal(_), None) => parse_ids(input_ids)?,
     };
-    let (logits, values, _) = run_forward(&vh, &inputs)?;
+    let ForwardOutputs { logits, values, .. } = run_forward(&vh, &inputs)?;
     let logprobs = logits.log_softmax(-1, Kind::Float);
     println!("model: {}", model.model);
     println!("{:>4}  {:>8}  {:>12}  {:>10}", "pos", "token", "log p(token)", "value");
