@@ -91,7 +91,7 @@ pub struct CausalLmOutput {
 /// A causal language model with a value head.
 #[derive(Debug)]
 pub struct CausalLmWithValueHead {
-    wrapped: Wrapped,
+    pub(crate) wrapped: Wrapped,
     backbone: Box<dyn CausalLm>,
 }
 

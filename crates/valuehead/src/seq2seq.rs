@@ -55,7 +55,7 @@ pub struct Seq2SeqLmOutput {
 /// An encoder-decoder language model with a value head on the decoder.
 #[derive(Debug)]
 pub struct Seq2SeqLmWithValueHead {
-    wrapped: Wrapped,
+    pub(crate) wrapped: Wrapped,
     model: Box<dyn Seq2SeqLm>,
 }
 

@@ -22,6 +22,8 @@ pub(crate) struct Wrapped {
     /// The folder the model was loaded from, whose tokenizer files a push carries along.
     pub(crate) source_dir: Option<std::path::PathBuf>,
     pub(crate) train: bool,
+    /// The options it was loaded with (a reference model is built with the same).
+    pub(crate) options: LoadOptions,
 }
 
 /// Checks the options and config.json before anything is built: the device exists, the dtype
@@ -221,6 +223,7 @@ impl Wrapped {
             generation_config: None,
             source_dir: None,
             train: false,
+            options: options.clone(),
         })
     }
 

@@ -16,7 +16,7 @@ pub use attention::AttnImplementation;
 pub use cache::{Cache, LayerCache, Seq2SeqCache};
 pub use registry::{
     architecture, architecture_of, Architecture, BuildOptions, CausalLm, CausalLmOutput, EncoderOutput, Family,
-    Seq2SeqLm, Seq2SeqLmOutput, ARCHITECTURES,
+    ParamPosition, Seq2SeqLm, Seq2SeqLmOutput, ARCHITECTURES,
 };
 pub use vh_core::{Error, Result};
 

@@ -71,6 +71,47 @@ pub trait CausalLm: std::fmt::Debug + Send {
     fn after_load(&self) -> Result<()> {
         Ok(())
     }
+    /// Where PyTorch's `named_parameters()` lists a parameter (HF name) relative to the decoder
+    /// layers, which `create_reference_model` splits the model at. The default knows the
+    /// layer lists `h`, `layers` and `blocks` and registers embeddings (`wte`, `wpe`,
+    /// `embed_tokens`, `embed_in`, `embed_positions`) before them and everything else after; an
+    /// architecture that registers other modules before its layers (OPT's projections and final
+    /// norm) says so here.
+    fn parameter_position(&self, name: &str) -> ParamPosition {
+        ParamPosition::by_name(name)
+    }
+}
+
+/// Where a parameter comes in PyTorch's `named_parameters()` order, at the granularity of the
+/// decoder layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ParamPosition {
+    /// Registered before the decoder layers (embeddings).
+    BeforeLayers,
+    /// In decoder layer `i`.
+    Layer(usize),
+    /// Registered after the layers (final norm, LM head).
+    AfterLayers,
+}
+
+impl ParamPosition {
+    /// The default rule of [`CausalLm::parameter_position`].
+    pub fn by_name(name: &str) -> Self {
+        let parts: Vec<&str> = name.split('.').collect();
+        for pair in parts.windows(2) {
+            if matches!(pair[0], "h" | "layers" | "blocks") {
+                if let Ok(i) = pair[1].parse::<usize>() {
+                    return Self::Layer(i);
+                }
+            }
+        }
+        let embedding = ["wte", "wpe", "embed_tokens", "embed_in", "embed_positions"];
+        if parts.iter().any(|p| embedding.contains(p)) {
+            Self::BeforeLayers
+        } else {
+            Self::AfterLayers
+        }
+    }
 }
 
 /// The output of a decoder pass of an encoder-decoder model.
