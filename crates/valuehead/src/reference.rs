@@ -87,7 +87,10 @@ pub fn create_reference_model(
     if let Some(k) = num_shared_layers {
         let candidates: Vec<String> = match pattern {
             Some(p) => vec![format_pattern(p, k)?],
-            None => LAYER_PATTERNS.iter().map(|p| p.replace("{layer}", &k.to_string())).collect(),
+            None => LAYER_PATTERNS
+                .iter()
+                .map(|p| p.replace("{layer}", &k.to_string()))
+                .collect(),
         };
         let pattern = candidates
             .into_iter()
@@ -132,7 +135,8 @@ pub fn create_reference_model(
         };
         tensors.push((name.clone(), tensor));
     }
-    let mut reference = CausalLmWithValueHead::from_parts(model.wrapped.config.clone(), tensors, &model.wrapped.options)?;
+    let mut reference =
+        CausalLmWithValueHead::from_parts(model.wrapped.config.clone(), tensors, &model.wrapped.options)?;
     reference.wrapped.generation_config = model.wrapped.generation_config.clone();
     reference.wrapped.source_dir = model.wrapped.source_dir.clone();
     reference.set_train(false);
@@ -142,7 +146,11 @@ pub fn create_reference_model(
             let _ = t.shallow_clone().set_requires_grad(false);
         }
     }
-    info.shared = names.into_iter().map(|(_, _, n)| n).filter(|n| shared.contains(n)).collect();
+    info.shared = names
+        .into_iter()
+        .map(|(_, _, n)| n)
+        .filter(|n| shared.contains(n))
+        .collect();
     Ok((reference, info))
 }
 

@@ -38,7 +38,11 @@ fn shared_parameters_match_trl() {
         let ours = create_reference_model(&model, k, pattern);
         let label = format!("{model_name} k={k:?} pattern={pattern:?}");
         let trl_frozen: Option<BTreeSet<String>> = case.get("frozen_in_policy").map(|f| {
-            f.as_array().unwrap().iter().map(|n| n.as_str().unwrap().to_string()).collect()
+            f.as_array()
+                .unwrap()
+                .iter()
+                .map(|n| n.as_str().unwrap().to_string())
+                .collect()
         });
         let all: usize = case.get("parameters").map_or(0, |p| p.as_array().unwrap().len());
         let outcome = match (&trl_frozen, ours) {
@@ -65,7 +69,10 @@ fn shared_parameters_match_trl() {
                     .map(|(n, _)| format!("pretrained_model.{n}"))
                     .collect();
                 assert_eq!(&policy_frozen, frozen, "{label}: frozen in the policy");
-                assert!(reference.var_store().variables().values().all(|t| !t.requires_grad()), "{label}");
+                assert!(
+                    reference.var_store().variables().values().all(|t| !t.requires_grad()),
+                    "{label}"
+                );
                 assert!(!reference.is_train(), "{label}: eval mode");
                 format!("{} shared, same set", frozen.len())
             }
@@ -87,7 +94,14 @@ fn trl_test_reference_model_ported() {
     let ids = Tensor::from_slice(&[0i64, 1, 2, 3]).view([1, 4]);
     for shared in [None, Some(1)] {
         let model = load(&dir.join("gpt2"));
-        let mut opt = AdamW::hf(model.var_store(), AdamWConfig { lr: 1.0, ..AdamWConfig::default() }).unwrap();
+        let mut opt = AdamW::hf(
+            model.var_store(),
+            AdamWConfig {
+                lr: 1.0,
+                ..AdamWConfig::default()
+            },
+        )
+        .unwrap();
         let (reference, _) = create_reference_model(&model, shared, None).unwrap();
         let get = |m: &CausalLmWithValueHead, name: &str| m.var_store().variables()[name].detach().copy();
         let (first, last) = (layer(0), layer(2));
@@ -98,13 +112,22 @@ fn trl_test_reference_model_ported() {
         opt.step().unwrap();
         let after = [get(&model, &first), get(&model, &last)];
         let ref_after = [get(&reference, &first), get(&reference, &last)];
-        assert!(before[0].equal(&ref_before[0]) && before[1].equal(&ref_before[1]), "identical before");
-        assert!(ref_before[0].equal(&ref_after[0]) && ref_before[1].equal(&ref_after[1]), "the reference stays");
+        assert!(
+            before[0].equal(&ref_before[0]) && before[1].equal(&ref_before[1]),
+            "identical before"
+        );
+        assert!(
+            ref_before[0].equal(&ref_after[0]) && ref_before[1].equal(&ref_after[1]),
+            "the reference stays"
+        );
         assert!(!before[1].equal(&after[1]), "{shared:?}: the unshared layer trains");
         if shared.is_none() {
             assert!(!before[0].equal(&after[0]), "independent: the first layer trains");
         } else {
-            assert!(before[0].equal(&after[0]), "shared: the first layer is frozen in the policy");
+            assert!(
+                before[0].equal(&after[0]),
+                "shared: the first layer is frozen in the policy"
+            );
         }
     }
 }
@@ -122,14 +145,24 @@ fn sharing_holds_the_shared_bytes_once() {
     for (name, t) in shared.var_store().variables() {
         let same = t.data_ptr() == policy[&name].data_ptr();
         assert_eq!(same, info.shared.contains(&name), "{name}");
-        assert_ne!(full.var_store().variables()[&name].data_ptr(), policy[&name].data_ptr(), "{name}");
+        assert_ne!(
+            full.var_store().variables()[&name].data_ptr(),
+            policy[&name].data_ptr(),
+            "{name}"
+        );
         if same {
             counted += (t.numel() * t.kind().elt_size_in_bytes()) as u64;
         }
     }
     assert_eq!(counted, info.shared_bytes);
-    let total: u64 = policy.values().map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64).sum();
-    assert!(info.shared_bytes > total / 2, "embeddings and 2 of 3 layers are most of the model");
+    let total: u64 = policy
+        .values()
+        .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+        .sum();
+    assert!(
+        info.shared_bytes > total / 2,
+        "embeddings and 2 of 3 layers are most of the model"
+    );
     // Same outputs: the reference computes what the policy computed when it was made.
     let ids = Tensor::from_slice(&[5i64, 6, 7, 8, 9]).view([1, 5]);
     let a = tch::no_grad(|| model.forward(&ids, None, None, None)).unwrap();
@@ -158,7 +191,9 @@ fn refused_calls_are_typed_errors() {
         (1, Some("transformer.h.{layers}"), "no other braces"),
         (1, Some(""), "must not be empty"),
     ] {
-        let err = create_reference_model(&model, Some(k), pattern).unwrap_err().to_string();
+        let err = create_reference_model(&model, Some(k), pattern)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(needle), "{k} {pattern:?}: {err}");
     }
     // Nothing was frozen by a refused call.
