@@ -115,21 +115,63 @@ impl CausalLmWithValueHead {
     /// afterwards). Every tensor's shape is checked against the config before anything of the
     /// config's size is allocated.
     pub fn from_parts(config: Value, tensors: Vec<(String, Tensor)>, options: &LoadOptions) -> Result<Self> {
+        Self::from_parts_with(config, tensors, options, None)
+    }
+
+    /// [`Self::from_parts`] with a LoRA adapter built into the targeted layers: its tensors
+    /// among `tensors` (our names), or fresh ones (peft's initialisation) when `fresh`.
+    pub(crate) fn from_parts_with(
+        config: Value,
+        mut tensors: Vec<(String, Tensor)>,
+        options: &LoadOptions,
+        adapter: Option<(&vh_core::lora::LoraConfig, bool)>,
+    ) -> Result<Self> {
         check_before_load(&config, options)?;
         let vs = VarStore::new(options.device);
         let build = BuildOptions {
             attn_implementation: options.attn_implementation,
             ..Default::default()
         };
-        // Placeholders until the checkpoint fills them (see `vh_core::param`).
-        let backbone = vh_core::param::deferred_for_checkpoint(tensors.len(), || {
-            vh_models::registry::build_causal(vs.root(), &config, &build)
-        })?;
+        // Placeholders until the checkpoint fills them (see `vh_core::param`); an adapter adds
+        // up to two parameters per adapted layer.
+        let cap = if adapter.is_some() {
+            tensors.len() * 4
+        } else {
+            tensors.len()
+        };
+        let build_backbone = || {
+            vh_core::param::deferred_for_checkpoint(cap, || {
+                vh_models::registry::build_causal(vs.root(), &config, &build)
+            })
+        };
+        let (backbone, built) = match adapter {
+            None => (build_backbone()?, None),
+            Some((lora, fresh)) => {
+                let (backbone, built) = vh_core::lora::with_adapter(lora, build_backbone)?;
+                if fresh {
+                    let have: std::collections::HashSet<String> = tensors.iter().map(|(n, _)| n.clone()).collect();
+                    for (name, t) in vs.variables() {
+                        if vh_core::lora::is_lora_parameter(&name) && !have.contains(&name) {
+                            let init = vh_core::lora::fresh_parameter(&name, &t.size(), options.device)?;
+                            tensors.push((name, init));
+                        }
+                    }
+                }
+                (backbone, Some((lora.clone(), built)))
+            }
+        };
         let hidden_size = backbone.hidden_size();
-        let wrapped = Wrapped::load(vs, config, tensors, options, hidden_size, |key| {
-            backbone.parameter_name(key)
+        let mut wrapped = Wrapped::load(vs, config, tensors, options, hidden_size, |key| {
+            if vh_core::lora::is_lora_parameter(key) {
+                Some(key.to_string())
+            } else {
+                backbone.parameter_name(key)
+            }
         })?;
         backbone.after_load()?;
+        if let Some((lora, built)) = built {
+            wrapped.adapter = Some(crate::lora::Adapter::new(lora, built, &wrapped.vs)?);
+        }
         Ok(Self { wrapped, backbone })
     }
 

@@ -56,6 +56,13 @@ pub fn create_reference_model(
     num_shared_layers: Option<usize>,
     pattern: Option<&str>,
 ) -> Result<(CausalLmWithValueHead, SharedParameters)> {
+    if model.wrapped.adapter.is_some() {
+        return Err(Error::InvalidOption(
+            "create_reference_model: this model has a LoRA adapter; its reference is the base model, \
+             reached with set_adapter_enabled(false) as TRL's PPO does, without a second copy"
+                .into(),
+        ));
+    }
     let backbone = model.backbone();
     // Parameters in PyTorch's order at layer granularity (names inside one position sorted,
     // which the whole-layer rule below makes irrelevant); the value head comes last, as TRL's

@@ -24,6 +24,8 @@ pub(crate) struct Wrapped {
     pub(crate) train: bool,
     /// The options it was loaded with (a reference model is built with the same).
     pub(crate) options: LoadOptions,
+    /// The LoRA adapter built into the backbone, if any.
+    pub(crate) adapter: Option<crate::lora::Adapter>,
 }
 
 /// Checks the options and config.json before anything is built: the device exists, the dtype
@@ -214,7 +216,11 @@ impl Wrapped {
                 );
             }
         }
-        cast_variables(&vs, options.dtype, |name| !name.starts_with(V_HEAD_PREFIX))?;
+        // The value head stays f32, as TRL's; LoRA adapters too, as peft keeps them for
+        // half-precision bases.
+        cast_variables(&vs, options.dtype, |name| {
+            !name.starts_with(V_HEAD_PREFIX) && !vh_core::lora::is_lora_parameter(name)
+        })?;
         release_freed_memory();
         Ok(Self {
             vs,
@@ -224,6 +230,7 @@ impl Wrapped {
             source_dir: None,
             train: false,
             options: options.clone(),
+            adapter: None,
         })
     }
 
@@ -297,6 +304,10 @@ macro_rules! wrapper_accessors {
             /// any point leaves `dir` as the old or the new checkpoint, and the next save removes
             /// what a killed one left (see [`vh_hub::checkpoint`]).
             pub fn save_pretrained(&self, dir: impl AsRef<std::path::Path>, max_shard_size: Option<u64>) -> Result<()> {
+                if let Some(adapter) = &self.wrapped.adapter {
+                    // TRL with a peft model: the adapter in peft's files, the value head beside it.
+                    return adapter.save(dir.as_ref(), &self.wrapped);
+                }
                 let tensors = vh_core::state::state_dict(&self.wrapped.vs);
                 vh_hub::write_checkpoint(
                     dir.as_ref(),
@@ -325,6 +336,9 @@ macro_rules! wrapper_accessors {
             /// Switches dropout on (train) or off (eval, the default).
             pub fn set_train(&mut self, train: bool) {
                 self.wrapped.train = train;
+                if let Some(adapter) = &self.wrapped.adapter {
+                    adapter.switches.set_train(train);
+                }
             }
 
             /// Whether the model is in train mode.

@@ -1,6 +1,7 @@
 //! Value-head math, shared tensor utilities and errors for the valuehead crates.
 
 pub mod error;
+pub mod lora;
 pub mod ops;
 pub mod param;
 pub mod state;

@@ -5,6 +5,7 @@
 
 use crate::activation::Activation;
 use tch::{nn, Kind, Tensor};
+use vh_core::lora::LoraBranch;
 use vh_core::ops::ScalarOps;
 use vh_core::Result;
 
@@ -15,10 +16,13 @@ pub struct Linear {
     pub weight: Tensor,
     /// [out], when the layer has one.
     pub bias: Option<Tensor>,
+    /// A LoRA adapter on this layer, when one was built in (`vh_core::lora::with_adapter`).
+    pub lora: Option<LoraBranch>,
 }
 
 impl Linear {
-    /// Creates `weight` (and `bias`) under `vs`, zero-filled until loaded.
+    /// Creates `weight` (and `bias`) under `vs`, zero-filled until loaded, and the layer's LoRA
+    /// adapter when an adapter being built in targets it.
     pub fn new(vs: nn::Path, in_dim: i64, out_dim: i64, bias: bool) -> Result<Self> {
         Ok(Self {
             weight: vh_core::param::var(&vs, "weight", &[out_dim, in_dim], nn::Init::Const(0.0))?,
@@ -27,12 +31,17 @@ impl Linear {
             } else {
                 None
             },
+            lora: LoraBranch::for_module(&vs, in_dim, out_dim, false)?,
         })
     }
 
     /// [..., in] -> [..., out].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.f_linear(&self.weight, self.bias.as_ref())?)
+        let out = x.f_linear(&self.weight, self.bias.as_ref())?;
+        match &self.lora {
+            None => Ok(out),
+            Some(lora) => Ok(lora.apply(x, out)?),
+        }
     }
 }
 
@@ -43,14 +52,18 @@ pub struct Conv1D {
     pub weight: Tensor,
     /// [out].
     pub bias: Tensor,
+    /// A LoRA adapter on this layer (peft's `fan_in_fan_out` case), when one was built in.
+    pub lora: Option<LoraBranch>,
 }
 
 impl Conv1D {
-    /// Creates `weight` [in, out] and `bias` [out] under `vs`, zero-filled until loaded.
+    /// Creates `weight` [in, out] and `bias` [out] under `vs`, zero-filled until loaded, and the
+    /// layer's LoRA adapter when an adapter being built in targets it.
     pub fn new(vs: nn::Path, in_dim: i64, out_dim: i64) -> Result<Self> {
         Ok(Self {
             weight: vh_core::param::var(&vs, "weight", &[in_dim, out_dim], nn::Init::Const(0.0))?,
             bias: vh_core::param::var(&vs, "bias", &[out_dim], nn::Init::Const(0.0))?,
+            lora: LoraBranch::for_module(&vs, in_dim, out_dim, true)?,
         })
     }
 
@@ -82,7 +95,11 @@ impl Conv1D {
         let in_dim = *size.last().unwrap_or(&0);
         let out = self.bias.f_addmm(&x.f_reshape([-1, in_dim])?, &self.weight)?;
         *size.last_mut().expect("non-scalar input") = self.weight.size()[1];
-        Ok(out.f_view(size.as_slice())?)
+        let out = out.f_view(size.as_slice())?;
+        match &self.lora {
+            None => Ok(out),
+            Some(lora) => Ok(lora.apply(x, out)?),
+        }
     }
 }
 

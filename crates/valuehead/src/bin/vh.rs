@@ -37,6 +37,10 @@ struct ModelArgs {
     /// `v_head_init_strategy=normal`, `v_head_initializer_range=0.2` (repeatable).
     #[arg(long = "option", value_name = "NAME=VALUE")]
     options: Vec<String>,
+    /// A peft LoRA adapter folder (adapter_config.json + adapter_model.safetensors, as peft or
+    /// TRL save it) applied to --model; a value head saved beside it (TRL's layout) is used.
+    #[arg(long, value_name = "DIR")]
+    adapter: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -156,8 +160,12 @@ fn load(args: &ModelArgs) -> Result<(ValueHeadModel, PathBuf)> {
         options.hub.revision = args.revision.clone();
     }
     let folder = vh_hub::resolve_model(&args.model, &options.hub).with_context(|| format!("finding {}", args.model))?;
-    let model = ValueHeadModel::from_folder(&folder, &options)
-        .with_context(|| format!("loading the model from {}", folder.display()))?;
+    let model = match &args.adapter {
+        None => ValueHeadModel::from_folder(&folder, &options),
+        Some(adapter) => valuehead::CausalLmWithValueHead::from_folder_with_adapter(&folder, adapter, &options)
+            .map(ValueHeadModel::Causal),
+    }
+    .with_context(|| format!("loading the model from {}", folder.display()))?;
     Ok((model, folder))
 }
 
@@ -181,6 +189,9 @@ fn forward(model: &ModelArgs, inputs: &Path, out: &Path) -> Result<()> {
 }
 
 fn reward(args: &ModelArgs, inputs: &Path, out: &Path) -> Result<()> {
+    if args.adapter.is_some() {
+        bail!("--adapter is for value-head models (forward, score, generate); reward adapters are not supported by `vh reward`");
+    }
     vh_hub::files::check_output_path(out)?;
     let mut options = LoadOptions::from_pairs(args.options.iter().map(String::as_str))?;
     options.dtype = parse_dtype(&args.dtype)?;
