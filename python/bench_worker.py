@@ -28,7 +28,14 @@ import time
 import torch
 import transformers
 import trl
-from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration, Trainer
+from transformers import (
+    AutoModelForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    T5Config,
+    T5ForConditionalGeneration,
+    Trainer,
+)
 from trl import AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead
 
 # The bench's models: seeded random weights (HF's own initialisation).
@@ -80,6 +87,8 @@ class Worker:
 
     def load(self, model_dir, dtype):
         self.model = None
+        self.reward_model = None
+        self.model_dir, self.dtype = model_dir, dtype
         config = json.load(open(os.path.join(model_dir, "config.json")))
         self.seq2seq = config.get("model_type") == "t5"
         cls = AutoModelForSeq2SeqLMWithValueHead if self.seq2seq else AutoModelForCausalLMWithValueHead
@@ -99,6 +108,17 @@ class Worker:
         if "decoder_input_ids" in task:
             self.decoder_input_ids = torch.tensor(task["decoder_input_ids"], dtype=torch.long)
         self.optimizer = None
+        self.reward_model = None
+        if task["type"] == "reward":
+            # AutoModelForSequenceClassification of the same folder, one label, its score the
+            # value head's weight (the Rust worker builds the same).
+            rm = AutoModelForSequenceClassification.from_pretrained(self.model_dir, num_labels=1,
+                                                                    pad_token_id=self.pad)
+            with torch.no_grad():
+                rm.score.weight.copy_(self.model.v_head.summary.weight.float())
+            if self.dtype == "bf16":
+                rm = rm.to(torch.bfloat16)
+            self.reward_model = rm.eval()
         if task["type"] == "train":
             if self.seq2seq:
                 raise ValueError("the train task is for causal models")
@@ -149,6 +169,9 @@ class Worker:
         if kind == "train":
             return self.train_step()
         with torch.inference_mode():
+            if kind == "reward":
+                logits = self.reward_model(input_ids=self.input_ids, attention_mask=self.attention_mask).logits
+                return {"rewards_sum": float(logits.float().sum())}
             if kind == "forward":
                 if self.seq2seq:
                     logits, _, values = self.model(

@@ -103,7 +103,7 @@ struct Workload {
 impl Workload {
     fn name(&self) -> String {
         match self.task.as_str() {
-            "forward" | "train" => format!("{} b{}x{}", self.task, self.batch, self.len),
+            "forward" | "train" | "reward" => format!("{} b{}x{}", self.task, self.batch, self.len),
             t => format!("{t} b{} {}+{}", self.batch, self.len, self.max_new),
         }
     }
@@ -111,7 +111,7 @@ impl Workload {
     /// Tokens produced (or scored) per run, for throughput.
     fn tokens(&self) -> usize {
         match self.task.as_str() {
-            "forward" | "train" => self.batch * self.len,
+            "forward" | "train" | "reward" => self.batch * self.len,
             _ => self.batch * self.max_new,
         }
     }
@@ -121,7 +121,7 @@ impl Workload {
         let toy = self.model.ends_with("-toy");
         match (self.task.as_str(), self.model.as_str(), self.batch) {
             ("forward", _, _) => Some(1.0),
-            ("train", _, _) if !toy => Some(1.0),
+            ("train" | "reward", _, _) if !toy => Some(1.0),
             ("generate", _, 1) if toy => Some(4.0),
             ("generate", "t5-small", 1) => Some(1.4),
             ("generate", "gpt2-small", 1) => Some(1.1),
@@ -149,9 +149,13 @@ fn workloads(o: &Options, smollm2: bool) -> Vec<Workload> {
         for dtype in dtypes {
             // A train step (forward + backward + AdamW) last: it changes the weights, which the
             // next precision reloads.
-            for task in ["forward", "generate", "rollout", "train"] {
+            for task in ["forward", "generate", "rollout", "reward", "train"] {
                 let train_batches: &[usize] = if o.quick { &[1] } else { &[8] };
-                let task_batches = if task == "train" { train_batches } else { batches };
+                let task_batches = if matches!(task, "train" | "reward") {
+                    train_batches
+                } else {
+                    batches
+                };
                 // Training is timed on the causal models the issue names (the toy GPT-2 only as
                 // the smoke test's).
                 let trains = if o.quick {
@@ -159,12 +163,13 @@ fn workloads(o: &Options, smollm2: bool) -> Vec<Workload> {
                 } else {
                     matches!(model, "gpt2-small" | "smollm2")
                 };
-                if task == "train" && !trains {
+                // Reward models (sequence classification) are decoder-only, as training here.
+                if matches!(task, "train" | "reward") && !trains {
                     continue;
                 }
                 for &batch in task_batches {
                     let (len, max_new) = match task {
-                        "forward" | "train" => (scored, 0),
+                        "forward" | "train" | "reward" => (scored, 0),
                         _ => (prompt, new),
                     };
                     out.push(Workload {
@@ -673,8 +678,14 @@ fn numerics(rows: &[Row]) -> Vec<Value> {
                         .abs(),
                 )
             };
+            // The reward model's scores summed over the batch (same weights and inputs).
+            let rewards = |dtype: &str| {
+                let r = find(model, dtype, "reward", 8).or_else(|| find(model, dtype, "reward", 1))?;
+                Some((r.ours_check.get("rewards_sum")?.as_f64()? - r.python_check.get("rewards_sum")?.as_f64()?).abs())
+            };
             json!({
                 "model": model,
+                "reward_sum_ours_vs_python_f32": rewards("f32"),
                 "train_first_lm_loss_ours_vs_python_f32": first_lm("f32"),
                 "train_first_lm_loss_ours_vs_python_bf16": first_lm("bf16"),
                 "f32_logits_ours_vs_python": diff(logits("f32", false), logits("f32", true)),
@@ -693,10 +704,10 @@ fn render_numerics(numerics: &[Value]) -> String {
     let pct = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{:.0}%", x * 100.0));
     let mut s =
         "\nnumerics (max abs difference of the last position's logits, batch-1 forward; greedy tokens shared;\n\
-         train: first step's LM loss, ours - python)\n"
+         train: first step's LM loss, ours - python; reward: summed scores of the batch, ours - python)\n"
             .to_string();
     s += &format!(
-        "{:<10} {:>14} {:>15} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14}\n",
+        "{:<10} {:>14} {:>15} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14}\n",
         "model",
         "f32 ours-py",
         "bf16 ours-py",
@@ -705,11 +716,12 @@ fn render_numerics(numerics: &[Value]) -> String {
         "greedy b1",
         "greedy b8",
         "train f32",
-        "train bf16"
+        "train bf16",
+        "reward f32"
     );
     for n in numerics {
         s += &format!(
-            "{:<10} {:>14} {:>15} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14}\n",
+            "{:<10} {:>14} {:>15} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14}\n",
             n["model"].as_str().unwrap_or(""),
             num(&n["f32_logits_ours_vs_python"]),
             num(&n["bf16_logits_ours_vs_python"]),
@@ -719,6 +731,7 @@ fn render_numerics(numerics: &[Value]) -> String {
             pct(&n["bf16_vs_f32_greedy_agreement_ours_b8"]),
             num(&n["train_first_lm_loss_ours_vs_python_f32"]),
             num(&n["train_first_lm_loss_ours_vs_python_bf16"]),
+            num(&n["reward_sum_ours_vs_python_f32"]),
         );
     }
     s
@@ -733,7 +746,7 @@ fn write_atomic(path: &Path, contents: String) -> Result<()> {
 
 /// Batch-1 decode throughput bound by memory: bandwidth / bytes of weights per step.
 fn decode_bound(row: &Row, bandwidth: f64) -> Option<f64> {
-    (row.workload.task != "forward" && row.workload.batch == 1 && row.decode_bytes > 0.0)
+    (matches!(row.workload.task.as_str(), "generate" | "rollout") && row.workload.batch == 1 && row.decode_bytes > 0.0)
         .then(|| bandwidth * 1e9 / row.decode_bytes)
 }
 

@@ -27,12 +27,41 @@ struct Task {
     attention_mask: Tensor,
     decoder_input_ids: Option<Tensor>,
     generation: GenerationConfig,
+    /// The `reward` task's model: AutoModelForSequenceClassification of the loaded folder, one
+    /// label, its `score` the value head's weight (the same on both sides).
+    reward_model: Option<valuehead::SequenceClassifier>,
 }
 
 #[derive(Default)]
 struct Worker {
     model: Option<ValueHeadModel>,
     task: Option<Task>,
+    /// The loaded folder and its options (the reward task loads it again as a classifier).
+    loaded: Option<(String, LoadOptions)>,
+}
+
+/// The loaded value-head folder as a one-label sequence classifier, as the Python worker builds
+/// it: `score.weight` = `v_head.summary.weight`, pad token = eos when the config has none.
+fn reward_model(dir: &str, options: &LoadOptions) -> Result<valuehead::SequenceClassifier> {
+    let folder = vh_hub::ModelFolder::open(std::path::Path::new(dir))?;
+    let mut config = folder.config()?;
+    if config.get("pad_token_id").is_none_or(Value::is_null) {
+        config["pad_token_id"] = config["eos_token_id"].clone();
+    }
+    config["num_labels"] = json!(1);
+    if let Some(map) = config.as_object_mut() {
+        map.remove("id2label");
+        map.remove("label2id");
+    }
+    let mut tensors = Vec::new();
+    for (name, t) in folder.tensors()? {
+        if name == "v_head.summary.weight" {
+            tensors.push(("score.weight".to_string(), t));
+        } else if !name.starts_with("v_head.") {
+            tensors.push((name, t));
+        }
+    }
+    Ok(valuehead::SequenceClassifier::from_parts(config, tensors, options)?)
 }
 
 fn ids(value: &Value, key: &str) -> Result<Tensor> {
@@ -105,6 +134,7 @@ impl Worker {
         let model = ValueHeadModel::from_folder(dir, &options)?;
         let bytes = decode_bytes(&model);
         self.model = Some(model);
+        self.loaded = Some((dir.to_string(), options));
         Ok(json!({"decode_bytes": bytes}))
     }
 
@@ -128,6 +158,12 @@ impl Worker {
         generation.do_sample = false;
         let kind = task["type"].as_str().context("type")?.to_string();
         let train = kind == "train";
+        let reward_model = if kind == "reward" {
+            let (dir, options) = self.loaded.as_ref().context("no model loaded")?;
+            Some(reward_model(dir, options)?)
+        } else {
+            None
+        };
         let model = self.model.as_mut().ok_or_else(|| anyhow!("no model loaded"))?;
         let training = match model {
             ValueHeadModel::Causal(m) => {
@@ -162,6 +198,7 @@ impl Worker {
             attention_mask,
             decoder_input_ids,
             generation,
+            reward_model,
         });
         std::fs::write("/proc/self/clear_refs", "5").context("resetting the peak RSS")?;
         self.run_once()?;
@@ -225,6 +262,11 @@ impl Worker {
                         check["values_sum"] = json!(sum(&out.values)?);
                     }
                     Ok(check)
+                }
+                ("reward", _) => {
+                    let rm = task.reward_model.as_ref().context("reward task not prepared")?;
+                    let out = rm.forward(&task.input_ids, Some(&task.attention_mask))?;
+                    Ok(json!({"rewards_sum": sum(&out.rewards)?}))
                 }
                 (other, _) => bail!("unknown task type {other}"),
             }

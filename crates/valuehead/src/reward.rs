@@ -76,22 +76,8 @@ fn check_config(config: &Value, options: &LoadOptions) -> Result<()> {
             arch.model_type
         )));
     }
-    let archs = config
-        .get("architectures")
-        .and_then(Value::as_array)
-        .filter(|a| !a.is_empty());
-    if let Some(archs) = archs {
-        if !archs
-            .iter()
-            .filter_map(Value::as_str)
-            .any(|a| a.ends_with("ForSequenceClassification"))
-        {
-            return Err(Error::InvalidOption(format!(
-                "config.json lists architectures {} and none is a *ForSequenceClassification model",
-                config["architectures"]
-            )));
-        }
-    }
+    // `architectures` naming another head (a causal LM folder) is allowed, as in transformers:
+    // what matters is that the checkpoint holds `score.weight`, checked when loading.
     Ok(())
 }
 
