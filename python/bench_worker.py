@@ -13,7 +13,8 @@ A long-lived worker driven by the bench over stdin/stdout, one JSON object per l
 TASK: {"type": "forward"|"generate"|"rollout"|"train", "input_ids": [[...]], "decoder_input_ids": [[...]]
 (seq2seq forward), "max_new_tokens": N}. Everything but "train" runs under torch.inference_mode(),
 with the model in eval mode and its default attention implementation (what a TRL user gets).
-"train" (causal models) is one training step in train mode: TRL's forward with labels = input_ids,
+"train" (causal models) is one training step in train mode ("lora": the same with a fresh peft
+LoRA adapter, r=16 on every linear layer, only the adapter and value head trained): TRL's forward with labels = input_ids,
 loss = LM loss + 0.5 * mean squared value error (targets 0), backward, and torch.optim.AdamW
 (lr 1e-5, weight decay 0.01 except HF Trainer's no-decay parameters), gradients zeroed.
 
@@ -119,12 +120,25 @@ class Worker:
             if self.dtype == "bf16":
                 rm = rm.to(torch.bfloat16)
             self.reward_model = rm.eval()
-        if task["type"] == "train":
+        self.lora_model = None
+        self.trained = self.model
+        if task["type"] == "lora":
+            # TRL with a peft config: a fresh LoRA adapter (r=16, every linear layer) on the base
+            # (loaded again, in the task's dtype; peft keeps the adapter in f32).
+            from peft import LoraConfig
+
+            dtype = torch.bfloat16 if self.dtype == "bf16" else torch.float32
+            config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+            self.lora_model = AutoModelForCausalLMWithValueHead.from_pretrained(
+                self.model_dir, peft_config=config, dtype=dtype
+            )
+            self.trained = self.lora_model
+        if task["type"] in ("train", "lora"):
             if self.seq2seq:
                 raise ValueError("the train task is for causal models")
-            self.model.train()
-            decay = set(Trainer.get_decay_parameter_names(None, self.model))
-            params = list(self.model.named_parameters())
+            self.trained.train()
+            decay = set(Trainer.get_decay_parameter_names(None, self.trained))
+            params = [(n, p) for n, p in self.trained.named_parameters() if p.requires_grad]
             groups = [
                 {"params": [p for n, p in params if n in decay], "weight_decay": 0.01},
                 {"params": [p for n, p in params if n not in decay], "weight_decay": 0.0},
@@ -149,7 +163,7 @@ class Worker:
         )
 
     def train_step(self):
-        logits, lm_loss, values = self.model(
+        logits, lm_loss, values = self.trained(
             input_ids=self.input_ids, attention_mask=self.attention_mask, labels=self.input_ids
         )
         mask = self.attention_mask.to(values.dtype)
@@ -166,7 +180,7 @@ class Worker:
 
     def run_once(self):
         kind = self.task["type"]
-        if kind == "train":
+        if kind in ("train", "lora"):
             return self.train_step()
         with torch.inference_mode():
             if kind == "reward":

@@ -103,7 +103,7 @@ struct Workload {
 impl Workload {
     fn name(&self) -> String {
         match self.task.as_str() {
-            "forward" | "train" | "reward" => format!("{} b{}x{}", self.task, self.batch, self.len),
+            "forward" | "train" | "reward" | "lora" => format!("{} b{}x{}", self.task, self.batch, self.len),
             t => format!("{t} b{} {}+{}", self.batch, self.len, self.max_new),
         }
     }
@@ -111,7 +111,7 @@ impl Workload {
     /// Tokens produced (or scored) per run, for throughput.
     fn tokens(&self) -> usize {
         match self.task.as_str() {
-            "forward" | "train" | "reward" => self.batch * self.len,
+            "forward" | "train" | "reward" | "lora" => self.batch * self.len,
             _ => self.batch * self.max_new,
         }
     }
@@ -121,7 +121,7 @@ impl Workload {
         let toy = self.model.ends_with("-toy");
         match (self.task.as_str(), self.model.as_str(), self.batch) {
             ("forward", _, _) => Some(1.0),
-            ("train" | "reward", _, _) if !toy => Some(1.0),
+            ("train" | "reward" | "lora", _, _) if !toy => Some(1.0),
             ("generate", _, 1) if toy => Some(4.0),
             ("generate", "t5-small", 1) => Some(1.4),
             ("generate", "gpt2-small", 1) => Some(1.1),
@@ -149,9 +149,9 @@ fn workloads(o: &Options, smollm2: bool) -> Vec<Workload> {
         for dtype in dtypes {
             // A train step (forward + backward + AdamW) last: it changes the weights, which the
             // next precision reloads.
-            for task in ["forward", "generate", "rollout", "reward", "train"] {
+            for task in ["forward", "generate", "rollout", "reward", "lora", "train"] {
                 let train_batches: &[usize] = if o.quick { &[1] } else { &[8] };
-                let task_batches = if matches!(task, "train" | "reward") {
+                let task_batches = if matches!(task, "train" | "reward" | "lora") {
                     train_batches
                 } else {
                     batches
@@ -164,12 +164,12 @@ fn workloads(o: &Options, smollm2: bool) -> Vec<Workload> {
                     matches!(model, "gpt2-small" | "smollm2")
                 };
                 // Reward models (sequence classification) are decoder-only, as training here.
-                if matches!(task, "train" | "reward") && !trains {
+                if matches!(task, "train" | "reward" | "lora") && !trains {
                     continue;
                 }
                 for &batch in task_batches {
                     let (len, max_new) = match task {
-                        "forward" | "train" | "reward" => (scored, 0),
+                        "forward" | "train" | "reward" | "lora" => (scored, 0),
                         _ => (prompt, new),
                     };
                     out.push(Workload {

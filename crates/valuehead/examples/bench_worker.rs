@@ -30,6 +30,9 @@ struct Task {
     /// The `reward` task's model: AutoModelForSequenceClassification of the loaded folder, one
     /// label, its `score` the value head's weight (the same on both sides).
     reward_model: Option<valuehead::SequenceClassifier>,
+    /// The `lora` task's model: the loaded folder with a fresh LoRA adapter (r=16, every linear
+    /// layer), trained instead of the full model.
+    lora_model: Option<valuehead::CausalLmWithValueHead>,
 }
 
 #[derive(Default)]
@@ -157,7 +160,18 @@ impl Worker {
         }
         generation.do_sample = false;
         let kind = task["type"].as_str().context("type")?.to_string();
-        let train = kind == "train";
+        let train = kind == "train" || kind == "lora";
+        let mut lora_model = if kind == "lora" {
+            let (dir, options) = self.loaded.as_ref().context("no model loaded")?;
+            let config = valuehead::LoraConfig::from_json(&json!({
+                "peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": "all-linear", "task_type": "CAUSAL_LM"
+            }))?;
+            Some(valuehead::CausalLmWithValueHead::with_new_adapter(
+                dir, &config, options,
+            )?)
+        } else {
+            None
+        };
         let reward_model = if kind == "reward" {
             let (dir, options) = self.loaded.as_ref().context("no model loaded")?;
             Some(reward_model(dir, options)?)
@@ -166,6 +180,20 @@ impl Worker {
         };
         let model = self.model.as_mut().ok_or_else(|| anyhow!("no model loaded"))?;
         let training = match model {
+            _ if lora_model.is_some() => {
+                let m = lora_model.as_mut().expect("checked");
+                m.set_train(true);
+                let config = vh_train::AdamWConfig {
+                    lr: 1e-5,
+                    weight_decay: 0.01,
+                    ..Default::default()
+                };
+                Some(std::cell::RefCell::new(Training {
+                    optimizer: vh_train::AdamW::hf(m.var_store(), config)?,
+                    value_targets: input_ids.zeros_like().to_kind(Kind::Float),
+                    first_lm_loss: None,
+                }))
+            }
             ValueHeadModel::Causal(m) => {
                 m.set_train(train);
                 if train {
@@ -199,6 +227,7 @@ impl Worker {
             decoder_input_ids,
             generation,
             reward_model,
+            lora_model,
         });
         std::fs::write("/proc/self/clear_refs", "5").context("resetting the peak RSS")?;
         self.run_once()?;
@@ -207,8 +236,10 @@ impl Worker {
 
     /// One training step: forward with labels, LM + value loss, backward, AdamW, zero grad.
     fn train_step(task: &Task, model: &ValueHeadModel) -> Result<Value> {
-        let ValueHeadModel::Causal(m) = model else {
-            bail!("the train task is for causal models");
+        let m = match (&task.lora_model, model) {
+            (Some(lora), _) => lora,
+            (None, ValueHeadModel::Causal(m)) => m,
+            _ => bail!("the train task is for causal models"),
         };
         let mut training = task.training.as_ref().context("train task not prepared")?.borrow_mut();
         let out = m.forward(&task.input_ids, Some(&task.attention_mask), None, Some(&task.input_ids))?;
@@ -231,7 +262,7 @@ impl Worker {
     fn run_once(&self) -> Result<Value> {
         let task = self.task.as_ref().ok_or_else(|| anyhow!("no task prepared"))?;
         let model = self.model()?;
-        if task.kind == "train" {
+        if task.kind == "train" || task.kind == "lora" {
             return Self::train_step(task, model);
         }
         tch::no_grad(|| -> Result<Value> {
