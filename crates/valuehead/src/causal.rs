@@ -124,7 +124,7 @@ impl CausalLmWithValueHead {
         config: Value,
         mut tensors: Vec<(String, Tensor)>,
         options: &LoadOptions,
-        adapter: Option<(&vh_core::lora::LoraConfig, bool)>,
+        adapter: Option<crate::lora::AdapterSpec<'_>>,
     ) -> Result<Self> {
         check_before_load(&config, options)?;
         let vs = VarStore::new(options.device);
@@ -146,18 +146,22 @@ impl CausalLmWithValueHead {
         };
         let (backbone, built) = match adapter {
             None => (build_backbone()?, None),
-            Some((lora, fresh)) => {
-                let (backbone, built) = vh_core::lora::with_adapter(lora, build_backbone)?;
-                if fresh {
+            Some(spec) => {
+                let mut named = vec![(vh_core::lora::DEFAULT_ADAPTER, spec.policy)];
+                if let Some((reward, _)) = &spec.reward {
+                    named.push((crate::lora::REWARD_ADAPTER, reward));
+                }
+                let (backbone, built) = vh_core::lora::with_adapters(&named, build_backbone)?;
+                if spec.fresh {
                     let have: std::collections::HashSet<String> = tensors.iter().map(|(n, _)| n.clone()).collect();
                     for (name, t) in vs.variables() {
-                        if vh_core::lora::is_lora_parameter(&name) && !have.contains(&name) {
+                        if vh_core::lora::is_default_lora_parameter(&name) && !have.contains(&name) {
                             let init = vh_core::lora::fresh_parameter(&name, &t.size(), options.device)?;
                             tensors.push((name, init));
                         }
                     }
                 }
-                (backbone, Some((lora.clone(), built)))
+                (backbone, Some((spec, built)))
             }
         };
         let hidden_size = backbone.hidden_size();
@@ -169,10 +173,25 @@ impl CausalLmWithValueHead {
             }
         })?;
         backbone.after_load()?;
-        if let Some((lora, built)) = built {
-            wrapped.adapter = Some(crate::lora::Adapter::new(lora, built, &wrapped.vs)?);
+        if let Some((spec, built)) = built {
+            wrapped.adapter = Some(crate::lora::Adapter::new(spec, built, &wrapped.vs)?);
         }
         Ok(Self { wrapped, backbone })
+    }
+
+    /// The backbone's last hidden state [B, T, hidden] (after the final norm, HF's
+    /// `hidden_states[-1]`) with TRL's default position ids, in eval mode.
+    pub(crate) fn last_hidden_state(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        expect_rank(input_ids, "input_ids", 2)?;
+        let inputs = prepare_causal(
+            input_ids,
+            attention_mask,
+            None,
+            None,
+            self.limits(),
+            self.wrapped.vs.device(),
+        )?;
+        Ok(self.backbone.forward_hidden(&inputs, false)?.0)
     }
 
     /// Runs the model. `attention_mask` covers cached and new tokens; `labels` add the loss.

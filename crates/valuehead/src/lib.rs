@@ -92,7 +92,7 @@ pub use causal::{CausalLmInput, CausalLmOutput, CausalLmWithValueHead};
 pub use chat::{apply_chat_template, Message};
 pub use error::{Error, Result};
 pub use generation::{GenerateOutput, GenerateTimings, GenerationConfig};
-pub use lora::{LoraBias, LoraConfig, TargetModules};
+pub use lora::{LoraBias, LoraConfig, PolicyAdapter, TargetModules, REWARD_ADAPTER};
 pub use options::{parse_device, parse_dtype, LoadOptions};
 pub use reference::{create_reference_model, create_seq2seq_reference_model, SharedParameters, LAYER_PATTERNS};
 pub use reward::{SequenceClassifier, SequenceClassifierOutput};

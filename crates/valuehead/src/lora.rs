@@ -17,11 +17,37 @@ use serde_json::Value;
 use std::collections::BTreeSet;
 use std::path::Path;
 use tch::{nn::VarStore, Tensor};
-use vh_core::lora::{is_lora_parameter, AdapterSwitches, BuiltAdapter};
+use vh_core::lora::{is_default_lora_parameter as is_lora_parameter, AdapterSwitches, BuiltAdapter};
 pub use vh_core::lora::{LoraBias, LoraConfig, TargetModules};
 
 /// peft's prefix of every saved tensor name (`PeftModel.base_model.model`).
 const PEFT_PREFIX: &str = "base_model.model.";
+
+/// The name TRL gives the reward adapter on the policy's backbone (`rm_adapter_name`).
+pub const REWARD_ADAPTER: &str = "reward_adapter";
+
+/// What to build into a model: the policy adapter (fresh or loaded) and optionally TRL's
+/// reward adapter with its score head.
+pub(crate) struct AdapterSpec<'a> {
+    pub(crate) policy: &'a LoraConfig,
+    pub(crate) fresh: bool,
+    pub(crate) reward: Option<(&'a LoraConfig, RewardHead)>,
+}
+
+/// The reward adapter's score layer (`nn.Linear(hidden, num_labels)`), frozen.
+#[derive(Debug)]
+pub(crate) struct RewardHead {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+/// TRL's reward adapter: a second LoRA adapter on the same backbone (frozen, off except
+/// inside `compute_reward_score`) and its score head.
+#[derive(Debug)]
+pub(crate) struct RewardAdapter {
+    switches: AdapterSwitches,
+    head: RewardHead,
+}
 
 /// The adapter built into a model.
 #[derive(Debug)]
@@ -32,17 +58,33 @@ pub(crate) struct Adapter {
     /// Adapted modules whose base weight is [in, out] (Conv1D).
     pub(crate) transposed: BTreeSet<String>,
     pub(crate) switches: AdapterSwitches,
+    /// TRL's reward adapter, when one was loaded.
+    pub(crate) reward: Option<RewardAdapter>,
 }
 
 impl Adapter {
-    /// Records the adapter and freezes everything peft freezes: only the adapter's
-    /// parameters, `modules_to_save`, the biases `bias` selects and the value head train.
-    pub(crate) fn new(config: LoraConfig, built: BuiltAdapter, vs: &VarStore) -> Result<Self> {
+    /// Records the adapters and freezes everything peft freezes: only the policy adapter's
+    /// parameters, `modules_to_save`, the biases `bias` selects and the value head train (the
+    /// reward adapter is loaded frozen, as TRL loads it).
+    pub(crate) fn new(spec: AdapterSpec<'_>, built: Vec<BuiltAdapter>, vs: &VarStore) -> Result<Self> {
+        let mut built = built.into_iter();
+        let policy = built.next().expect("the policy adapter is built first");
+        let reward = match (spec.reward, built.next()) {
+            (Some((_, head)), Some(b)) => {
+                b.switches.set_enabled(false);
+                Some(RewardAdapter {
+                    switches: b.switches,
+                    head,
+                })
+            }
+            _ => None,
+        };
         let adapter = Self {
-            adapted: built.adapted.into_iter().collect(),
-            transposed: built.transposed.into_iter().collect(),
-            switches: built.switches,
-            config,
+            adapted: policy.adapted.into_iter().collect(),
+            transposed: policy.transposed.into_iter().collect(),
+            switches: policy.switches,
+            config: spec.policy.clone(),
+            reward,
         };
         let variables = vs.variables();
         for target in &adapter.config.modules_to_save {
@@ -80,7 +122,7 @@ impl Adapter {
     /// finds them for `bias="all"` and misses them for `bias="lora_only"` (it looks for
     /// `<module>.bias`), and so do we, so that both write the same files.
     fn saved_name(&self, name: &str) -> Option<String> {
-        if name.starts_with(V_HEAD_PREFIX) {
+        if name.starts_with(V_HEAD_PREFIX) || (vh_core::lora::is_lora_parameter(name) && !is_lora_parameter(name)) {
             return None;
         }
         let module = Self::module_of(name);
@@ -127,6 +169,16 @@ impl Adapter {
         vh_hub::write_safetensors(&dir.join("model.safetensors"), &head)?;
         Ok(())
     }
+}
+
+/// Where the policy adapter of [`CausalLmWithValueHead::from_folder_with_reward_adapter`]
+/// comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum PolicyAdapter<'a> {
+    /// A new adapter of this config (TRL's `peft_config`).
+    Fresh(&'a LoraConfig),
+    /// A saved adapter folder.
+    Folder(&'a Path),
 }
 
 /// An adapter folder read from disk: its config, its tensors under our parameter names, and the
@@ -241,7 +293,12 @@ impl CausalLmWithValueHead {
             .collect();
         tensors.extend(folder.tensors);
         tensors.extend(folder.v_head);
-        let mut model = Self::from_parts_with(contents.config, tensors, options, Some((&folder.config, false)))?;
+        let spec = AdapterSpec {
+            policy: &folder.config,
+            fresh: false,
+            reward: None,
+        };
+        let mut model = Self::from_parts_with(contents.config, tensors, options, Some(spec))?;
         // Every adapted layer must have found its adapter tensors (a missing one is a
         // placeholder the loader reports), so nothing more to check here.
         model.wrapped.generation_config = contents.generation_config;
@@ -268,10 +325,121 @@ impl CausalLmWithValueHead {
     /// `from_pretrained(base, peft_config=config)` / peft's `get_peft_model`.
     pub fn with_new_adapter(base: impl AsRef<Path>, config: &LoraConfig, options: &LoadOptions) -> Result<Self> {
         let contents = read_folder(base.as_ref())?;
-        let mut model = Self::from_parts_with(contents.config, contents.tensors, options, Some((config, true)))?;
+        let spec = AdapterSpec {
+            policy: config,
+            fresh: true,
+            reward: None,
+        };
+        let mut model = Self::from_parts_with(contents.config, contents.tensors, options, Some(spec))?;
         model.wrapped.generation_config = contents.generation_config;
         model.wrapped.source_dir = Some(base.as_ref().to_path_buf());
         Ok(model)
+    }
+
+    /// Loads `base` with a policy adapter and TRL's reward adapter, as TRL's
+    /// `from_pretrained(..., peft_config=... or an adapter folder, reward_adapter=DIR)`: the
+    /// policy adapter from the folder `policy` or fresh from a config; the reward adapter (a
+    /// peft adapter trained for sequence classification: its LoRA tensors and `score` head) from
+    /// `reward_adapter`, frozen and switched on only by [`Self::compute_reward_score`].
+    pub fn from_folder_with_reward_adapter(
+        base: impl AsRef<Path>,
+        policy: PolicyAdapter<'_>,
+        reward_adapter: impl AsRef<Path>,
+        options: &LoadOptions,
+    ) -> Result<Self> {
+        let contents = read_folder(base.as_ref())?;
+        let rm = read_adapter_folder(reward_adapter.as_ref())?;
+        // The score head: TRL takes every tensor whose name contains `score`, keyed by its
+        // last name component.
+        let mut weight = None;
+        let mut bias = None;
+        let mut rm_tensors = Vec::new();
+        for (name, t) in rm.tensors {
+            if name.split('.').any(|c| c == "score") {
+                match name.rsplit('.').next() {
+                    Some("weight") => weight = Some(t),
+                    Some("bias") => bias = Some(t),
+                    _ => {}
+                }
+            } else if let Some(rest) = name.strip_suffix(".weight").filter(|_| is_lora_parameter(&name)) {
+                rm_tensors.push((format!("{rest}.{REWARD_ADAPTER}.weight"), t));
+            }
+        }
+        let weight = weight.ok_or_else(|| {
+            Error::InvalidOption(format!(
+                "{}: the reward adapter has no `score` tensor (train it for sequence classification)",
+                reward_adapter.as_ref().display()
+            ))
+        })?;
+        let device = options.device;
+        let head = RewardHead {
+            weight: weight.f_to_device(device)?.f_to_kind(options.dtype)?,
+            bias: bias
+                .map(|b| b.f_to_device(device)?.f_to_kind(options.dtype))
+                .transpose()?,
+        };
+        let mut rm_config = rm.config.clone();
+        // The classification head is the score layer above, not a module of this model.
+        rm_config.modules_to_save.clear();
+        let (policy_config, fresh, mut tensors) = match policy {
+            PolicyAdapter::Fresh(config) => (config.clone(), true, contents.tensors),
+            PolicyAdapter::Folder(dir) => {
+                let folder = read_adapter_folder(dir)?;
+                let replaced: BTreeSet<String> = folder
+                    .tensors
+                    .iter()
+                    .chain(&folder.v_head)
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                let mut tensors: Vec<(String, Tensor)> = contents
+                    .tensors
+                    .into_iter()
+                    .filter(|(n, _)| !replaced.contains(n))
+                    .collect();
+                tensors.extend(folder.tensors);
+                tensors.extend(folder.v_head);
+                (folder.config, false, tensors)
+            }
+        };
+        tensors.extend(rm_tensors);
+        let spec = AdapterSpec {
+            policy: &policy_config,
+            fresh,
+            reward: Some((&rm_config, head)),
+        };
+        let mut model = Self::from_parts_with(contents.config, tensors, options, Some(spec))?;
+        model.wrapped.generation_config = contents.generation_config;
+        model.wrapped.source_dir = Some(base.as_ref().to_path_buf());
+        Ok(model)
+    }
+
+    /// TRL's `compute_reward_score`: the reward adapter's scores [B, T, num_labels] (f32) at
+    /// every position, computed with the reward adapter switched on and the policy adapter off,
+    /// in eval mode and without gradients; both are switched back afterwards. (TRL also leaves
+    /// the policy in eval mode afterwards; the train flag here is untouched.)
+    pub fn compute_reward_score(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        let adapter = self.wrapped.adapter.as_ref();
+        let reward = adapter.and_then(|a| a.reward.as_ref()).ok_or_else(|| {
+            Error::InvalidOption(
+                "this model has no reward adapter: load it with from_folder_with_reward_adapter".into(),
+            )
+        })?;
+        let policy = &adapter.expect("a reward adapter implies a policy adapter").switches;
+        struct Restore<'a>(&'a AdapterSwitches, bool, &'a AdapterSwitches);
+        impl Drop for Restore<'_> {
+            fn drop(&mut self) {
+                self.0.set_enabled(self.1);
+                self.2.set_enabled(false);
+            }
+        }
+        let _restore = Restore(policy, policy.is_enabled(), &reward.switches);
+        policy.set_enabled(false);
+        reward.switches.set_enabled(true);
+        tch::no_grad(|| -> Result<Tensor> {
+            let hidden = self.last_hidden_state(input_ids, attention_mask)?;
+            let scores = hidden.f_linear(&reward.head.weight, reward.head.bias.as_ref())?;
+            Ok(scores.f_to_kind(tch::Kind::Float)?)
+        })
     }
 
     /// The adapter's config, when the model has one.

@@ -308,6 +308,9 @@ impl LoraConfig {
 /// modules that took an adapter.
 #[derive(Debug)]
 struct Plan {
+    /// peft's adapter name; `default` gets peft's saved names (`lora_A.weight`), any other
+    /// `lora_A.<name>.weight`, as peft names a second adapter in memory.
+    name: String,
     config: LoraConfig,
     switches: AdapterSwitches,
     adapted: Vec<String>,
@@ -349,7 +352,7 @@ impl AdapterSwitches {
 }
 
 thread_local! {
-    static PLAN: RefCell<Option<Plan>> = const { RefCell::new(None) };
+    static PLAN: RefCell<Vec<Plan>> = const { RefCell::new(Vec::new()) };
 }
 
 /// What [`with_adapter`] reports about the adapter it built in.
@@ -364,47 +367,66 @@ pub struct BuiltAdapter {
     pub switches: AdapterSwitches,
 }
 
-/// Runs `build` with `config`'s adapter built into every targeted linear layer. A config whose
-/// targets match no module is an error, as in peft.
+/// peft's name of the first adapter, whose tensors keep peft's saved names.
+pub const DEFAULT_ADAPTER: &str = "default";
+
+/// Runs `build` with `config`'s adapter (named [`DEFAULT_ADAPTER`]) built into every targeted
+/// linear layer. A config whose targets match no module is an error, as in peft.
 pub fn with_adapter<R>(config: &LoraConfig, build: impl FnOnce() -> Result<R>) -> Result<(R, BuiltAdapter)> {
+    let (built, mut adapters) = with_adapters(&[(DEFAULT_ADAPTER, config)], build)?;
+    Ok((built, adapters.remove(0)))
+}
+
+/// Runs `build` with several named adapters built in (each layer gets a branch per adapter
+/// that targets it; all start enabled). Names must be distinct identifiers.
+pub fn with_adapters<R>(
+    adapters: &[(&str, &LoraConfig)],
+    build: impl FnOnce() -> Result<R>,
+) -> Result<(R, Vec<BuiltAdapter>)> {
     struct Clear;
     impl Drop for Clear {
         fn drop(&mut self) {
-            PLAN.with(|p| p.borrow_mut().take());
+            PLAN.with(|p| p.borrow_mut().clear());
         }
     }
-    let switches = AdapterSwitches::new();
-    PLAN.with(|p| {
-        *p.borrow_mut() = Some(Plan {
-            config: config.clone(),
-            switches: switches.clone(),
+    let mut plans = Vec::new();
+    for (name, config) in adapters {
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(Error::Config(format!(
+                "adapter name `{name}` must be a non-empty identifier"
+            )));
+        }
+        if plans.iter().any(|p: &Plan| p.name == *name) {
+            return Err(Error::Config(format!("adapter name `{name}` is used twice")));
+        }
+        plans.push(Plan {
+            name: name.to_string(),
+            config: (*config).clone(),
+            switches: AdapterSwitches::new(),
             adapted: Vec::new(),
             transposed: Vec::new(),
-        })
-    });
+        });
+    }
+    PLAN.with(|p| *p.borrow_mut() = plans);
     let clear = Clear;
     let built = build()?;
-    let (adapted, transposed) = PLAN.with(|p| {
-        p.borrow_mut()
-            .as_mut()
-            .map(|p| (std::mem::take(&mut p.adapted), std::mem::take(&mut p.transposed)))
-            .unwrap_or_default()
-    });
+    let plans = PLAN.with(|p| std::mem::take(&mut *p.borrow_mut()));
     drop(clear);
-    if adapted.is_empty() {
-        return Err(Error::Config(format!(
-            "adapter_config.json: target_modules {:?} match no linear layer of this model",
-            config.target_modules
-        )));
+    let mut out = Vec::new();
+    for plan in plans {
+        if plan.adapted.is_empty() {
+            return Err(Error::Config(format!(
+                "adapter_config.json: target_modules {:?} match no linear layer of this model",
+                plan.config.target_modules
+            )));
+        }
+        out.push(BuiltAdapter {
+            adapted: plan.adapted,
+            transposed: plan.transposed,
+            switches: plan.switches,
+        });
     }
-    Ok((
-        built,
-        BuiltAdapter {
-            adapted,
-            transposed,
-            switches,
-        },
-    ))
+    Ok((built, out))
 }
 
 /// The LoRA update of one linear layer.
@@ -425,34 +447,42 @@ impl LoraBranch {
     /// [`with_adapter`], when the layer is targeted, creates its `lora_A` / `lora_B` parameters
     /// (in f32, as peft keeps adapters of half-precision bases) and returns the branch.
     /// `fan_in_fan_out`: the layer stores its weight [in, out].
-    pub fn for_module(vs: &nn::Path, in_dim: i64, out_dim: i64, fan_in_fan_out: bool) -> Result<Option<Self>> {
-        let name = vs.components().collect::<Vec<_>>().join(".");
-        let Some((config, switches)) = PLAN.with(|p| {
+    pub fn for_module(vs: &nn::Path, in_dim: i64, out_dim: i64, fan_in_fan_out: bool) -> Result<Vec<Self>> {
+        let module = vs.components().collect::<Vec<_>>().join(".");
+        let targeting: Vec<(String, LoraConfig, AdapterSwitches)> = PLAN.with(|p| {
             p.borrow()
-                .as_ref()
-                .filter(|plan| plan.config.targets(&name))
-                .map(|plan| (plan.config.clone(), plan.switches.clone()))
-        }) else {
-            return Ok(None);
-        };
-        let r = config.r;
-        let lora_a = crate::param::var(&vs.sub("lora_A"), "weight", &[r, in_dim], nn::Init::Const(0.0))?;
-        let lora_b = crate::param::var(&vs.sub("lora_B"), "weight", &[out_dim, r], nn::Init::Const(0.0))?;
-        PLAN.with(|p| {
-            if let Some(plan) = p.borrow_mut().as_mut() {
-                if fan_in_fan_out {
-                    plan.transposed.push(name.clone());
-                }
-                plan.adapted.push(name);
-            }
+                .iter()
+                .filter(|plan| plan.config.targets(&module))
+                .map(|plan| (plan.name.clone(), plan.config.clone(), plan.switches.clone()))
+                .collect()
         });
-        Ok(Some(Self {
-            lora_a,
-            lora_b,
-            scaling: config.scaling(),
-            dropout: config.lora_dropout,
-            switches,
-        }))
+        let mut branches = Vec::new();
+        for (adapter, config, switches) in targeting {
+            let (a_path, b_path) = if adapter == DEFAULT_ADAPTER {
+                (vs.sub("lora_A"), vs.sub("lora_B"))
+            } else {
+                (vs.sub("lora_A").sub(&adapter), vs.sub("lora_B").sub(&adapter))
+            };
+            let r = config.r;
+            let lora_a = crate::param::var(&a_path, "weight", &[r, in_dim], nn::Init::Const(0.0))?;
+            let lora_b = crate::param::var(&b_path, "weight", &[out_dim, r], nn::Init::Const(0.0))?;
+            PLAN.with(|p| {
+                if let Some(plan) = p.borrow_mut().iter_mut().find(|plan| plan.name == adapter) {
+                    if fan_in_fan_out {
+                        plan.transposed.push(module.clone());
+                    }
+                    plan.adapted.push(module.clone());
+                }
+            });
+            branches.push(Self {
+                lora_a,
+                lora_b,
+                scaling: config.scaling(),
+                dropout: config.lora_dropout,
+                switches,
+            });
+        }
+        Ok(branches)
     }
 
     /// Adds the update to the base layer's output `base` for input `x`, as peft's
@@ -492,9 +522,15 @@ pub fn fresh_parameter(name: &str, shape: &[i64], device: tch::Device) -> Result
     }
 }
 
-/// Whether a parameter name is an adapter's (`...lora_A.weight` / `...lora_B.weight`).
+/// Whether a parameter name is an adapter's (`...lora_A.weight` / `...lora_B.weight`, or a
+/// named adapter's `...lora_A.<name>.weight`).
 pub fn is_lora_parameter(name: &str) -> bool {
     name.contains(".lora_A.") || name.contains(".lora_B.")
+}
+
+/// Whether a parameter belongs to the [`DEFAULT_ADAPTER`] (`...lora_A.weight`).
+pub fn is_default_lora_parameter(name: &str) -> bool {
+    name.ends_with(".lora_A.weight") || name.ends_with(".lora_B.weight")
 }
 
 #[cfg(test)]

@@ -16,8 +16,8 @@ pub struct Linear {
     pub weight: Tensor,
     /// [out], when the layer has one.
     pub bias: Option<Tensor>,
-    /// A LoRA adapter on this layer, when one was built in (`vh_core::lora::with_adapter`).
-    pub lora: Option<LoraBranch>,
+    /// The LoRA adapters built into this layer (`vh_core::lora::with_adapter`), usually none.
+    pub lora: Vec<LoraBranch>,
 }
 
 impl Linear {
@@ -37,11 +37,11 @@ impl Linear {
 
     /// [..., in] -> [..., out].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let out = x.f_linear(&self.weight, self.bias.as_ref())?;
-        match &self.lora {
-            None => Ok(out),
-            Some(lora) => Ok(lora.apply(x, out)?),
+        let mut out = x.f_linear(&self.weight, self.bias.as_ref())?;
+        for lora in &self.lora {
+            out = lora.apply(x, out)?;
         }
+        Ok(out)
     }
 }
 
@@ -52,8 +52,8 @@ pub struct Conv1D {
     pub weight: Tensor,
     /// [out].
     pub bias: Tensor,
-    /// A LoRA adapter on this layer (peft's `fan_in_fan_out` case), when one was built in.
-    pub lora: Option<LoraBranch>,
+    /// The LoRA adapters built into this layer (peft's `fan_in_fan_out` case), usually none.
+    pub lora: Vec<LoraBranch>,
 }
 
 impl Conv1D {
@@ -95,11 +95,11 @@ impl Conv1D {
         let in_dim = *size.last().unwrap_or(&0);
         let out = self.bias.f_addmm(&x.f_reshape([-1, in_dim])?, &self.weight)?;
         *size.last_mut().expect("non-scalar input") = self.weight.size()[1];
-        let out = out.f_view(size.as_slice())?;
-        match &self.lora {
-            None => Ok(out),
-            Some(lora) => Ok(lora.apply(x, out)?),
+        let mut out = out.f_view(size.as_slice())?;
+        for lora in &self.lora {
+            out = lora.apply(x, out)?;
         }
+        Ok(out)
     }
 }
 
