@@ -1,7 +1,7 @@
 //! Generation against Python: greedy token sequences identical to transformers' `generate`
-//! through TRL's wrappers (GPT-2 and T5, padded batches; plain, repetition penalty, eos ending
-//! rows early after min_new_tokens); rollout values and log-probs equal to a separate full
-//! forward; sampling distributions checked statistically.
+//! through TRL's wrappers (GPT-2, Llama, Qwen2, Mistral, Qwen3 and T5, padded batches; plain,
+//! repetition penalty, eos ending rows early after min_new_tokens); rollout values and log-probs
+//! equal to a separate full forward; sampling distributions checked statistically.
 
 mod common;
 
@@ -98,6 +98,8 @@ fn greedy_generation_matches_transformers_and_rollout_matches_full_forward() {
     let gpt2 = CausalLmWithValueHead::from_folder(root.join("gpt2"), &LoadOptions::default()).unwrap();
     let llama = CausalLmWithValueHead::from_folder(root.join("llama"), &LoadOptions::default()).unwrap();
     let qwen2 = CausalLmWithValueHead::from_folder(root.join("qwen2"), &LoadOptions::default()).unwrap();
+    let mistral = CausalLmWithValueHead::from_folder(root.join("mistral"), &LoadOptions::default()).unwrap();
+    let qwen3 = CausalLmWithValueHead::from_folder(root.join("qwen3"), &LoadOptions::default()).unwrap();
     let seq2seq = Seq2SeqLmWithValueHead::from_folder(root.join("t5"), &LoadOptions::default()).unwrap();
     let mut rows = Vec::new();
     for run in runs() {
@@ -109,7 +111,10 @@ fn greedy_generation_matches_transformers_and_rollout_matches_full_forward() {
             let causal = match run.model.as_str() {
                 "gpt2" => &gpt2,
                 "llama" => &llama,
-                _ => &qwen2,
+                "qwen2" => &qwen2,
+                "mistral" => &mistral,
+                "qwen3" => &qwen3,
+                other => panic!("no model loaded for `{other}`"),
             };
             let out = tch::no_grad(|| causal.generate(ids, Some(mask), &run.config)).unwrap();
             let err = check_causal_rollout(causal, mask, &out);

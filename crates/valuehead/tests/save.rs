@@ -1,5 +1,6 @@
 //! save_pretrained: folders saved here load back here with the same outputs (one file and
-//! sharded), and load in Python through TRL's from_pretrained with the same outputs.
+//! sharded), and load in Python through TRL's from_pretrained with the same outputs (GPT-2,
+//! Llama, Qwen2, Mistral, Qwen3, T5).
 
 mod common;
 
@@ -41,13 +42,20 @@ fn causal_models_round_trip_and_load_in_trl() {
             "qwen2 tied",
             json!({"model_type": "qwen2", "tie_word_embeddings": true}),
         ),
+        // A window of 3 over 5 tokens, and Qwen3 with a sliding second layer.
+        ("mistral", json!({"model_type": "mistral", "sliding_window": 3})),
+        (
+            "qwen3 tied",
+            json!({"model_type": "qwen3", "use_sliding_window": true, "sliding_window": 3, "max_window_layers": 1}),
+        ),
     ] {
         let source = tempfile::tempdir().unwrap();
-        if kind.starts_with("gpt2") {
-            write_tiny_gpt2(source.path(), config);
-        } else {
-            write_tiny_llama(source.path(), config);
-        }
+        let model_type = config
+            .get("model_type")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("gpt2")
+            .to_string();
+        write_tiny(&model_type, source.path(), config);
         let (logits, values) = causal_outputs(source.path(), &ids, &mask);
         let model = CausalLmWithValueHead::from_folder(source.path(), &LoadOptions::default()).unwrap();
         let saved = tempfile::tempdir().unwrap();
@@ -76,7 +84,7 @@ fn causal_models_round_trip_and_load_in_trl() {
         assert!(names.iter().any(|n| n == "v_head.summary.weight"));
         assert_eq!(
             names.iter().any(|n| n == "lm_head.weight"),
-            kind.contains("untied") || kind == "llama",
+            kind.contains("untied") || kind == "llama" || kind == "mistral",
             "{kind}"
         );
 

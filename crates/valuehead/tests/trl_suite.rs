@@ -1,7 +1,7 @@
 //! TRL's own value-head test suite (`tests/test_modeling_value_head.py` in TRL's repository),
 //! ported: every behaviour it checks, for every architecture we implement (GPT-2, Llama, Qwen2,
-//! T5), against tiny seeded models the reference builds and saves as plain transformers
-//! checkpoints (no value head, like TRL's tiny test models on the Hub). The table of TRL test ->
+//! T5, Mistral, Qwen3), against tiny seeded models the reference builds and saves as plain
+//! transformers checkpoints (no value head, like TRL's tiny test models on the Hub). The table of TRL test ->
 //! Rust test is in docs/parity.md. TRL's reference-model tests (`create_reference_model`) belong
 //! to the training work.
 
@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use tch::{Kind, Tensor};
 use valuehead::{CausalLmWithValueHead, GenerationConfig, LoadOptions, Seq2SeqLmWithValueHead, ValueHeadModel};
 
-const ARCHS: [&str; 4] = ["gpt2", "llama", "qwen2", "t5"];
+const ARCHS: [&str; 6] = ["gpt2", "llama", "qwen2", "t5", "mistral", "qwen3"];
 
 fn reference() -> &'static Path {
     static DATA: OnceLock<PathBuf> = OnceLock::new();

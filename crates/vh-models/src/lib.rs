@@ -7,6 +7,8 @@ pub mod gpt2;
 pub mod inputs;
 pub mod layers;
 pub mod llama;
+pub mod mistral;
+pub mod qwen3;
 pub mod registry;
 pub mod rotary;
 pub mod t5;

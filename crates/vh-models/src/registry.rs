@@ -167,6 +167,8 @@ pub const ARCHITECTURES: &[Architecture] = &[
     crate::gpt2::ARCHITECTURE,
     crate::llama::ARCHITECTURE,
     crate::llama::QWEN2_ARCHITECTURE,
+    crate::mistral::ARCHITECTURE,
+    crate::qwen3::ARCHITECTURE,
     crate::t5::ARCHITECTURE,
 ];
 
