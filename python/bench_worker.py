@@ -10,9 +10,12 @@ A long-lived worker driven by the bench over stdin/stdout, one JSON object per l
   {"cmd": "run", "iters": K}                             -> {"ok": true, "ms": per-iteration, "check": ...}
   {"cmd": "rss"}                                         -> {"ok": true, "peak_rss_mb": ...}
 
-TASK: {"type": "forward"|"generate"|"rollout", "input_ids": [[...]], "decoder_input_ids": [[...]]
-(seq2seq forward), "max_new_tokens": N}. Everything runs under torch.inference_mode(), with the
-model in eval mode and its default attention implementation (what a TRL user gets).
+TASK: {"type": "forward"|"generate"|"rollout"|"train", "input_ids": [[...]], "decoder_input_ids": [[...]]
+(seq2seq forward), "max_new_tokens": N}. Everything but "train" runs under torch.inference_mode(),
+with the model in eval mode and its default attention implementation (what a TRL user gets).
+"train" (causal models) is one training step in train mode: TRL's forward with labels = input_ids,
+loss = LM loss + 0.5 * mean squared value error (targets 0), backward, and torch.optim.AdamW
+(lr 1e-5, weight decay 0.01 except HF Trainer's no-decay parameters), gradients zeroed.
 
 usage: python bench_worker.py   (then speak the protocol)
 """
@@ -25,7 +28,7 @@ import time
 import torch
 import transformers
 import trl
-from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
+from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration, Trainer
 from trl import AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead
 
 # The bench's models: seeded random weights (HF's own initialisation).
@@ -95,8 +98,24 @@ class Worker:
         self.attention_mask = torch.ones_like(self.input_ids)
         if "decoder_input_ids" in task:
             self.decoder_input_ids = torch.tensor(task["decoder_input_ids"], dtype=torch.long)
+        self.optimizer = None
+        if task["type"] == "train":
+            if self.seq2seq:
+                raise ValueError("the train task is for causal models")
+            self.model.train()
+            decay = set(Trainer.get_decay_parameter_names(None, self.model))
+            params = list(self.model.named_parameters())
+            groups = [
+                {"params": [p for n, p in params if n in decay], "weight_decay": 0.01},
+                {"params": [p for n, p in params if n not in decay], "weight_decay": 0.0},
+            ]
+            self.optimizer = torch.optim.AdamW(groups, lr=1e-5)
+            self.value_targets = torch.zeros(self.input_ids.shape)
+        else:
+            self.model.eval()
+        self.first = None
         reset_peak_rss()
-        self.run_once()
+        self.first = self.run_once()
 
     def generate(self):
         n = self.task["max_new_tokens"]
@@ -109,8 +128,26 @@ class Worker:
             pad_token_id=self.pad,
         )
 
+    def train_step(self):
+        logits, lm_loss, values = self.model(
+            input_ids=self.input_ids, attention_mask=self.attention_mask, labels=self.input_ids
+        )
+        mask = self.attention_mask.to(values.dtype)
+        value_loss = ((values - self.value_targets) ** 2 * mask).sum() / mask.sum()
+        loss = lm_loss + 0.5 * value_loss
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        check = {"loss": float(loss.detach()), "lm_loss": float(lm_loss.detach())}
+        # The warm-up step's losses (same weights on both sides) stay in every check.
+        first = getattr(self, "first", None) or {}
+        check["first_lm_loss"] = first.get("lm_loss", check["lm_loss"])
+        return check
+
     def run_once(self):
         kind = self.task["type"]
+        if kind == "train":
+            return self.train_step()
         with torch.inference_mode():
             if kind == "forward":
                 if self.seq2seq:

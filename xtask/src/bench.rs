@@ -18,12 +18,14 @@ use std::time::Instant;
 
 const USAGE: &str = "\
 usage: cargo xtask bench [--quick] [--threads N] [--reps N] [--models a,b] [--dtypes f32,bf16]
-                         [--workloads forward,generate,rollout] [--out DIR]
+                         [--workloads forward,generate,rollout,train] [--out DIR]
 
   --quick      a small subset (toy models, f32, few tokens): a smoke test of the bench itself
   --threads    intra-op threads on both sides (default 2)
   --reps       timed samples per side and workload (default 3; quick 2)
   --models     gpt2-toy,t5-toy,gpt2-small,t5-small,smollm2 (smollm2 when installed by setup)
+  --workloads  forward,generate,rollout,train (train: forward + backward + AdamW step, b8x128,
+               on gpt2-small and smollm2)
   --out        where results.json and bench.svg go (default: docs/bench for a full run,
                target/bench otherwise)
 ";
@@ -101,7 +103,7 @@ struct Workload {
 impl Workload {
     fn name(&self) -> String {
         match self.task.as_str() {
-            "forward" => format!("forward b{}x{}", self.batch, self.len),
+            "forward" | "train" => format!("{} b{}x{}", self.task, self.batch, self.len),
             t => format!("{t} b{} {}+{}", self.batch, self.len, self.max_new),
         }
     }
@@ -109,7 +111,7 @@ impl Workload {
     /// Tokens produced (or scored) per run, for throughput.
     fn tokens(&self) -> usize {
         match self.task.as_str() {
-            "forward" => self.batch * self.len,
+            "forward" | "train" => self.batch * self.len,
             _ => self.batch * self.max_new,
         }
     }
@@ -119,6 +121,7 @@ impl Workload {
         let toy = self.model.ends_with("-toy");
         match (self.task.as_str(), self.model.as_str(), self.batch) {
             ("forward", _, _) => Some(1.0),
+            ("train", _, _) if !toy => Some(1.0),
             ("generate", _, 1) if toy => Some(4.0),
             ("generate", "t5-small", 1) => Some(1.4),
             ("generate", "gpt2-small", 1) => Some(1.1),
@@ -144,9 +147,26 @@ fn workloads(o: &Options, smollm2: bool) -> Vec<Workload> {
     let mut out = vec![];
     for model in models {
         for dtype in dtypes {
-            for task in ["forward", "generate", "rollout"] {
-                for &batch in batches {
-                    let (len, max_new) = if task == "forward" { (scored, 0) } else { (prompt, new) };
+            // A train step (forward + backward + AdamW) last: it changes the weights, which the
+            // next precision reloads.
+            for task in ["forward", "generate", "rollout", "train"] {
+                let train_batches: &[usize] = if o.quick { &[1] } else { &[8] };
+                let task_batches = if task == "train" { train_batches } else { batches };
+                // Training is timed on the causal models the issue names (the toy GPT-2 only as
+                // the smoke test's).
+                let trains = if o.quick {
+                    model == "gpt2-toy"
+                } else {
+                    matches!(model, "gpt2-small" | "smollm2")
+                };
+                if task == "train" && !trains {
+                    continue;
+                }
+                for &batch in task_batches {
+                    let (len, max_new) = match task {
+                        "forward" | "train" => (scored, 0),
+                        _ => (prompt, new),
+                    };
                     out.push(Workload {
                         model: model.to_string(),
                         dtype: dtype.to_string(),
@@ -644,8 +664,19 @@ fn numerics(rows: &[Row]) -> Vec<Value> {
                     &find(model, "f32", "generate", batch)?.ours_check,
                 )
             };
+            // The train step's first LM loss (same weights and batch on both sides; dropout
+            // masks differ where the model has dropout).
+            let first_lm = |dtype: &str| {
+                let r = find(model, dtype, "train", 8).or_else(|| find(model, dtype, "train", 1))?;
+                Some(
+                    (r.ours_check.get("first_lm_loss")?.as_f64()? - r.python_check.get("first_lm_loss")?.as_f64()?)
+                        .abs(),
+                )
+            };
             json!({
                 "model": model,
+                "train_first_lm_loss_ours_vs_python_f32": first_lm("f32"),
+                "train_first_lm_loss_ours_vs_python_bf16": first_lm("bf16"),
                 "f32_logits_ours_vs_python": diff(logits("f32", false), logits("f32", true)),
                 "bf16_logits_ours_vs_python": diff(logits("bf16", false), logits("bf16", true)),
                 "bf16_vs_f32_logits_ours": diff(logits("bf16", false), logits("f32", false)),
@@ -661,15 +692,24 @@ fn render_numerics(numerics: &[Value]) -> String {
     let num = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.2e}"));
     let pct = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{:.0}%", x * 100.0));
     let mut s =
-        "\nnumerics (max abs difference of the last position's logits, batch-1 forward; greedy tokens shared)\n"
+        "\nnumerics (max abs difference of the last position's logits, batch-1 forward; greedy tokens shared;\n\
+         train: first step's LM loss, ours - python)\n"
             .to_string();
     s += &format!(
-        "{:<10} {:>14} {:>15} {:>14} {:>14} {:>14} {:>14}\n",
-        "model", "f32 ours-py", "bf16 ours-py", "ours bf16-f32", "py bf16-f32", "greedy b1", "greedy b8"
+        "{:<10} {:>14} {:>15} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14}\n",
+        "model",
+        "f32 ours-py",
+        "bf16 ours-py",
+        "ours bf16-f32",
+        "py bf16-f32",
+        "greedy b1",
+        "greedy b8",
+        "train f32",
+        "train bf16"
     );
     for n in numerics {
         s += &format!(
-            "{:<10} {:>14} {:>15} {:>14} {:>14} {:>14} {:>14}\n",
+            "{:<10} {:>14} {:>15} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14}\n",
             n["model"].as_str().unwrap_or(""),
             num(&n["f32_logits_ours_vs_python"]),
             num(&n["bf16_logits_ours_vs_python"]),
@@ -677,6 +717,8 @@ fn render_numerics(numerics: &[Value]) -> String {
             num(&n["bf16_vs_f32_logits_python"]),
             pct(&n["bf16_vs_f32_greedy_agreement_ours_b1"]),
             pct(&n["bf16_vs_f32_greedy_agreement_ours_b8"]),
+            num(&n["train_first_lm_loss_ours_vs_python_f32"]),
+            num(&n["train_first_lm_loss_ours_vs_python_bf16"]),
         );
     }
     s

@@ -18,12 +18,16 @@ tasks:
   setup    create or reuse the Python reference environment (torch, transformers, trl) in the
            cache and link it into the checkout (.venv, .libtorch)
   test     setup, then clippy (warnings are errors), every test of the workspace, Python
-           parity included, and the bench's smoke test (`bench --quick`)
+           parity included, the bench's smoke test (`bench --quick`) and a 5-second fuzzing run
+           of every target
   parity   setup, then run every Python-parity suite (crates/valuehead/tests/parity_*.rs and
            the port of TRL's test suite) and print their tables
   bench    setup, then time our workloads against the Python reference side by side
            (`cargo xtask bench --help` for its options; `--quick` is the CI smoke test)
   demo     setup, then load the bundled tiny GPT-2 value-head model and print per-token values
+  fuzz     setup, then fuzz the parsers with crates/vh-fuzz: `cargo xtask fuzz [--seconds N]
+           [target...]` (default: every target, 600 s each; other options go to vh-fuzz,
+           `cargo xtask fuzz --help` lists them)
 
 environment:
   VALUEHEAD_CACHE   where reference environments are kept
@@ -44,6 +48,7 @@ fn main() -> Result<()> {
         "parity" => parity(rest),
         "bench" => bench::bench(rest),
         "demo" => demo(rest),
+        "fuzz" => fuzz(rest),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
             Ok(())
@@ -232,7 +237,34 @@ fn test(extra: &[String]) -> Result<()> {
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     run(cargo().args(["test", "--workspace"]).args(extra))?;
     // The bench's own smoke test: both workers, the protocol, the report and the chart.
-    bench::bench(&["--quick".to_string()])
+    bench::bench(&["--quick".to_string()])?;
+    // A short fuzzing run of every target; any panic, death or hang fails the task.
+    run_fuzzer(&["--all", "--seconds", "5", "--status-every", "0"].map(String::from))
+}
+
+/// The targets of `vh-fuzz`, to tell whether `cargo xtask fuzz` was given any.
+const FUZZ_TARGETS: &[&str] = &["config", "safetensors", "torch-bin", "index", "inputs", "hub"];
+
+/// Builds and runs `vh-fuzz` with the test profile: the one `cargo xtask test` builds the
+/// workspace with, and it keeps integer-overflow checks and debug assertions on, which turn
+/// silent wrap-arounds into findings.
+fn run_fuzzer(args: &[String]) -> Result<()> {
+    run(cargo()
+        .args(["run", "--quiet", "--profile", "test", "-p", "vh-fuzz", "--"])
+        .args(args))
+}
+
+fn fuzz(extra: &[String]) -> Result<()> {
+    setup()?;
+    let mut args = extra.to_vec();
+    let help = args.iter().any(|a| a == "-h" || a == "--help");
+    if !help && !args.iter().any(|a| a == "--all" || FUZZ_TARGETS.contains(&a.as_str())) {
+        args.push("--all".to_string());
+    }
+    if !help && !args.iter().any(|a| a == "--seconds" || a.starts_with("--seconds=")) {
+        args.extend(["--seconds".to_string(), "600".to_string()]);
+    }
+    run_fuzzer(&args)
 }
 
 /// The Python-parity suites: every integration test of the facade named `parity_*`, plus the

@@ -3,7 +3,8 @@
 //! `init`, `load`, `prepare`, `run`, `rss`, plus `bandwidth` (memory read speed).
 //!
 //! Every pass runs under `no_grad` with the model in eval mode, as the Python side runs under
-//! `inference_mode`.
+//! `inference_mode`, except the `train` task: one step in train mode (forward with labels, LM
+//! loss + 0.5 * value MSE, backward, AdamW with HF's decay groups), as the Python side.
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
@@ -12,8 +13,16 @@ use std::time::Instant;
 use tch::{Kind, Tensor};
 use valuehead::{GenerationConfig, LoadOptions, ValueHeadModel};
 
+/// The optimiser and targets of the `train` task.
+struct Training {
+    optimizer: vh_train::AdamW,
+    value_targets: Tensor,
+    first_lm_loss: Option<f64>,
+}
+
 struct Task {
     kind: String,
+    training: Option<std::cell::RefCell<Training>>,
     input_ids: Tensor,
     attention_mask: Tensor,
     decoder_input_ids: Option<Tensor>,
@@ -100,6 +109,8 @@ impl Worker {
     }
 
     fn prepare(&mut self, task: &Value) -> Result<()> {
+        // The previous task's optimiser state goes before this task's peak RSS is measured.
+        self.task = None;
         let input_ids = ids(task, "input_ids")?;
         let attention_mask = input_ids.ones_like();
         let decoder_input_ids = task
@@ -115,8 +126,38 @@ impl Worker {
             generation.min_new_tokens = n as usize;
         }
         generation.do_sample = false;
+        let kind = task["type"].as_str().context("type")?.to_string();
+        let train = kind == "train";
+        let model = self.model.as_mut().ok_or_else(|| anyhow!("no model loaded"))?;
+        let training = match model {
+            ValueHeadModel::Causal(m) => {
+                m.set_train(train);
+                if train {
+                    let config = vh_train::AdamWConfig {
+                        lr: 1e-5,
+                        weight_decay: 0.01,
+                        ..Default::default()
+                    };
+                    Some(std::cell::RefCell::new(Training {
+                        optimizer: vh_train::AdamW::hf(m.var_store(), config)?,
+                        value_targets: input_ids.zeros_like().to_kind(Kind::Float),
+                        first_lm_loss: None,
+                    }))
+                } else {
+                    None
+                }
+            }
+            ValueHeadModel::Seq2Seq(m) => {
+                m.set_train(false);
+                if train {
+                    bail!("the train task is for causal models");
+                }
+                None
+            }
+        };
         self.task = Some(Task {
-            kind: task["type"].as_str().context("type")?.to_string(),
+            training,
+            kind,
             input_ids,
             attention_mask,
             decoder_input_ids,
@@ -127,9 +168,35 @@ impl Worker {
         Ok(())
     }
 
+    /// One training step: forward with labels, LM + value loss, backward, AdamW, zero grad.
+    fn train_step(task: &Task, model: &ValueHeadModel) -> Result<Value> {
+        let ValueHeadModel::Causal(m) = model else {
+            bail!("the train task is for causal models");
+        };
+        let mut training = task.training.as_ref().context("train task not prepared")?.borrow_mut();
+        let out = m.forward(&task.input_ids, Some(&task.attention_mask), None, Some(&task.input_ids))?;
+        let lm_loss = out.loss.context("no loss")?;
+        let terms = vh_train::lm_value_loss(
+            &lm_loss,
+            &out.values,
+            &training.value_targets,
+            &task.attention_mask,
+            0.5,
+        )?;
+        vh_train::backward(&terms.total)?;
+        training.optimizer.step()?;
+        training.optimizer.zero_grad()?;
+        let lm = terms.lm_loss.f_double_value(&[])?;
+        let first = *training.first_lm_loss.get_or_insert(lm);
+        Ok(json!({"loss": terms.total.f_double_value(&[])?, "lm_loss": lm, "first_lm_loss": first}))
+    }
+
     fn run_once(&self) -> Result<Value> {
         let task = self.task.as_ref().ok_or_else(|| anyhow!("no task prepared"))?;
         let model = self.model()?;
+        if task.kind == "train" {
+            return Self::train_step(task, model);
+        }
         tch::no_grad(|| -> Result<Value> {
             match (task.kind.as_str(), model) {
                 ("forward", ValueHeadModel::Causal(m)) => {

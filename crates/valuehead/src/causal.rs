@@ -13,7 +13,7 @@ use tch::{nn::VarStore, Kind, Tensor};
 use vh_core::error::invalid;
 use vh_core::ops::ScalarOps;
 use vh_core::tensor::{causal_lm_loss, check_labels, expect_rank};
-use vh_models::inputs::{prepare_causal, CausalLimits};
+use vh_models::inputs::{prepare_causal, CausalInputs, CausalLimits};
 use vh_models::{BuildOptions, Cache, CausalLm};
 
 /// The inputs of a forward pass; only `input_ids` is required.
@@ -119,9 +119,12 @@ impl CausalLmWithValueHead {
         let vs = VarStore::new(options.device);
         let build = BuildOptions {
             attn_implementation: options.attn_implementation,
+            ..Default::default()
         };
         // Placeholders until the checkpoint fills them (see `vh_core::param`).
-        let backbone = vh_core::param::deferred(|| vh_models::registry::build_causal(vs.root(), &config, &build))?;
+        let backbone = vh_core::param::deferred_for_checkpoint(tensors.len(), || {
+            vh_models::registry::build_causal(vs.root(), &config, &build)
+        })?;
         let hidden_size = backbone.hidden_size();
         let wrapped = Wrapped::load(vs, config, tensors, options, hidden_size, |key| {
             backbone.parameter_name(key)
@@ -204,7 +207,7 @@ impl CausalLmWithValueHead {
         config.validate(self.vocab_size())?;
         let (batch, prompt_len) = vh_core::tensor::check_input_ids(input_ids, self.vocab_size())?;
         let device = self.wrapped.vs.device();
-        let mut mask = match attention_mask {
+        let mask = match attention_mask {
             Some(m) => vh_core::tensor::attention_mask_to_bool(m, "attention_mask", &[batch, prompt_len])?,
             None => Tensor::f_ones([batch, prompt_len], (Kind::Bool, device))?,
         }
@@ -230,42 +233,62 @@ impl CausalLmWithValueHead {
             }
         }
         let input_ids = input_ids.f_to_device(device)?.f_to_kind(Kind::Int64)?;
+        // Everything is checked here, once: the steps build their inputs directly, so a decode
+        // step reads nothing back from the device (the stop test aside, in the loop).
+        let mut key_mask = mask.s_eq(1)?;
         // Without padding the mask changes nothing (positions count from 0, only the causal
-        // rule hides keys), so the steps skip rebuilding and checking it.
+        // rule hides keys), so the steps skip it.
         let padded = mask.s_eq(0)?.f_any()?.f_int64_value(&[])? != 0;
         // HF's generate numbers each row from its first attended token (the forward's default
-        // numbers from the first column); without padding the two agree and the default is used.
+        // numbers from the first column); without padding the two agree.
         let mut positions = if padded {
-            Some(vh_core::tensor::position_ids_from_mask(&mask.s_eq(1)?, prompt_len)?)
+            vh_core::tensor::position_ids_from_mask(&key_mask, prompt_len)?
         } else {
-            None
+            Tensor::f_arange(prompt_len, (Kind::Int64, device))?.f_unsqueeze(0)?
         };
+        // The largest position id (dynamic rotary scaling reads it), known on the host from here.
+        let longest = mask
+            .f_sum_dim_intlist(1, false, Kind::Int64)?
+            .f_max()?
+            .f_int64_value(&[])?;
+        let mut max_position = longest - 1;
         let mut past: Option<Cache> = None;
+        let mut past_len = 0;
+        let train = self.wrapped.train;
         decode_loop(&input_ids, max_new, config, |next| {
             let ids = match next {
-                None => &input_ids,
+                None => input_ids.shallow_clone(),
                 Some(next) => {
                     if padded {
-                        mask = Tensor::f_cat(&[&mask, &Tensor::f_ones([batch, 1], (Kind::Int64, device))?], 1)?;
+                        key_mask = Tensor::f_cat(&[&key_mask, &Tensor::f_ones([batch, 1], (Kind::Bool, device))?], 1)?;
                     }
                     // The new token sits one past each row's last position.
-                    if let Some(p) = &positions {
-                        positions = Some(p.f_narrow(1, p.size()[1] - 1, 1)?.s_add(1)?);
-                    }
-                    next
+                    positions = positions.f_narrow(1, positions.size()[1] - 1, 1)?.s_add(1)?;
+                    max_position += 1;
+                    next.shallow_clone()
                 }
             };
-            let mut input = CausalLmInput::new(ids).logits_to_keep(1);
-            if padded {
-                input = input.attention_mask(&mask);
-            }
-            if let Some(p) = &positions {
-                input = input.position_ids(p);
-            }
-            if let Some(past) = &past {
-                input = input.past(past);
-            }
-            let out = self.forward_with(&input)?;
+            let new_len = ids.size()[1];
+            let inputs = CausalInputs {
+                input_ids: ids,
+                batch,
+                new_len,
+                past_len,
+                past: past.as_ref(),
+                key_mask: padded.then(|| key_mask.shallow_clone()),
+                position_ids: positions.shallow_clone(),
+                max_position,
+            };
+            let out = self.backbone.forward(&inputs, train, 1)?;
+            drop(inputs);
+            past_len += new_len;
+            let values = self.wrapped.v_head.forward(&out.last_hidden_state, train)?;
+            let out = CausalLmOutput {
+                logits: out.logits.f_to_kind(Kind::Float)?,
+                loss: None,
+                values,
+                past: out.cache,
+            };
             // Room for every step's keys and values: each step then writes its own in place
             // instead of copying the whole cache.
             past = Some(match next {

@@ -1,7 +1,8 @@
 //! TRL-compatible value-head language models in Rust on libtorch.
 //!
-//! [`CausalLmWithValueHead`] wraps a causal LM (GPT-2) and [`Seq2SeqLmWithValueHead`] an
-//! encoder-decoder (T5) with TRL's `ValueHead`, giving logits, the LM loss and one value per
+//! [`CausalLmWithValueHead`] wraps any decoder-only model of the registry
+//! ([`vh_models::ARCHITECTURES`]: GPT-2, Llama, Qwen2, ...) and [`Seq2SeqLmWithValueHead`] any
+//! encoder-decoder (T5, ...) with TRL's `ValueHead`, giving logits, the LM loss and one value per
 //! token, and both load the checkpoints that Python TRL saves.
 //!
 //! ```no_run
@@ -77,9 +78,11 @@
 
 pub mod causal;
 pub mod chat;
+pub mod cli_io;
 pub mod error;
 pub mod generation;
 pub mod options;
+pub mod reward;
 pub mod seq2seq;
 mod wrapper;
 
@@ -88,6 +91,7 @@ pub use chat::{apply_chat_template, Message};
 pub use error::{Error, Result};
 pub use generation::{GenerateOutput, GenerateTimings, GenerationConfig};
 pub use options::{parse_device, parse_dtype, LoadOptions};
+pub use reward::{SequenceClassifier, SequenceClassifierOutput};
 pub use seq2seq::{Seq2SeqLmInput, Seq2SeqLmOutput, Seq2SeqLmWithValueHead};
 pub use vh_core::tensor::position_ids_from_attention_mask;
 pub use vh_core::{InitStrategy, ValueHead, ValueHeadConfig, ValueHeadOptions};

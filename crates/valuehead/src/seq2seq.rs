@@ -81,9 +81,12 @@ impl Seq2SeqLmWithValueHead {
         let vs = VarStore::new(options.device);
         let build = BuildOptions {
             attn_implementation: options.attn_implementation,
+            ..Default::default()
         };
         // Placeholders until the checkpoint fills them (see `vh_core::param`).
-        let model = vh_core::param::deferred(|| vh_models::registry::build_seq2seq(vs.root(), &config, &build))?;
+        let model = vh_core::param::deferred_for_checkpoint(tensors.len(), || {
+            vh_models::registry::build_seq2seq(vs.root(), &config, &build)
+        })?;
         let hidden_size = model.hidden_size();
         let wrapped = Wrapped::load(vs, config, tensors, options, hidden_size, |key| {
             model.parameter_name(key)
@@ -143,6 +146,19 @@ impl Seq2SeqLmWithValueHead {
         let decoder_input_ids = match (input.decoder_input_ids, input.labels) {
             (Some(ids), _) => ids,
             (None, Some(labels)) => {
+                // Checked before shifting, which allocates [batch, 1] from the labels' shape:
+                // labels of shape [2^32, 0] (a few bytes in a `vh forward` file) made that a 32 GB
+                // allocation, whose failure tch 0.24 turns into a panic (found by fuzzing).
+                expect_rank(labels, "labels", 2)?;
+                let (batch, seq) = (labels.size()[0], labels.size()[1]);
+                let encoder_batch = encoder_outputs.last_hidden_state.size()[0];
+                if batch != encoder_batch || seq == 0 {
+                    return Err(invalid(format!(
+                        "`labels` must have shape [{encoder_batch}, seq] with seq > 0 (the encoder's batch), got {:?}",
+                        labels.size()
+                    ))
+                    .into());
+                }
                 shifted = self.model.shift_right(labels)?;
                 &shifted
             }

@@ -441,6 +441,23 @@ fn seq2seq_labels_build_decoder_inputs_and_loss() {
     )));
 }
 
+/// Fuzzing regression (crates/vh-fuzz/regressions/inputs/t5-labels-2pow32-by-0.safetensors):
+/// empty labels with a huge batch made the shift to decoder inputs allocate 32 GB, and the
+/// failed allocation panicked inside tch instead of returning an error.
+#[test]
+fn seq2seq_labels_are_checked_before_they_are_shifted() {
+    let (_dir, model) = tiny_t5();
+    let src = Tensor::from_slice2(&[[3i64, 4, 5]]);
+    let forward = |labels: &Tensor| model.forward(Some(&src), None, None, None, None, None, Some(labels));
+    let huge_empty = Tensor::zeros([1i64 << 32, 0], (tch::Kind::Int64, tch::Device::Cpu));
+    assert!(is_invalid_input(forward(&huge_empty)), "[2^32, 0] labels");
+    let other_batch = Tensor::from_slice2(&[[7i64, 8], [9, 10]]);
+    assert!(is_invalid_input(forward(&other_batch)), "labels of another batch");
+    let empty = Tensor::zeros([1, 0], (tch::Kind::Int64, tch::Device::Cpu));
+    assert!(is_invalid_input(forward(&empty)), "no label");
+    assert!(forward(&Tensor::from_slice2(&[[7i64, 8]])).is_ok());
+}
+
 #[test]
 fn seq2seq_checkpoint_without_lm_head_is_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -15,6 +15,8 @@ use tch::{nn, Tensor};
 
 thread_local! {
     static DEFERRED: Cell<bool> = const { Cell::new(false) };
+    /// Placeholders [`var`] may still create in the current [`deferred_for_checkpoint`].
+    static PLACEHOLDERS_LEFT: Cell<Option<usize>> = const { Cell::new(None) };
 }
 
 /// Runs `build` with parameter creation deferred: every [`var`] it calls creates a placeholder.
@@ -28,6 +30,24 @@ pub fn deferred<R>(build: impl FnOnce() -> R) -> R {
     }
     let _restore = Restore(DEFERRED.with(|d| d.replace(true)));
     build()
+}
+
+/// [`deferred`] for a model that a checkpoint of `checkpoint_tensors` tensors will fill: a
+/// [`var`] that would create more than twice that many placeholders (plus 16) fails with a
+/// config error. Every parameter needs a checkpoint tensor of its own, so such a model could
+/// never load; without the cap a config.json asking for 2^61 layers would go on creating
+/// placeholders for ever (found by fuzzing: a hang). The slack keeps the precise errors
+/// (missing tensor, no LM head) for checkpoints a few tensors short.
+pub fn deferred_for_checkpoint<R>(checkpoint_tensors: usize, build: impl FnOnce() -> R) -> R {
+    struct Restore(Option<usize>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            PLACEHOLDERS_LEFT.with(|c| c.set(self.0));
+        }
+    }
+    let cap = checkpoint_tensors.saturating_mul(2).saturating_add(16);
+    let _restore = Restore(PLACEHOLDERS_LEFT.with(|c| c.replace(Some(cap))));
+    deferred(build)
 }
 
 /// Whether [`var`] currently creates placeholders.
@@ -54,6 +74,16 @@ pub fn checked_numel(name: &str, dims: &[i64]) -> Result<i64> {
 pub fn var(path: &nn::Path, name: &str, dims: &[i64], init: nn::Init) -> Result<Tensor> {
     checked_numel(name, dims)?;
     if is_deferred() {
+        if let Some(left) = PLACEHOLDERS_LEFT.with(Cell::get) {
+            if left == 0 {
+                return Err(Error::Config(
+                    "config.json describes more parameters than the checkpoint's tensors could fill \
+                     (more layers or modules than the checkpoint holds)"
+                        .to_string(),
+                ));
+            }
+            PLACEHOLDERS_LEFT.with(|c| c.set(Some(left - 1)));
+        }
         let one = Tensor::f_zeros([] as [i64; 0], (path.kind(), path.device()))?;
         return Ok(path.add(name, one.f_expand(dims, false)?, true));
     }
@@ -99,5 +129,28 @@ mod tests {
         assert!(!is_placeholder(&huge));
         assert!(checked_numel("w", &[i64::MAX, 2]).is_err());
         assert!(checked_numel("w", &[-1, 2]).is_err());
+    }
+
+    #[test]
+    fn placeholders_beyond_what_a_checkpoint_can_fill_are_refused() {
+        let vs = VarStore::new(Device::Cpu);
+        let root = vs.root();
+        // A checkpoint of 2 tensors fills at most 2 * 2 + 16 = 20 placeholders.
+        let made = deferred_for_checkpoint(2, || {
+            (0..i64::MAX)
+                .map(|i| var(&root.sub(i), "weight", &[4], nn::Init::Const(0.0)))
+                .collect::<Result<Vec<_>>>()
+        });
+        let err = made.unwrap_err().to_string();
+        assert!(err.contains("more parameters than the checkpoint"), "{err}");
+        assert_eq!(vs.variables().len(), 20);
+        // The cap ends with the closure, and plain `deferred` has none.
+        let many = deferred(|| {
+            (0..50)
+                .map(|i| var(&root.sub("x").sub(i), "w", &[4], nn::Init::Const(0.0)))
+                .collect::<Result<Vec<_>>>()
+        });
+        assert_eq!(many.unwrap().len(), 50);
+        assert!(var(&root.sub("y"), "w", &[2], nn::Init::Const(1.0)).is_ok());
     }
 }

@@ -10,7 +10,7 @@ use crate::registry::{Architecture, BuildOptions, CausalLm, CausalLmOutput, Fami
 use serde::Deserialize;
 use tch::{nn, Kind, Tensor};
 use vh_core::error::{check_epsilons, check_positive, check_probabilities, parse_config};
-use vh_core::tensor::{lm_logits, TrainDropout};
+use vh_core::tensor::TrainDropout;
 use vh_core::{Error, Result};
 
 fn default_vocab_size() -> i64 {
@@ -105,6 +105,14 @@ impl Gpt2Config {
     /// Checks sizes and names: positive sizes, heads dividing the width, a known activation,
     /// dropout probabilities in [0, 1].
     pub fn validate(&self) -> Result<()> {
+        // The default MLP width is 4 * n_embd: an n_embd from config.json near i64::MAX would
+        // overflow it (found by fuzzing: a panic in debug builds, a wrapped width in release).
+        if self.n_inner.is_none() && self.n_embd.checked_mul(4).is_none() {
+            return Err(Error::Config(format!(
+                "n_embd ({}) is too large: the MLP width 4 * n_embd overflows",
+                self.n_embd
+            )));
+        }
         check_positive(&[
             ("vocab_size", self.vocab_size),
             ("n_positions", self.n_positions),
@@ -131,7 +139,8 @@ impl Gpt2Config {
 
     /// The MLP's inner width.
     pub fn inner_dim(&self) -> i64 {
-        self.n_inner.unwrap_or(4 * self.n_embd)
+        // Saturating, so that an unchecked config cannot panic here; `validate` refuses it.
+        self.n_inner.unwrap_or(self.n_embd.saturating_mul(4))
     }
 
     /// The MLP activation.
@@ -445,24 +454,31 @@ impl Gpt2Model {
 pub struct Gpt2LmHeadModel {
     /// The transformer.
     pub transformer: Gpt2Model,
-    /// `lm_head.weight` [vocab, C]; the same tensor as `transformer.wte.weight` when tied.
-    pub lm_head: Tensor,
+    /// `lm_head.weight` [vocab, C]; the same tensor as `transformer.wte.weight` when tied; `None`
+    /// when built without an LM head.
+    pub lm_head: Option<Tensor>,
     tied: bool,
 }
 
 impl Gpt2LmHeadModel {
     /// Creates `transformer.*` and, unless the embeddings are tied, `lm_head.weight` under `vs`.
     pub fn new(vs: nn::Path, cfg: &Gpt2Config) -> Result<Self> {
+        Self::with_head(vs, cfg, true)
+    }
+
+    /// [`Gpt2LmHeadModel::new`], with or without the LM head (`transformer.*` alone, as under
+    /// `GPT2ForSequenceClassification`'s `score`).
+    pub fn with_head(vs: nn::Path, cfg: &Gpt2Config, lm_head: bool) -> Result<Self> {
         let transformer = Gpt2Model::new(vs.sub("transformer"), cfg)?;
-        let lm_head = if cfg.tie_word_embeddings {
-            transformer.wte.shallow_clone()
-        } else {
-            vh_core::param::var(
+        let lm_head = match (lm_head, cfg.tie_word_embeddings) {
+            (false, _) => None,
+            (true, true) => Some(transformer.wte.shallow_clone()),
+            (true, false) => Some(vh_core::param::var(
                 &vs.sub("lm_head"),
                 "weight",
                 &[cfg.vocab_size, cfg.n_embd],
                 nn::Init::Const(0.0),
-            )?
+            )?),
         };
         Ok(Self {
             transformer,
@@ -496,7 +512,7 @@ impl Gpt2LmHeadModel {
     /// tied model's `lm_head.weight` is the embedding matrix, which it reads from `wte` instead.
     pub fn parameter_name(&self, key: &str) -> Option<String> {
         let name = parameter_name(key)?;
-        if self.tied && name == "lm_head.weight" {
+        if (self.tied || self.lm_head.is_none()) && name == "lm_head.weight" {
             return None;
         }
         Some(name)
@@ -531,7 +547,7 @@ impl Gpt2LmHeadModel {
             position_ids,
             past,
             self.transformer.limits(),
-            self.lm_head.device(),
+            self.transformer.wte.device(),
         )?;
         CausalLm::forward(self, &inputs, train, logits_to_keep)
     }
@@ -558,14 +574,13 @@ impl CausalLm for Gpt2LmHeadModel {
         Some(self.transformer.cfg.n_positions)
     }
 
-    fn forward(&self, inputs: &CausalInputs<'_>, train: bool, logits_to_keep: i64) -> Result<CausalLmOutput> {
+    fn forward_hidden(&self, inputs: &CausalInputs<'_>, train: bool) -> Result<(Tensor, Cache)> {
         let out = self.transformer.forward_prepared(inputs, train)?;
-        let logits = lm_logits(&out.last_hidden_state, &self.lm_head, logits_to_keep)?;
-        Ok(CausalLmOutput {
-            logits,
-            last_hidden_state: out.last_hidden_state,
-            cache: out.cache,
-        })
+        Ok((out.last_hidden_state, out.cache))
+    }
+
+    fn lm_head(&self) -> Option<&Tensor> {
+        self.lm_head.as_ref()
     }
 
     fn parameter_name(&self, key: &str) -> Option<String> {
@@ -573,7 +588,7 @@ impl CausalLm for Gpt2LmHeadModel {
     }
 
     fn tied_aliases(&self) -> Vec<(&'static str, &'static str)> {
-        if self.tied {
+        if self.tied && self.lm_head.is_some() {
             vec![("lm_head.weight", "transformer.wte.weight")]
         } else {
             vec![]
@@ -581,7 +596,8 @@ impl CausalLm for Gpt2LmHeadModel {
     }
 
     fn is_lookup_only(&self, name: &str) -> bool {
-        name == "transformer.wpe.weight" || (!self.tied && name == "transformer.wte.weight")
+        let head_reads_wte = self.tied && self.lm_head.is_some();
+        name == "transformer.wpe.weight" || (!head_reads_wte && name == "transformer.wte.weight")
     }
 
     fn after_load(&self) -> Result<()> {
@@ -602,7 +618,7 @@ pub const ARCHITECTURE: Architecture = Architecture {
 fn build(vs: nn::Path, config: &serde_json::Value, options: &BuildOptions) -> Result<Box<dyn CausalLm>> {
     let mut cfg = Gpt2Config::from_json(config)?;
     cfg.attn_implementation = options.attn_implementation.unwrap_or(ARCHITECTURE.default_attention);
-    Ok(Box::new(Gpt2LmHeadModel::new(vs, &cfg)?))
+    Ok(Box::new(Gpt2LmHeadModel::with_head(vs, &cfg, !options.without_lm_head)?))
 }
 
 fn tiny_config() -> serde_json::Value {
@@ -674,6 +690,19 @@ mod tests {
         assert!(Gpt2Config::from_json(&json!({"n_embd": 10, "n_head": 3})).is_err());
         assert!(Gpt2Config::from_json(&json!({"activation_function": "nope"})).is_err());
         assert!(Gpt2Config::from_json(&json!({"n_layer": "two"})).is_err());
+    }
+
+    /// Fuzzing regression (crates/vh-fuzz/regressions/config/gpt2-n-embd-times-4-overflow.json):
+    /// the default MLP width 4 * n_embd overflowed i64 and panicked, even with `n_inner` set.
+    #[test]
+    fn huge_widths_are_config_errors_not_overflows() {
+        let err = Gpt2Config::from_json(&json!({"n_embd": i64::MAX, "n_head": 1})).unwrap_err();
+        assert!(
+            matches!(&err, Error::Config(m) if m.contains("4 * n_embd overflows")),
+            "{err}"
+        );
+        let cfg = Gpt2Config::from_json(&json!({"n_embd": 1i64 << 61, "n_head": 4, "n_inner": 64})).unwrap();
+        assert_eq!(cfg.inner_dim(), 64);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use tch::{nn, Kind, Tensor};
 use vh_core::error::{check_epsilons, check_positive, check_probabilities, parse_config};
-use vh_core::tensor::{lm_logits, min_value};
+use vh_core::tensor::min_value;
 use vh_core::{Error, Result};
 
 /// Which member of the family a config describes: same layers, different defaults and biases.
@@ -83,6 +83,8 @@ struct LlamaJson {
     tie_word_embeddings: bool,
     #[serde(default)]
     attention_dropout: f64,
+    #[serde(default)]
+    pad_token_id: Option<i64>,
 }
 
 mod llama_defaults {
@@ -141,6 +143,8 @@ struct Qwen2Json {
     attention_dropout: f64,
     #[serde(default)]
     use_sliding_window: bool,
+    #[serde(default)]
+    pad_token_id: Option<i64>,
 }
 
 mod qwen2_defaults {
@@ -198,6 +202,9 @@ pub struct LlamaConfig {
     pub tie_word_embeddings: bool,
     /// Dropout on attention probabilities (train mode).
     pub attention_dropout: f64,
+    /// The padding token, HF's `padding_idx` of `embed_tokens`: its embedding row gets no
+    /// gradient (forward outputs do not depend on it).
+    pub pad_token_id: Option<i64>,
 }
 
 /// hidden_size / num_attention_heads, or a config error (checked before dividing).
@@ -236,6 +243,7 @@ impl LlamaConfig {
                     mlp_bias: raw.mlp_bias,
                     tie_word_embeddings: raw.tie_word_embeddings,
                     attention_dropout: raw.attention_dropout,
+                    pad_token_id: raw.pad_token_id,
                 }
             }
             "qwen2" => {
@@ -265,6 +273,7 @@ impl LlamaConfig {
                     mlp_bias: false,
                     tie_word_embeddings: raw.tie_word_embeddings,
                     attention_dropout: raw.attention_dropout,
+                    pad_token_id: raw.pad_token_id,
                 }
             }
             other => {
@@ -289,6 +298,19 @@ impl LlamaConfig {
             ("head_dim", self.head_dim),
             ("max_position_embeddings", self.max_position_embeddings),
         ])?;
+        // The projections are heads * head_dim wide: sizes from config.json may make that
+        // product overflow (found by fuzzing: a panic in debug builds, a wrapped width in release).
+        for (name, heads) in [
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+        ] {
+            if heads.checked_mul(self.head_dim).is_none() {
+                return Err(Error::Config(format!(
+                    "{name} * head_dim overflows ({heads} * {})",
+                    self.head_dim
+                )));
+            }
+        }
         if self.num_attention_heads % self.num_key_value_heads != 0 {
             return Err(Error::Config(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
@@ -464,8 +486,8 @@ pub struct LlamaForCausalLM {
     pub embed_tokens: Tensor,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    /// `lm_head.weight`; the embedding matrix when tied.
-    pub lm_head: Tensor,
+    /// `lm_head.weight`; the embedding matrix when tied; `None` when built without an LM head.
+    pub lm_head: Option<Tensor>,
     rotary: RotaryEmbedding,
     cfg: LlamaConfig,
 }
@@ -473,6 +495,12 @@ pub struct LlamaForCausalLM {
 impl LlamaForCausalLM {
     /// Creates `model.*` and, unless tied, `lm_head.weight` under `vs`.
     pub fn new(vs: nn::Path, cfg: &LlamaConfig) -> Result<Self> {
+        Self::with_head(vs, cfg, true)
+    }
+
+    /// [`LlamaForCausalLM::new`], with or without the LM head (`model.*` alone, as under
+    /// `LlamaForSequenceClassification`'s `score`).
+    pub fn with_head(vs: nn::Path, cfg: &LlamaConfig, lm_head: bool) -> Result<Self> {
         cfg.validate()?;
         let model = vs.sub("model");
         let embed_tokens = vh_core::param::var(
@@ -484,21 +512,16 @@ impl LlamaForCausalLM {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::new(model.sub("layers").sub(i), cfg))
             .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::new(
-            model.sub("norm"),
-            cfg.hidden_size,
-            cfg.rms_norm_eps,
-            RmsNormStyle::Llama,
-        )?;
-        let lm_head = if cfg.tie_word_embeddings {
-            embed_tokens.shallow_clone()
-        } else {
-            vh_core::param::var(
+        let norm = RmsNorm::new(model.sub("norm"), cfg.hidden_size, cfg.rms_norm_eps, RmsNormStyle::Llama)?;
+        let lm_head = match (lm_head, cfg.tie_word_embeddings) {
+            (false, _) => None,
+            (true, true) => Some(embed_tokens.shallow_clone()),
+            (true, false) => Some(vh_core::param::var(
                 &vs.sub("lm_head"),
                 "weight",
                 &[cfg.vocab_size, cfg.hidden_size],
                 nn::Init::Const(0.0),
-            )?
+            )?),
         };
         let rotary = RotaryEmbedding::new(
             &RotaryConfig {
@@ -519,6 +542,18 @@ impl LlamaForCausalLM {
         })
     }
 
+    /// `embed_tokens`' padding index as `nn.Embedding(vocab, hidden, pad_token_id)` normalises
+    /// it (a negative id counts from the end), or -1 (none) without a pad token. An id outside
+    /// the vocabulary, which HF refuses when it builds the model, is ignored.
+    fn padding_idx(&self) -> i64 {
+        let vocab = self.cfg.vocab_size;
+        match self.cfg.pad_token_id {
+            Some(p) if (0..vocab).contains(&p) => p,
+            Some(p) if (-vocab..0).contains(&p) => p + vocab,
+            _ => -1,
+        }
+    }
+
     /// The configuration.
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg
@@ -527,7 +562,8 @@ impl LlamaForCausalLM {
     /// Maps a checkpoint key to a parameter name: rotary buffers of old checkpoints carry no
     /// parameters, and a tied model reads its head from the embedding.
     pub fn parameter_name(&self, key: &str) -> Option<String> {
-        if key.ends_with("rotary_emb.inv_freq") || (self.cfg.tie_word_embeddings && key == "lm_head.weight") {
+        let head_is_embedding = self.cfg.tie_word_embeddings || self.lm_head.is_none();
+        if key.ends_with("rotary_emb.inv_freq") || (head_is_embedding && key == "lm_head.weight") {
             return None;
         }
         Some(key.to_string())
@@ -595,7 +631,7 @@ impl CausalLm for LlamaForCausalLM {
         None
     }
 
-    fn forward(&self, inputs: &CausalInputs<'_>, train: bool, logits_to_keep: i64) -> Result<CausalLmOutput> {
+    fn forward_hidden(&self, inputs: &CausalInputs<'_>, train: bool) -> Result<(Tensor, Cache)> {
         let device = self.embed_tokens.device();
         let kind = self.embed_tokens.kind();
         let (batch, new_len, past_len) = (inputs.batch, inputs.new_len, inputs.past_len);
@@ -617,20 +653,18 @@ impl CausalLm for LlamaForCausalLM {
             None => None,
         };
 
-        let mut h = Tensor::f_embedding(&self.embed_tokens, &inputs.input_ids, -1, false, false)?;
+        let mut h = Tensor::f_embedding(&self.embed_tokens, &inputs.input_ids, self.padding_idx(), false, false)?;
         let mut layers = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
             let (out, cache) = layer.forward(&h, &cos, &sin, bias.as_ref(), past.map(|p| &p.layers[i]), train)?;
             h = out;
             layers.push(cache);
         }
-        let h = self.norm.forward(&h)?;
-        let logits = lm_logits(&h, &self.lm_head, logits_to_keep)?;
-        Ok(CausalLmOutput {
-            logits,
-            last_hidden_state: h,
-            cache: Cache { layers },
-        })
+        Ok((self.norm.forward(&h)?, Cache { layers }))
+    }
+
+    fn lm_head(&self) -> Option<&Tensor> {
+        self.lm_head.as_ref()
     }
 
     fn parameter_name(&self, key: &str) -> Option<String> {
@@ -638,7 +672,7 @@ impl CausalLm for LlamaForCausalLM {
     }
 
     fn tied_aliases(&self) -> Vec<(&'static str, &'static str)> {
-        if self.cfg.tie_word_embeddings {
+        if self.cfg.tie_word_embeddings && self.lm_head.is_some() {
             vec![("lm_head.weight", "model.embed_tokens.weight")]
         } else {
             vec![]
@@ -646,7 +680,8 @@ impl CausalLm for LlamaForCausalLM {
     }
 
     fn is_lookup_only(&self, name: &str) -> bool {
-        !self.cfg.tie_word_embeddings && name == "model.embed_tokens.weight"
+        let head_reads_embedding = self.cfg.tie_word_embeddings && self.lm_head.is_some();
+        !head_reads_embedding && name == "model.embed_tokens.weight"
     }
 }
 
@@ -671,8 +706,12 @@ pub const QWEN2_ARCHITECTURE: Architecture = Architecture {
 
 fn build(vs: nn::Path, config: &Value, options: &BuildOptions) -> Result<Box<dyn CausalLm>> {
     let mut cfg = LlamaConfig::from_json(config)?;
-    cfg.attn_implementation = options.attn_implementation.unwrap_or(AttnImplementation::Sdpa);
-    Ok(Box::new(LlamaForCausalLM::new(vs, &cfg)?))
+    let entry = match cfg.flavour {
+        LlamaFlavour::Llama => ARCHITECTURE,
+        LlamaFlavour::Qwen2 => QWEN2_ARCHITECTURE,
+    };
+    cfg.attn_implementation = options.attn_implementation.unwrap_or(entry.default_attention);
+    Ok(Box::new(LlamaForCausalLM::with_head(vs, &cfg, !options.without_lm_head)?))
 }
 
 fn tiny_llama_config() -> Value {
@@ -745,6 +784,13 @@ mod tests {
         assert!(bad(json!({"hidden_act": "nope"})));
         assert!(bad(json!({"model_type": "qwen2", "use_sliding_window": true})));
         assert!(bad(json!({"head_dim": 7})));
+        // Fuzzing regression: heads * head_dim overflowed i64 and panicked while building the
+        // projections (crates/vh-fuzz/regressions/config/llama-heads-times-head-dim-overflow.json).
+        let err = LlamaConfig::from_json(&json!({"head_dim": 1i64 << 62, "num_attention_heads": 4})).unwrap_err();
+        assert!(
+            err.to_string().contains("num_attention_heads * head_dim overflows"),
+            "{err}"
+        );
         assert_eq!(
             LlamaConfig::from_json(&json!({"rope_scaling": {"type": "dynamic", "factor": 2.0}}))
                 .unwrap()

@@ -38,9 +38,26 @@ pub trait CausalLm: std::fmt::Debug + Send {
     /// The longest sequence, cache included, that learned absolute positions allow; `None` for
     /// rotary or relative positions (HF enforces no limit there).
     fn max_positions(&self) -> Option<i64>;
+    /// Runs the decoder on inputs checked by [`crate::inputs::prepare_causal`]: the final
+    /// hidden states [B, T, hidden] (after the final norm, HF's `hidden_states[-1]`) and the cache.
+    fn forward_hidden(&self, inputs: &CausalInputs<'_>, train: bool) -> Result<(Tensor, Cache)>;
+    /// The LM head's weight [vocab, hidden] (the embedding matrix when tied), or `None` for a
+    /// model built without one ([`BuildOptions::lm_head`], e.g. under a classification head).
+    fn lm_head(&self) -> Option<&Tensor>;
     /// Runs the model on inputs checked by [`crate::inputs::prepare_causal`], with logits for the
     /// last `logits_to_keep` positions only (0 = all, as HF's argument of that name).
-    fn forward(&self, inputs: &CausalInputs<'_>, train: bool, logits_to_keep: i64) -> Result<CausalLmOutput>;
+    fn forward(&self, inputs: &CausalInputs<'_>, train: bool, logits_to_keep: i64) -> Result<CausalLmOutput> {
+        let (last_hidden_state, cache) = self.forward_hidden(inputs, train)?;
+        let head = self
+            .lm_head()
+            .ok_or_else(|| Error::Config("this model was built without a language-model head".into()))?;
+        let logits = vh_core::tensor::lm_logits(&last_hidden_state, head, logits_to_keep)?;
+        Ok(CausalLmOutput {
+            logits,
+            last_hidden_state,
+            cache,
+        })
+    }
     /// The parameter a checkpoint tensor fills (HF's names, legacy spellings mapped), or `None`
     /// for tensors that hold no parameter (buffers, the LM head of a tied model).
     fn parameter_name(&self, key: &str) -> Option<String>;
@@ -123,6 +140,9 @@ pub trait Seq2SeqLm: std::fmt::Debug + Send {
 pub struct BuildOptions {
     /// How attention is computed; `None` takes the architecture's default.
     pub attn_implementation: Option<AttnImplementation>,
+    /// Leave out the language-model head (and its `lm_head.weight` parameter), for a backbone
+    /// under another head, e.g. HF's `*ForSequenceClassification`.
+    pub without_lm_head: bool,
 }
 
 /// Builds a decoder-only model's parameters under a var-store path from config.json.

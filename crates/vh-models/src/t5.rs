@@ -140,6 +140,14 @@ impl T5Config {
                 self.relative_attention_num_buckets, self.relative_attention_max_distance
             )));
         }
+        // The attention projections are num_heads * d_kv wide: sizes from config.json may make
+        // that product overflow (found by fuzzing: a panic in debug builds).
+        if self.num_heads.checked_mul(self.d_kv).is_none() {
+            return Err(Error::Config(format!(
+                "num_heads * d_kv overflows ({} * {})",
+                self.num_heads, self.d_kv
+            )));
+        }
         check_probabilities(&[("dropout_rate", self.dropout_rate)])?;
         check_epsilons(&[("layer_norm_epsilon", self.layer_norm_epsilon)])?;
         self.feed_forward()?;
@@ -865,6 +873,10 @@ mod tests {
         assert!(T5Config::from_json(&json!({"feed_forward_proj": "fancy-gelu"})).is_err());
         assert!(T5Config::from_json(&json!({"feed_forward_proj": "gated-relu-x"})).is_err());
         assert!(T5Config::from_json(&json!({"d_kv": 0})).is_err());
+        // Fuzzing regression: num_heads * d_kv overflowed i64 and panicked while building the
+        // attention (crates/vh-fuzz/regressions/config/t5-heads-times-d-kv-overflow.json).
+        let err = T5Config::from_json(&json!({"d_kv": 1i64 << 62})).unwrap_err();
+        assert!(err.to_string().contains("num_heads * d_kv overflows"), "{err}");
     }
 
     #[test]

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
+use valuehead::cli_io::{run_forward, ForwardOutputs};
 use valuehead::{load_tokenizer, parse_device, parse_dtype, GenerateOutput, LoadOptions, ValueHeadModel};
 
 #[derive(Parser)]
@@ -66,6 +67,19 @@ enum Command {
     },
     /// Generate a continuation and print it with each new token's log-probability and value.
     Generate(GenerateArgs),
+    /// Score sequences with a reward model (a `*ForSequenceClassification` folder) and write each
+    /// row's logits and reward.
+    Reward {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Input file: `input_ids` (i64 [B,T]) and optionally `attention_mask`.
+        #[arg(long)]
+        inputs: PathBuf,
+        /// Output file: `logits` (f32 [B, num_labels], read at each row's last non-pad token, as
+        /// HF does) and `rewards` (f32 [B], the first label's logit).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Upload a model folder to a Hub repo (created when missing), in one commit. HF_ENDPOINT
     /// and HF_TOKEN apply; the token is never printed.
     Push {
@@ -157,72 +171,42 @@ fn check_output(out: &Path, inputs: &[&Path], model_folder: &Path) -> Result<()>
     Ok(())
 }
 
-/// (logits, values, loss) of one forward pass.
-type Outputs = (Tensor, Tensor, Option<Tensor>);
-
-fn run_forward(model: &ValueHeadModel, inputs: &HashMap<String, Tensor>) -> Result<Outputs> {
-    let input_ids = inputs.get("input_ids").context("the inputs have no `input_ids`")?;
-    let get = |name: &str| inputs.get(name);
-    tch::no_grad(|| -> Result<Outputs> {
-        Ok(match model {
-            ValueHeadModel::Causal(m) => {
-                if let Some(extra) = ["decoder_input_ids", "decoder_attention_mask"]
-                    .iter()
-                    .find(|n| get(n).is_some())
-                {
-                    bail!("`{extra}` is for encoder-decoder models; this model is decoder-only");
-                }
-                let out = m.forward_with(&valuehead::CausalLmInput {
-                    input_ids,
-                    attention_mask: get("attention_mask"),
-                    position_ids: get("position_ids"),
-                    past: None,
-                    labels: get("labels"),
-                    logits_to_keep: 0,
-                })?;
-                (out.logits, out.values, out.loss)
-            }
-            ValueHeadModel::Seq2Seq(m) => {
-                if get("position_ids").is_some() {
-                    bail!("`position_ids` is for decoder-only models; T5's positions are relative");
-                }
-                let out = m.forward(
-                    Some(input_ids),
-                    get("attention_mask"),
-                    get("decoder_input_ids"),
-                    get("decoder_attention_mask"),
-                    None,
-                    None,
-                    get("labels"),
-                )?;
-                (out.logits, out.values, out.loss)
-            }
-        })
-    })
-}
-
 fn forward(model: &ModelArgs, inputs: &Path, out: &Path) -> Result<()> {
     vh_hub::files::check_output_path(out)?;
     let (vh, folder) = load(model)?;
     check_output(out, &[inputs], &folder)?;
+    valuehead::cli_io::forward_file(&vh, inputs, out).with_context(|| format!("running {}", inputs.display()))?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
+
+fn reward(args: &ModelArgs, inputs: &Path, out: &Path) -> Result<()> {
+    vh_hub::files::check_output_path(out)?;
+    let mut options = LoadOptions::from_pairs(args.options.iter().map(String::as_str))?;
+    options.dtype = parse_dtype(&args.dtype)?;
+    options.device = parse_device(&args.device)?;
+    if args.revision.is_some() {
+        options.hub.revision = args.revision.clone();
+    }
+    let folder = vh_hub::resolve_model(&args.model, &options.hub).with_context(|| format!("finding {}", args.model))?;
+    check_output(out, &[inputs], &folder)?;
+    let model = valuehead::SequenceClassifier::from_folder(&folder, &options)
+        .with_context(|| format!("loading the reward model from {}", folder.display()))?;
     let tensors: HashMap<String, Tensor> = vh_hub::read_safetensors(inputs)?.into_iter().collect();
-    let known = [
-        "input_ids",
-        "attention_mask",
-        "position_ids",
-        "labels",
-        "decoder_input_ids",
-        "decoder_attention_mask",
-    ];
+    let known = ["input_ids", "attention_mask"];
     if let Some(other) = tensors.keys().find(|k| !known.contains(&k.as_str())) {
         bail!("{}: unexpected tensor `{other}` (expected {known:?})", inputs.display());
     }
-    let (logits, values, loss) = run_forward(&vh, &tensors).with_context(|| format!("running {}", inputs.display()))?;
-    let mut written = vec![("logits".to_string(), logits), ("values".to_string(), values)];
-    if let Some(loss) = loss {
-        written.push(("loss".to_string(), loss));
-    }
-    vh_hub::write_safetensors(out, &written)?;
+    let input_ids = tensors.get("input_ids").context("the inputs have no `input_ids`")?;
+    let scored = tch::no_grad(|| model.forward(input_ids, tensors.get("attention_mask")))
+        .with_context(|| format!("scoring {}", inputs.display()))?;
+    vh_hub::write_safetensors(
+        out,
+        &[
+            ("logits".to_string(), scored.logits),
+            ("rewards".to_string(), scored.rewards),
+        ],
+    )?;
     eprintln!("wrote {}", out.display());
     Ok(())
 }
@@ -255,7 +239,7 @@ fn score(model: &ModelArgs, input_ids: &str, decoder_input_ids: Option<&str>) ->
         (ValueHeadModel::Causal(_), Some(_)) => bail!("--decoder-input-ids is for encoder-decoder models"),
         (ValueHeadModel::Causal(_), None) => parse_ids(input_ids)?,
     };
-    let (logits, values, _) = run_forward(&vh, &inputs)?;
+    let ForwardOutputs { logits, values, .. } = run_forward(&vh, &inputs)?;
     let logprobs = logits.log_softmax(-1, Kind::Float);
     println!("model: {}", model.model);
     println!("{:>4}  {:>8}  {:>12}  {:>10}", "pos", "token", "log p(token)", "value");
@@ -427,7 +411,14 @@ fn push(
 
 fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    let cli = Cli::parse();
+    // The supported architectures come from the registry, so the help never goes stale.
+    let supported: Vec<String> = valuehead::ARCHITECTURES
+        .iter()
+        .map(|a| format!("{} ({})", a.model_type, a.name))
+        .collect();
+    let command = <Cli as clap::CommandFactory>::command()
+        .after_help(format!("Supported model_type values: {}.", supported.join(", ")));
+    let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&command.get_matches())?;
     match &cli.command {
         Command::Forward { model, inputs, out } => forward(model, inputs, out),
         Command::Score {
@@ -436,6 +427,7 @@ fn main() -> Result<()> {
             decoder_input_ids,
         } => score(model, input_ids, decoder_input_ids.as_deref()),
         Command::Generate(args) => generate(args),
+        Command::Reward { model, inputs, out } => reward(model, inputs, out),
         Command::Push {
             model,
             repo_id,
