@@ -45,6 +45,23 @@ def hf_sdpa_vs_eager(base, input_ids, attention_mask, labels, expected):
     }
 
 
+def window_effect(model, config, input_ids, attention_mask, expected):
+    """How much a sliding window shorter than the rows changes the outputs: the same model and call
+    with the window widened past the rows, against the windowed reference, at attended positions.
+    None when the config has no window in use or its window already spans the rows."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or ["sliding_attention"]
+    if window is None or window >= input_ids.shape[1] or "sliding_attention" not in layer_types:
+        return None
+    config.sliding_window = 10**6
+    try:
+        with torch.no_grad():
+            logits, _, _ = model(input_ids=input_ids, attention_mask=attention_mask)
+    finally:
+        config.sliding_window = window
+    return (logits - expected["logits"]).abs()[attention_mask.bool()].max().item()
+
+
 def run_cases(out_dir, cases, make_config, label):
     """Writes every case of `cases` ((name, overrides, incremental, rewrite) with
     `make_config(overrides) -> (config, dict)`) and cases.json into `out_dir`."""
@@ -58,6 +75,9 @@ def run_cases(out_dir, cases, make_config, label):
         input_ids, attention_mask, labels, position_ids = make_inputs(cfg["vocab_size"], 70 + seed)
         expected = reference_outputs(model, input_ids, attention_mask, labels, position_ids)
         sdpa = hf_sdpa_vs_eager(base, input_ids, attention_mask, labels, expected)
+        effect = window_effect(model, model.pretrained_model.config, input_ids, attention_mask, expected)
+        # A window shorter than the rows must matter, or the case tests nothing about it.
+        assert effect is None or effect > 1e-3, f"{name}: the sliding window changes nothing ({effect})"
         folder = os.path.join(out_dir, name)
         model.save_pretrained(folder)
         if rewrite is None:
@@ -78,7 +98,8 @@ def run_cases(out_dir, cases, make_config, label):
         )
         save_file({"position_ids": position_ids}, os.path.join(folder, "position_ids.safetensors"))
         save_file(expected, os.path.join(folder, "expected.safetensors"))
-        manifest.append(dict(sdpa, name=name, fresh_v_head=rewrite == "drop_v_head", incremental=incremental))
+        manifest.append(dict(sdpa, name=name, fresh_v_head=rewrite == "drop_v_head", incremental=incremental,
+                             window_effect=effect))
     with open(os.path.join(out_dir, "cases.json"), "w") as f:
         json.dump(manifest, f, indent=1)
     print(f"wrote {len(manifest)} {label} reference cases to {out_dir}")

@@ -342,11 +342,17 @@ mod tests {
     #[test]
     fn layer_windows_follow_hf_layer_types() {
         let s = |v: &[&str]| v.iter().map(|t| t.to_string()).collect::<Vec<_>>();
-        assert_eq!(layer_windows(None, Some(4), 1, 3).unwrap(), vec![None, Some(4), Some(4)]);
+        assert_eq!(
+            layer_windows(None, Some(4), 1, 3).unwrap(),
+            vec![None, Some(4), Some(4)]
+        );
         assert_eq!(layer_windows(None, None, 0, 2).unwrap(), vec![None, None]);
         let types = s(&["sliding_attention", "full_attention"]);
         assert_eq!(layer_windows(Some(&types), Some(3), 9, 2).unwrap(), vec![Some(3), None]);
-        assert!(layer_windows(Some(&types), None, 0, 2).is_err(), "sliding layer without a window");
+        assert!(
+            layer_windows(Some(&types), None, 0, 2).is_err(),
+            "sliding layer without a window"
+        );
         assert!(layer_windows(Some(&types), Some(3), 0, 3).is_err(), "wrong count");
         let chunked = s(&["chunked_attention", "full_attention"]);
         assert!(layer_windows(Some(&chunked), Some(3), 0, 2).is_err());

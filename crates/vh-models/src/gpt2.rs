@@ -618,7 +618,11 @@ pub const ARCHITECTURE: Architecture = Architecture {
 fn build(vs: nn::Path, config: &serde_json::Value, options: &BuildOptions) -> Result<Box<dyn CausalLm>> {
     let mut cfg = Gpt2Config::from_json(config)?;
     cfg.attn_implementation = options.attn_implementation.unwrap_or(ARCHITECTURE.default_attention);
-    Ok(Box::new(Gpt2LmHeadModel::with_head(vs, &cfg, !options.without_lm_head)?))
+    Ok(Box::new(Gpt2LmHeadModel::with_head(
+        vs,
+        &cfg,
+        !options.without_lm_head,
+    )?))
 }
 
 fn tiny_config() -> serde_json::Value {

@@ -8,6 +8,18 @@ use tch::{nn, Kind, Tensor};
 use vh_core::ops::ScalarOps;
 use vh_core::Result;
 
+/// The padding index of `nn.Embedding(vocab, hidden, padding_idx=pad_token_id)` as PyTorch
+/// normalises it (a negative id counts from the end), or -1 (none) without a pad token or with
+/// one outside the vocabulary (which HF refuses when it builds the model). That row gets no
+/// gradient; forward outputs do not depend on it.
+pub fn embedding_padding_idx(pad_token_id: Option<i64>, vocab_size: i64) -> i64 {
+    match pad_token_id {
+        Some(p) if (0..vocab_size).contains(&p) => p,
+        Some(p) if (-vocab_size..0).contains(&p) => p + vocab_size,
+        _ => -1,
+    }
+}
+
 /// A linear layer `x @ weight^T (+ bias)` with HF's [out, in] weight.
 #[derive(Debug)]
 pub struct Linear {

@@ -512,7 +512,12 @@ impl LlamaForCausalLM {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::new(model.sub("layers").sub(i), cfg))
             .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::new(model.sub("norm"), cfg.hidden_size, cfg.rms_norm_eps, RmsNormStyle::Llama)?;
+        let norm = RmsNorm::new(
+            model.sub("norm"),
+            cfg.hidden_size,
+            cfg.rms_norm_eps,
+            RmsNormStyle::Llama,
+        )?;
         let lm_head = match (lm_head, cfg.tie_word_embeddings) {
             (false, _) => None,
             (true, true) => Some(embed_tokens.shallow_clone()),
@@ -711,7 +716,11 @@ fn build(vs: nn::Path, config: &Value, options: &BuildOptions) -> Result<Box<dyn
         LlamaFlavour::Qwen2 => QWEN2_ARCHITECTURE,
     };
     cfg.attn_implementation = options.attn_implementation.unwrap_or(entry.default_attention);
-    Ok(Box::new(LlamaForCausalLM::with_head(vs, &cfg, !options.without_lm_head)?))
+    Ok(Box::new(LlamaForCausalLM::with_head(
+        vs,
+        &cfg,
+        !options.without_lm_head,
+    )?))
 }
 
 fn tiny_llama_config() -> Value {

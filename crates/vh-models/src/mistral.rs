@@ -11,14 +11,14 @@ use crate::activation::Activation;
 use crate::attention::{check_sliding_window, AttentionSpec, AttnImplementation, MaskSpec, ScoreOp, SoftmaxPrecision};
 use crate::cache::{Cache, LayerCache};
 use crate::inputs::{CausalInputs, CausalLimits};
-use crate::layers::{merge_heads, split_heads, GatedMlp, Linear, RmsNorm, RmsNormStyle};
-use crate::registry::{Architecture, BuildOptions, CausalLm, CausalLmOutput, Family};
+use crate::layers::{embedding_padding_idx, merge_heads, split_heads, GatedMlp, Linear, RmsNorm, RmsNormStyle};
+use crate::registry::{Architecture, BuildOptions, CausalLm, Family};
 use crate::rotary::{apply_rotary, RopeScaling, RotaryConfig, RotaryEmbedding};
 use serde::Deserialize;
 use serde_json::Value;
 use tch::{nn, Kind, Tensor};
 use vh_core::error::{check_epsilons, check_positive, check_probabilities, parse_config};
-use vh_core::tensor::{lm_logits, min_value};
+use vh_core::tensor::min_value;
 use vh_core::{Error, Result};
 
 /// config.json of a `mistral` model, with `MistralConfig`'s defaults in transformers 4.57.
@@ -63,6 +63,8 @@ struct MistralJson {
     tie_word_embeddings: bool,
     #[serde(default)]
     attention_dropout: f64,
+    #[serde(default)]
+    pad_token_id: Option<i64>,
 }
 
 mod defaults {
@@ -136,6 +138,8 @@ pub struct MistralConfig {
     pub tie_word_embeddings: bool,
     /// Dropout on attention probabilities (train mode).
     pub attention_dropout: f64,
+    /// The padding token, HF's `padding_idx` of `embed_tokens`: its row gets no gradient.
+    pub pad_token_id: Option<i64>,
 }
 
 impl MistralConfig {
@@ -182,6 +186,7 @@ impl MistralConfig {
             sliding_window: raw.sliding_window,
             tie_word_embeddings: raw.tie_word_embeddings,
             attention_dropout: raw.attention_dropout,
+            pad_token_id: raw.pad_token_id,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -199,6 +204,18 @@ impl MistralConfig {
             ("head_dim", self.head_dim),
             ("max_position_embeddings", self.max_position_embeddings),
         ])?;
+        // The projections are heads * head_dim wide: sizes from config.json may overflow that.
+        for (name, heads) in [
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+        ] {
+            if heads.checked_mul(self.head_dim).is_none() {
+                return Err(Error::Config(format!(
+                    "{name} * head_dim overflows ({heads} * {})",
+                    self.head_dim
+                )));
+            }
+        }
         if self.num_attention_heads % self.num_key_value_heads != 0 {
             return Err(Error::Config(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
@@ -351,8 +368,8 @@ pub struct MistralForCausalLM {
     pub embed_tokens: Tensor,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    /// `lm_head.weight`; the embedding matrix when tied.
-    pub lm_head: Tensor,
+    /// `lm_head.weight`; the embedding matrix when tied; `None` when built without an LM head.
+    pub lm_head: Option<Tensor>,
     rotary: RotaryEmbedding,
     cfg: MistralConfig,
 }
@@ -360,6 +377,12 @@ pub struct MistralForCausalLM {
 impl MistralForCausalLM {
     /// Creates `model.*` and, unless tied, `lm_head.weight` under `vs`.
     pub fn new(vs: nn::Path, cfg: &MistralConfig) -> Result<Self> {
+        Self::with_head(vs, cfg, true)
+    }
+
+    /// [`MistralForCausalLM::new`], with or without the LM head (`model.*` alone, for a backbone under
+    /// another head).
+    pub fn with_head(vs: nn::Path, cfg: &MistralConfig, lm_head: bool) -> Result<Self> {
         cfg.validate()?;
         let model = vs.sub("model");
         let embed_tokens = vh_core::param::var(
@@ -377,15 +400,15 @@ impl MistralForCausalLM {
             cfg.rms_norm_eps,
             RmsNormStyle::Llama,
         )?;
-        let lm_head = if cfg.tie_word_embeddings {
-            embed_tokens.shallow_clone()
-        } else {
-            vh_core::param::var(
+        let lm_head = match (lm_head, cfg.tie_word_embeddings) {
+            (false, _) => None,
+            (true, true) => Some(embed_tokens.shallow_clone()),
+            (true, false) => Some(vh_core::param::var(
                 &vs.sub("lm_head"),
                 "weight",
                 &[cfg.vocab_size, cfg.hidden_size],
                 nn::Init::Const(0.0),
-            )?
+            )?),
         };
         let rotary = RotaryEmbedding::new(
             &RotaryConfig {
@@ -434,7 +457,7 @@ impl CausalLm for MistralForCausalLM {
         None
     }
 
-    fn forward(&self, inputs: &CausalInputs<'_>, train: bool, logits_to_keep: i64) -> Result<CausalLmOutput> {
+    fn forward_hidden(&self, inputs: &CausalInputs<'_>, train: bool) -> Result<(Tensor, Cache)> {
         let device = self.embed_tokens.device();
         let kind = self.embed_tokens.kind();
         let (cos, sin) = self.rotary.cos_sin(&inputs.position_ids, inputs.max_position, kind)?;
@@ -452,7 +475,8 @@ impl CausalLm for MistralForCausalLM {
         }
         .bias_beyond_causal(kind, device)?;
 
-        let mut h = Tensor::f_embedding(&self.embed_tokens, &inputs.input_ids, -1, false, false)?;
+        let padding_idx = embedding_padding_idx(self.cfg.pad_token_id, self.cfg.vocab_size);
+        let mut h = Tensor::f_embedding(&self.embed_tokens, &inputs.input_ids, padding_idx, false, false)?;
         let mut layers = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
             let past = inputs.past.map(|p| &p.layers[i]);
@@ -460,25 +484,25 @@ impl CausalLm for MistralForCausalLM {
             h = out;
             layers.push(cache);
         }
-        let h = self.norm.forward(&h)?;
-        let logits = lm_logits(&h, &self.lm_head, logits_to_keep)?;
-        Ok(CausalLmOutput {
-            logits,
-            last_hidden_state: h,
-            cache: Cache { layers },
-        })
+        Ok((self.norm.forward(&h)?, Cache { layers }))
+    }
+
+    fn lm_head(&self) -> Option<&Tensor> {
+        self.lm_head.as_ref()
     }
 
     fn parameter_name(&self, key: &str) -> Option<String> {
-        // Rotary buffers of old checkpoints hold no parameter; a tied head reads the embedding.
-        if key.ends_with("rotary_emb.inv_freq") || (self.cfg.tie_word_embeddings && key == "lm_head.weight") {
+        // Rotary buffers of old checkpoints hold no parameter; a tied head reads the embedding,
+        // and a model without a head has no place for one.
+        let no_head_parameter = self.cfg.tie_word_embeddings || self.lm_head.is_none();
+        if key.ends_with("rotary_emb.inv_freq") || (no_head_parameter && key == "lm_head.weight") {
             return None;
         }
         Some(key.to_string())
     }
 
     fn tied_aliases(&self) -> Vec<(&'static str, &'static str)> {
-        if self.cfg.tie_word_embeddings {
+        if self.cfg.tie_word_embeddings && self.lm_head.is_some() {
             vec![("lm_head.weight", "model.embed_tokens.weight")]
         } else {
             vec![]
@@ -486,7 +510,8 @@ impl CausalLm for MistralForCausalLM {
     }
 
     fn is_lookup_only(&self, name: &str) -> bool {
-        !self.cfg.tie_word_embeddings && name == "model.embed_tokens.weight"
+        let head_reads_embedding = self.cfg.tie_word_embeddings && self.lm_head.is_some();
+        !head_reads_embedding && name == "model.embed_tokens.weight"
     }
 }
 
@@ -514,7 +539,11 @@ pub const ARCHITECTURE: Architecture = Architecture {
 fn build(vs: nn::Path, config: &Value, options: &BuildOptions) -> Result<Box<dyn CausalLm>> {
     let mut cfg = MistralConfig::from_json(config)?;
     cfg.attn_implementation = options.attn_implementation.unwrap_or(ARCHITECTURE.default_attention);
-    Ok(Box::new(MistralForCausalLM::new(vs, &cfg)?))
+    Ok(Box::new(MistralForCausalLM::with_head(
+        vs,
+        &cfg,
+        !options.without_lm_head,
+    )?))
 }
 
 fn tiny_config() -> Value {
@@ -529,6 +558,7 @@ fn tiny_config() -> Value {
 mod tests {
     use super::*;
     use crate::inputs::prepare_causal;
+    use crate::registry::CausalLmOutput;
     use serde_json::json;
     use tch::nn::VarStore;
     use tch::Device;
@@ -579,7 +609,12 @@ mod tests {
             (32000, 14336, 8, 128, 131072, Some(4096), false)
         );
         assert_eq!(config(json!({"sliding_window": null})).unwrap().sliding_window, None);
-        assert_eq!(config(json!({"num_key_value_heads": null})).unwrap().num_key_value_heads, 4);
+        assert_eq!(
+            config(json!({"num_key_value_heads": null}))
+                .unwrap()
+                .num_key_value_heads,
+            4
+        );
         // HF's `head_dim or hidden // heads`: null and 0 both fall back.
         assert_eq!(config(json!({"head_dim": 0})).unwrap().head_dim, 4);
         assert_eq!(config(json!({"head_dim": 6})).unwrap().head_dim, 6);
@@ -603,7 +638,10 @@ mod tests {
         bad(json!({"sliding_window": -4}), "negative window");
         bad(json!({"sliding_window": 0}), "zero window");
         bad(json!({"sliding_window": "four"}), "window of the wrong type");
-        bad(json!({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}), "unknown rope type");
+        bad(
+            json!({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}),
+            "unknown rope type",
+        );
         bad(json!({"rope_scaling": {"type": "linear"}}), "scaling without factor");
         bad(json!({"hidden_act": "nope"}), "unknown activation");
         bad(json!({"head_dim": 7}), "odd head_dim");
@@ -656,7 +694,13 @@ mod tests {
             let full = run(&model, &ids, Some(&mask), None, None);
             let mut past = run(&model, &ids.narrow(1, 0, 3), Some(&mask.narrow(1, 0, 3)), None, None).cache;
             for t in 3..12 {
-                let step = run(&model, &ids.narrow(1, t, 1), Some(&mask.narrow(1, 0, t + 1)), None, Some(&past));
+                let step = run(
+                    &model,
+                    &ids.narrow(1, t, 1),
+                    Some(&mask.narrow(1, 0, t + 1)),
+                    None,
+                    Some(&past),
+                );
                 let d = max_diff(&step.logits.squeeze_dim(1), &full.logits.select(1, t));
                 assert!(d < 1e-5, "{implementation:?} step {t}: {d}");
                 past = step.cache;

@@ -10,14 +10,14 @@ use crate::attention::{
 };
 use crate::cache::{Cache, LayerCache};
 use crate::inputs::{CausalInputs, CausalLimits};
-use crate::layers::{merge_heads, GatedMlp, Linear, RmsNorm, RmsNormStyle};
-use crate::registry::{Architecture, BuildOptions, CausalLm, CausalLmOutput, Family};
+use crate::layers::{embedding_padding_idx, merge_heads, GatedMlp, Linear, RmsNorm, RmsNormStyle};
+use crate::registry::{Architecture, BuildOptions, CausalLm, Family};
 use crate::rotary::{apply_rotary, RopeScaling, RotaryConfig, RotaryEmbedding};
 use serde::Deserialize;
 use serde_json::Value;
 use tch::{nn, Kind, Tensor};
 use vh_core::error::{check_epsilons, check_positive, check_probabilities, parse_config};
-use vh_core::tensor::{lm_logits, min_value};
+use vh_core::tensor::min_value;
 use vh_core::{Error, Result};
 
 /// config.json of a `qwen3` model, with `Qwen3Config`'s defaults in transformers 4.57.
@@ -68,6 +68,8 @@ struct Qwen3Json {
     tie_word_embeddings: bool,
     #[serde(default)]
     attention_dropout: f64,
+    #[serde(default)]
+    pad_token_id: Option<i64>,
 }
 
 mod defaults {
@@ -149,6 +151,8 @@ pub struct Qwen3Config {
     pub tie_word_embeddings: bool,
     /// Dropout on attention probabilities (train mode).
     pub attention_dropout: f64,
+    /// The padding token, HF's `padding_idx` of `embed_tokens`: its row gets no gradient.
+    pub pad_token_id: Option<i64>,
 }
 
 impl Qwen3Config {
@@ -191,6 +195,7 @@ impl Qwen3Config {
             layer_windows,
             tie_word_embeddings: raw.tie_word_embeddings,
             attention_dropout: raw.attention_dropout,
+            pad_token_id: raw.pad_token_id,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -208,6 +213,18 @@ impl Qwen3Config {
             ("head_dim", self.head_dim),
             ("max_position_embeddings", self.max_position_embeddings),
         ])?;
+        // The projections are heads * head_dim wide: sizes from config.json may overflow that.
+        for (name, heads) in [
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+        ] {
+            if heads.checked_mul(self.head_dim).is_none() {
+                return Err(Error::Config(format!(
+                    "{name} * head_dim overflows ({heads} * {})",
+                    self.head_dim
+                )));
+            }
+        }
         if self.num_attention_heads % self.num_key_value_heads != 0 {
             return Err(Error::Config(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
@@ -386,8 +403,8 @@ pub struct Qwen3ForCausalLM {
     pub embed_tokens: Tensor,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    /// `lm_head.weight`; the embedding matrix when tied.
-    pub lm_head: Tensor,
+    /// `lm_head.weight`; the embedding matrix when tied; `None` when built without an LM head.
+    pub lm_head: Option<Tensor>,
     rotary: RotaryEmbedding,
     cfg: Qwen3Config,
 }
@@ -395,6 +412,12 @@ pub struct Qwen3ForCausalLM {
 impl Qwen3ForCausalLM {
     /// Creates `model.*` and, unless tied, `lm_head.weight` under `vs`.
     pub fn new(vs: nn::Path, cfg: &Qwen3Config) -> Result<Self> {
+        Self::with_head(vs, cfg, true)
+    }
+
+    /// [`Qwen3ForCausalLM::new`], with or without the LM head (`model.*` alone, for a backbone under
+    /// another head).
+    pub fn with_head(vs: nn::Path, cfg: &Qwen3Config, lm_head: bool) -> Result<Self> {
         cfg.validate()?;
         let model = vs.sub("model");
         let embed_tokens = vh_core::param::var(
@@ -412,15 +435,15 @@ impl Qwen3ForCausalLM {
             cfg.rms_norm_eps,
             RmsNormStyle::Llama,
         )?;
-        let lm_head = if cfg.tie_word_embeddings {
-            embed_tokens.shallow_clone()
-        } else {
-            vh_core::param::var(
+        let lm_head = match (lm_head, cfg.tie_word_embeddings) {
+            (false, _) => None,
+            (true, true) => Some(embed_tokens.shallow_clone()),
+            (true, false) => Some(vh_core::param::var(
                 &vs.sub("lm_head"),
                 "weight",
                 &[cfg.vocab_size, cfg.hidden_size],
                 nn::Init::Const(0.0),
-            )?
+            )?),
         };
         let rotary = RotaryEmbedding::new(
             &RotaryConfig {
@@ -478,7 +501,7 @@ impl CausalLm for Qwen3ForCausalLM {
         None
     }
 
-    fn forward(&self, inputs: &CausalInputs<'_>, train: bool, logits_to_keep: i64) -> Result<CausalLmOutput> {
+    fn forward_hidden(&self, inputs: &CausalInputs<'_>, train: bool) -> Result<(Tensor, Cache)> {
         let device = self.embed_tokens.device();
         let kind = self.embed_tokens.kind();
         let (cos, sin) = self.rotary.cos_sin(&inputs.position_ids, inputs.max_position, kind)?;
@@ -505,7 +528,8 @@ impl CausalLm for Qwen3ForCausalLM {
         }
         let bias_of = |window: Option<i64>| biases.iter().find(|(w, _)| *w == window).and_then(|(_, b)| b.as_ref());
 
-        let mut h = Tensor::f_embedding(&self.embed_tokens, &inputs.input_ids, -1, false, false)?;
+        let padding_idx = embedding_padding_idx(self.cfg.pad_token_id, self.cfg.vocab_size);
+        let mut h = Tensor::f_embedding(&self.embed_tokens, &inputs.input_ids, padding_idx, false, false)?;
         let mut layers = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
             let past = inputs.past.map(|p| &p.layers[i]);
@@ -514,25 +538,25 @@ impl CausalLm for Qwen3ForCausalLM {
             h = out;
             layers.push(cache);
         }
-        let h = self.norm.forward(&h)?;
-        let logits = lm_logits(&h, &self.lm_head, logits_to_keep)?;
-        Ok(CausalLmOutput {
-            logits,
-            last_hidden_state: h,
-            cache: Cache { layers },
-        })
+        Ok((self.norm.forward(&h)?, Cache { layers }))
+    }
+
+    fn lm_head(&self) -> Option<&Tensor> {
+        self.lm_head.as_ref()
     }
 
     fn parameter_name(&self, key: &str) -> Option<String> {
-        // Rotary buffers of old checkpoints hold no parameter; a tied head reads the embedding.
-        if key.ends_with("rotary_emb.inv_freq") || (self.cfg.tie_word_embeddings && key == "lm_head.weight") {
+        // Rotary buffers of old checkpoints hold no parameter; a tied head reads the embedding,
+        // and a model without a head has no place for one.
+        let no_head_parameter = self.cfg.tie_word_embeddings || self.lm_head.is_none();
+        if key.ends_with("rotary_emb.inv_freq") || (no_head_parameter && key == "lm_head.weight") {
             return None;
         }
         Some(key.to_string())
     }
 
     fn tied_aliases(&self) -> Vec<(&'static str, &'static str)> {
-        if self.cfg.tie_word_embeddings {
+        if self.cfg.tie_word_embeddings && self.lm_head.is_some() {
             vec![("lm_head.weight", "model.embed_tokens.weight")]
         } else {
             vec![]
@@ -540,7 +564,8 @@ impl CausalLm for Qwen3ForCausalLM {
     }
 
     fn is_lookup_only(&self, name: &str) -> bool {
-        !self.cfg.tie_word_embeddings && name == "model.embed_tokens.weight"
+        let head_reads_embedding = self.cfg.tie_word_embeddings && self.lm_head.is_some();
+        !head_reads_embedding && name == "model.embed_tokens.weight"
     }
 }
 
@@ -557,7 +582,11 @@ pub const ARCHITECTURE: Architecture = Architecture {
 fn build(vs: nn::Path, config: &Value, options: &BuildOptions) -> Result<Box<dyn CausalLm>> {
     let mut cfg = Qwen3Config::from_json(config)?;
     cfg.attn_implementation = options.attn_implementation.unwrap_or(ARCHITECTURE.default_attention);
-    Ok(Box::new(Qwen3ForCausalLM::new(vs, &cfg)?))
+    Ok(Box::new(Qwen3ForCausalLM::with_head(
+        vs,
+        &cfg,
+        !options.without_lm_head,
+    )?))
 }
 
 fn tiny_config() -> Value {
@@ -573,6 +602,7 @@ fn tiny_config() -> Value {
 mod tests {
     use super::*;
     use crate::inputs::prepare_causal;
+    use crate::registry::CausalLmOutput;
     use serde_json::json;
     use tch::nn::VarStore;
     use tch::Device;
@@ -625,13 +655,17 @@ mod tests {
         let sliding = config(json!({"use_sliding_window": true, "sliding_window": 3, "max_window_layers": 1})).unwrap();
         assert_eq!(sliding.layer_windows, vec![None, Some(3)]);
         // Explicit layer_types win over max_window_layers (as a saved config.json has them).
-        let typed = config(json!({"use_sliding_window": true, "sliding_window": 3, "max_window_layers": 1,
-                                  "layer_types": ["sliding_attention", "full_attention"]}))
+        let typed = config(
+            json!({"use_sliding_window": true, "sliding_window": 3, "max_window_layers": 1,
+                                  "layer_types": ["sliding_attention", "full_attention"]}),
+        )
         .unwrap();
         assert_eq!(typed.layer_windows, vec![Some(3), None]);
         // A window that is not switched on is dropped, as HF drops it.
         assert_eq!(
-            config(json!({"sliding_window": 3, "max_window_layers": 0})).unwrap().layer_windows,
+            config(json!({"sliding_window": 3, "max_window_layers": 0}))
+                .unwrap()
+                .layer_windows,
             vec![None, None]
         );
     }
@@ -647,13 +681,28 @@ mod tests {
         bad(json!({"head_dim": 5}), "odd head_dim");
         bad(json!({"head_dim": -8}), "negative head_dim");
         bad(json!({"num_hidden_layers": 0}), "no layers");
-        bad(json!({"rope_scaling": {"rope_type": "longrope", "factor": 2.0}}), "unknown rope type");
+        bad(
+            json!({"rope_scaling": {"rope_type": "longrope", "factor": 2.0}}),
+            "unknown rope type",
+        );
         bad(json!({"rope_scaling": {"type": "dynamic"}}), "scaling without factor");
-        bad(json!({"use_sliding_window": true, "sliding_window": -1}), "negative window");
+        bad(
+            json!({"use_sliding_window": true, "sliding_window": -1}),
+            "negative window",
+        );
         bad(json!({"use_sliding_window": true, "sliding_window": 0}), "zero window");
-        bad(json!({"layer_types": ["sliding_attention", "full_attention"]}), "sliding layer, no window");
-        bad(json!({"layer_types": ["full_attention"]}), "layer_types of the wrong length");
-        bad(json!({"layer_types": ["chunked_attention", "full_attention"]}), "unsupported layer type");
+        bad(
+            json!({"layer_types": ["sliding_attention", "full_attention"]}),
+            "sliding layer, no window",
+        );
+        bad(
+            json!({"layer_types": ["full_attention"]}),
+            "layer_types of the wrong length",
+        );
+        bad(
+            json!({"layer_types": ["chunked_attention", "full_attention"]}),
+            "unsupported layer type",
+        );
         bad(json!({"hidden_act": "nope"}), "unknown activation");
         bad(json!({"partial_rotary_factor": 0.25}), "partial rotary");
         bad(json!({"rms_norm_eps": "small"}), "epsilon of the wrong type");
@@ -688,17 +737,27 @@ mod tests {
     #[test]
     fn mixed_layers_decode_through_the_cache_like_the_full_pass() {
         for implementation in [AttnImplementation::Eager, AttnImplementation::Sdpa] {
-            let mut cfg = config(json!({"use_sliding_window": true, "sliding_window": 3, "max_window_layers": 1,
-                                        "tie_word_embeddings": false, "attention_bias": true}))
+            let mut cfg = config(
+                json!({"use_sliding_window": true, "sliding_window": 3, "max_window_layers": 1,
+                                        "tie_word_embeddings": false, "attention_bias": true}),
+            )
             .unwrap();
             cfg.attn_implementation = implementation;
             let (_vs, model) = random_model(&cfg);
-            let ids = Tensor::from_slice2(&[[0i64, 0, 5, 7, 9, 11, 3, 8, 13, 4], [2, 4, 6, 8, 10, 12, 14, 16, 18, 20]]);
+            let ids = Tensor::from_slice2(&[
+                [0i64, 0, 5, 7, 9, 11, 3, 8, 13, 4],
+                [2, 4, 6, 8, 10, 12, 14, 16, 18, 20],
+            ]);
             let mask = Tensor::from_slice2(&[[0i64, 0, 1, 1, 1, 1, 1, 1, 1, 1], [1; 10]]);
             let full = run(&model, &ids, Some(&mask), None);
             let mut past = run(&model, &ids.narrow(1, 0, 4), Some(&mask.narrow(1, 0, 4)), None).cache;
             for t in 4..10 {
-                let step = run(&model, &ids.narrow(1, t, 1), Some(&mask.narrow(1, 0, t + 1)), Some(&past));
+                let step = run(
+                    &model,
+                    &ids.narrow(1, t, 1),
+                    Some(&mask.narrow(1, 0, t + 1)),
+                    Some(&past),
+                );
                 let d = max_diff(&step.logits.squeeze_dim(1), &full.logits.select(1, t));
                 assert!(d < 1e-5, "{implementation:?} step {t}: {d}");
                 past = step.cache;
@@ -712,7 +771,10 @@ mod tests {
             let other = run(&model_full, &ids, Some(&mask), None);
             let early = max_diff(&other.logits.narrow(1, 0, 3), &full.logits.narrow(1, 0, 3));
             let late = max_diff(&other.logits.narrow(1, 9, 1), &full.logits.narrow(1, 9, 1));
-            assert!(early < 1e-5 && late > 1e-3, "{implementation:?}: early {early}, late {late}");
+            assert!(
+                early < 1e-5 && late > 1e-3,
+                "{implementation:?}: early {early}, late {late}"
+            );
         }
     }
 }
