@@ -1,6 +1,6 @@
 """Reference outputs for greedy generation parity.
 
-Builds a seeded random GPT-2 and a seeded random T5 (as the forward parity suites do), wraps each in
+Builds seeded random GPT-2, Llama, Qwen2, GPT-NeoX, OPT and T5 models (as the forward parity suites do), wraps each in
 TRL's value-head class, saves it with TRL's save_pretrained, and records the token sequences that
 TRL's `generate` (which is transformers' `generate`) returns with do_sample=False on padded batches:
 plain, with a repetition penalty, and with eos tokens that end some rows early after min_new_tokens.
@@ -19,7 +19,9 @@ from trl import AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValu
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import parity_gpt2  # noqa: E402
+import parity_gpt_neox  # noqa: E402
 import parity_llama  # noqa: E402
+import parity_opt  # noqa: E402
 import parity_t5  # noqa: E402
 
 MAX_NEW = 12
@@ -42,6 +44,17 @@ def llama_model(seed):
 
 def qwen2_model(seed):
     base, cfg = parity_llama.build("qwen2", {"num_key_value_heads": 1, "tie_word_embeddings": True}, seed)
+    return AutoModelForCausalLMWithValueHead.from_pretrained(base).eval(), cfg["vocab_size"]
+
+
+def gpt_neox_model(seed):
+    base, cfg = parity_gpt_neox.build({"rotary_pct": 0.5, "use_parallel_residual": True}, seed)
+    return AutoModelForCausalLMWithValueHead.from_pretrained(base).eval(), cfg["vocab_size"]
+
+
+def opt_model(seed):
+    # OPT-350m's layout: post-LayerNorm blocks and project_in/project_out (value head width 16).
+    base, cfg = parity_opt.build({"do_layer_norm_before": False, "word_embed_proj_dim": 16}, seed)
     return AutoModelForCausalLMWithValueHead.from_pretrained(base).eval(), cfg["vocab_size"]
 
 
@@ -111,6 +124,8 @@ def main(out_dir):
         ("gpt2", gpt2_model, causal_prompts),
         ("llama", llama_model, causal_prompts),
         ("qwen2", qwen2_model, causal_prompts),
+        ("gpt_neox", gpt_neox_model, causal_prompts),
+        ("opt", opt_model, causal_prompts),
         ("t5", t5_model, seq2seq_prompts),
     ]
     for kind, build, prompts in kinds:

@@ -168,6 +168,8 @@ pub const ARCHITECTURES: &[Architecture] = &[
     crate::llama::ARCHITECTURE,
     crate::llama::QWEN2_ARCHITECTURE,
     crate::t5::ARCHITECTURE,
+    crate::gpt_neox::ARCHITECTURE,
+    crate::opt::ARCHITECTURE,
 ];
 
 /// The registry entry of a `model_type`, if implemented.
