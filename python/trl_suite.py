@@ -27,8 +27,10 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     GenerationConfig,
     GPT2Config,
+    GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
+    OPTConfig,
     Qwen2Config,
     Qwen3Config,
     T5Config,
@@ -49,6 +51,19 @@ ARCHS = {
         Qwen2Config,
         dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True),
+        False,
+    ),
+    "gpt_neox": (
+        GPTNeoXConfig,
+        dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=64, rotary_pct=0.5),
+        False,
+    ),
+    # OPT-350m's layout at tiny size: the value head is word_embed_proj_dim (16) wide.
+    "opt": (
+        OPTConfig,
+        dict(vocab_size=100, hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=64, word_embed_proj_dim=16, do_layer_norm_before=False),
         False,
     ),
     "t5": (

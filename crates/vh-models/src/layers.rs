@@ -124,6 +124,40 @@ impl LayerNorm {
     }
 }
 
+/// A LayerNorm with or without its learnable scale and shift, as torch's `elementwise_affine`
+/// (OPT's `layer_norm_elementwise_affine = False` creates none).
+#[derive(Debug)]
+pub enum MaybeAffineLayerNorm {
+    /// `weight` and `bias` (torch's default).
+    Affine(LayerNorm),
+    /// Normalisation only, over `dim` features.
+    Plain {
+        /// The normalised width.
+        dim: i64,
+        /// Epsilon.
+        eps: f64,
+    },
+}
+
+impl MaybeAffineLayerNorm {
+    /// Creates `weight` and `bias` under `vs` when `affine`, nothing otherwise.
+    pub fn new(vs: nn::Path, dim: i64, eps: f64, affine: bool) -> Result<Self> {
+        Ok(if affine {
+            Self::Affine(LayerNorm::new(vs, dim, eps)?)
+        } else {
+            Self::Plain { dim, eps }
+        })
+    }
+
+    /// Normalises over the last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Affine(norm) => norm.forward(x),
+            Self::Plain { dim, eps } => Ok(x.f_layer_norm([*dim], None::<&Tensor>, None::<&Tensor>, *eps, true)?),
+        }
+    }
+}
+
 /// How an RMS norm handles reduced precision, as the HF model it comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RmsNormStyle {

@@ -189,6 +189,8 @@ pub const ARCHITECTURES: &[Architecture] = &[
     crate::llama::QWEN2_ARCHITECTURE,
     crate::mistral::ARCHITECTURE,
     crate::qwen3::ARCHITECTURE,
+    crate::gpt_neox::ARCHITECTURE,
+    crate::opt::ARCHITECTURE,
     crate::t5::ARCHITECTURE,
 ];
 
