@@ -286,6 +286,8 @@ impl CausalLmWithValueHead {
                 key_mask: padded.then(|| key_mask.shallow_clone()),
                 position_ids: positions.shallow_clone(),
                 max_position,
+                // HF's generate passes position ids (from the mask) to every model's forward.
+                explicit_positions: true,
             };
             let out = self.backbone.forward(&inputs, train, 1)?;
             drop(inputs);
