@@ -52,13 +52,16 @@ fn value_head_reads_the_projected_hidden_state() {
         assert_eq!(model.backbone().hidden_size(), proj, "{}", case.name);
         let inputs = read_tensors(&case.dir.join("inputs.safetensors"));
         let expected = read_tensors(&case.dir.join("expected.safetensors"));
-        let out = tch::no_grad(|| model.forward(&inputs["input_ids"], Some(&inputs["attention_mask"]), None, None))
-            .unwrap();
+        let out =
+            tch::no_grad(|| model.forward(&inputs["input_ids"], Some(&inputs["attention_mask"]), None, None)).unwrap();
         let err = max_abs_diff(&out.values, &expected["values"]);
         assert!(err <= TOLERANCE, "{}: values differ by {err:e}", case.name);
         checked += 1;
     }
-    assert!(checked >= 3, "only {checked} cases with word_embed_proj_dim != hidden_size");
+    assert!(
+        checked >= 3,
+        "only {checked} cases with word_embed_proj_dim != hidden_size"
+    );
 }
 
 /// Learned positions bound the sequence (cache included): a typed error, never a panic, at
@@ -74,6 +77,8 @@ fn sequences_longer_than_the_position_table_are_errors() {
     assert!(tch::no_grad(|| model.forward(&ids(limit), None, None, None)).is_ok());
     let err = tch::no_grad(|| model.forward(&ids(limit + 1), None, None, None)).unwrap_err();
     assert!(err.to_string().contains("positions"), "{err}");
-    let past = tch::no_grad(|| model.forward(&ids(limit - 1), None, None, None)).unwrap().past;
+    let past = tch::no_grad(|| model.forward(&ids(limit - 1), None, None, None))
+        .unwrap()
+        .past;
     assert!(tch::no_grad(|| model.forward(&ids(2), None, Some(&past), None)).is_err());
 }

@@ -649,7 +649,9 @@ mod tests {
         assert_eq!(cfg.layer_windows, vec![None; 32], "no window unless use_sliding_window");
         // head_dim is its own field: 128 whatever hidden_size / heads is.
         assert_eq!(config(json!({"head_dim": null})).map(|c| c.head_dim).ok(), None);
-        let tiny = Qwen3Config::from_json(&json!({"hidden_size": 16, "num_attention_heads": 4})).unwrap();
+        let tiny =
+            Qwen3Config::from_json(&json!({"hidden_size": 16, "num_attention_heads": 4, "num_key_value_heads": 4}))
+                .unwrap();
         assert_eq!(tiny.head_dim, 128);
         // use_sliding_window with HF's layer rule: layers from max_window_layers on slide.
         let sliding = config(json!({"use_sliding_window": true, "sliding_window": 3, "max_window_layers": 1})).unwrap();
