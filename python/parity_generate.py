@@ -1,9 +1,10 @@
 """Reference outputs for greedy generation parity.
 
-Builds a seeded random GPT-2 and a seeded random T5 (as the forward parity suites do), wraps each in
-TRL's value-head class, saves it with TRL's save_pretrained, and records the token sequences that
-TRL's `generate` (which is transformers' `generate`) returns with do_sample=False on padded batches:
-plain, with a repetition penalty, and with eos tokens that end some rows early after min_new_tokens.
+Builds seeded random GPT-2, Llama, Qwen2, Mistral (sliding window), Qwen3 (a sliding layer), GPT-NeoX,
+OPT and T5 models (as the forward parity suites do), wraps each in TRL's value-head class, saves it
+with TRL's save_pretrained, and records the token sequences that TRL's `generate` (which is
+transformers' `generate`) returns with do_sample=False on padded batches: plain, with a repetition
+penalty, and with eos tokens that end some rows early after min_new_tokens.
 
 usage: python parity_generate.py OUT_DIR
 """
@@ -18,8 +19,13 @@ from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditional
 from trl import AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import parity_causal  # noqa: E402
 import parity_gpt2  # noqa: E402
+import parity_gpt_neox  # noqa: E402
 import parity_llama  # noqa: E402
+import parity_mistral  # noqa: E402
+import parity_qwen3  # noqa: E402
+import parity_opt  # noqa: E402
 import parity_t5  # noqa: E402
 
 MAX_NEW = 12
@@ -42,6 +48,32 @@ def llama_model(seed):
 
 def qwen2_model(seed):
     base, cfg = parity_llama.build("qwen2", {"num_key_value_heads": 1, "tie_word_embeddings": True}, seed)
+    return AutoModelForCausalLMWithValueHead.from_pretrained(base).eval(), cfg["vocab_size"]
+
+
+def mistral_model(seed):
+    # A window of 4 over prompts of 8 and 12 new tokens: decoding runs past it, through left padding.
+    config, cfg = parity_mistral.make_config({"sliding_window": 4})
+    base = parity_causal.build(config, seed)
+    return AutoModelForCausalLMWithValueHead.from_pretrained(base).eval(), cfg["vocab_size"]
+
+
+def qwen3_model(seed):
+    # Layer 0 full, layer 1 sliding (window 5); q/k norms; tied.
+    overrides = {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 1, "tie_word_embeddings": True}
+    config, cfg = parity_qwen3.make_config(overrides)
+    base = parity_causal.build(config, seed)
+    return AutoModelForCausalLMWithValueHead.from_pretrained(base).eval(), cfg["vocab_size"]
+
+
+def gpt_neox_model(seed):
+    base, cfg = parity_gpt_neox.build({"rotary_pct": 0.5, "use_parallel_residual": True}, seed)
+    return AutoModelForCausalLMWithValueHead.from_pretrained(base).eval(), cfg["vocab_size"]
+
+
+def opt_model(seed):
+    # OPT-350m's layout: post-LayerNorm blocks and project_in/project_out (value head width 16).
+    base, cfg = parity_opt.build({"do_layer_norm_before": False, "word_embed_proj_dim": 16}, seed)
     return AutoModelForCausalLMWithValueHead.from_pretrained(base).eval(), cfg["vocab_size"]
 
 
@@ -111,6 +143,10 @@ def main(out_dir):
         ("gpt2", gpt2_model, causal_prompts),
         ("llama", llama_model, causal_prompts),
         ("qwen2", qwen2_model, causal_prompts),
+        ("mistral", mistral_model, causal_prompts),
+        ("qwen3", qwen3_model, causal_prompts),
+        ("gpt_neox", gpt_neox_model, causal_prompts),
+        ("opt", opt_model, causal_prompts),
         ("t5", t5_model, seq2seq_prompts),
     ]
     for kind, build, prompts in kinds:

@@ -27,8 +27,12 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     GenerationConfig,
     GPT2Config,
+    GPTNeoXConfig,
     LlamaConfig,
+    MistralConfig,
+    OPTConfig,
     Qwen2Config,
+    Qwen3Config,
     T5Config,
 )
 from trl import AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead
@@ -49,10 +53,38 @@ ARCHS = {
              num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True),
         False,
     ),
+    "gpt_neox": (
+        GPTNeoXConfig,
+        dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=64, rotary_pct=0.5),
+        False,
+    ),
+    # OPT-350m's layout at tiny size: the value head is word_embed_proj_dim (16) wide.
+    "opt": (
+        OPTConfig,
+        dict(vocab_size=100, hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=64, word_embed_proj_dim=16, do_layer_norm_before=False),
+        False,
+    ),
     "t5": (
         T5Config,
         dict(vocab_size=100, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, decoder_start_token_id=0),
         True,
+    ),
+    # A window of 4 over 10 ids and 9 new tokens.
+    "mistral": (
+        MistralConfig,
+        dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, sliding_window=4),
+        False,
+    ),
+    # Layer 1 slides with a window of 4; head_dim 16 with hidden 32.
+    "qwen3": (
+        Qwen3Config,
+        dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, max_position_embeddings=64, use_sliding_window=True,
+             sliding_window=4, max_window_layers=1),
+        False,
     ),
 }
 

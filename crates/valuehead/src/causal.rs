@@ -3,7 +3,8 @@
 
 use crate::error::Result;
 use crate::generation::{
-    decode_loop, generation_capacity, reserve_cache, GenerateOutput, GenerationConfig, StepOutput,
+    decode_loop, generation_capacity, inferred_attention_mask, reserve_cache, GenerateOutput, GenerationConfig,
+    StepOutput,
 };
 use crate::options::LoadOptions;
 use crate::wrapper::{check_before_load, read_folder, wrapper_accessors, Wrapped};
@@ -257,6 +258,10 @@ impl CausalLmWithValueHead {
     /// with `attention_mask`), feeding only the new token through the cache at each step, and
     /// returns, with the tokens, each new token's value and log-probability from the same passes.
     ///
+    /// Without `attention_mask`, the mask is inferred as HF's `generate` infers it: the pad token
+    /// marks padding when it occurs in the prompt and is no eos token (OPT's pad token 1, say);
+    /// otherwise every token is attended.
+    ///
     /// A row whose mask is all padding, a prompt with no room left before the position limit,
     /// and invalid settings (see [`GenerationConfig::validate`]) are errors.
     pub fn generate(
@@ -270,7 +275,10 @@ impl CausalLmWithValueHead {
         let device = self.wrapped.vs.device();
         let mask = match attention_mask {
             Some(m) => vh_core::tensor::attention_mask_to_bool(m, "attention_mask", &[batch, prompt_len])?,
-            None => Tensor::f_ones([batch, prompt_len], (Kind::Bool, device))?,
+            None => match inferred_attention_mask(input_ids, config)? {
+                Some(m) => m,
+                None => Tensor::f_ones([batch, prompt_len], (Kind::Bool, device))?,
+            },
         }
         .f_to_device(device)?
         .f_to_kind(Kind::Int64)?;
@@ -339,6 +347,8 @@ impl CausalLmWithValueHead {
                 key_mask: padded.then(|| key_mask.shallow_clone()),
                 position_ids: positions.shallow_clone(),
                 max_position,
+                // HF's generate passes position ids (from the mask) to every model's forward.
+                explicit_positions: true,
             };
             let out = self.backbone.forward(&inputs, train, 1)?;
             drop(inputs);

@@ -217,6 +217,23 @@ impl GenerationConfig {
     }
 }
 
+/// The attention mask HF's `generate` infers for a prompt given without one
+/// (`_prepare_attention_mask_for_generation`): false where the pad token occurs, when it occurs
+/// and is no eos token; `None` (attend to everything) otherwise. `input_ids` must be checked.
+pub(crate) fn inferred_attention_mask(input_ids: &Tensor, config: &GenerationConfig) -> Result<Option<Tensor>> {
+    let Some(pad) = config.pad_token_id else {
+        return Ok(None);
+    };
+    if config.eos_token_id.contains(&pad) {
+        return Ok(None);
+    }
+    let mask = input_ids.s_ne(pad)?;
+    if mask.f_all()?.f_int64_value(&[])? != 0 {
+        return Ok(None);
+    }
+    Ok(Some(mask))
+}
+
 /// The cache positions a generation needs, `start` positions plus `max_new` new ones, or an
 /// error when that count does not fit an i64 (e.g. `max_new_tokens` = 2^63 - 1).
 pub(crate) fn generation_capacity(start: i64, max_new: usize) -> Result<i64> {

@@ -1,7 +1,7 @@
 //! Generation against Python: greedy token sequences identical to transformers' `generate`
-//! through TRL's wrappers (GPT-2 and T5, padded batches; plain, repetition penalty, eos ending
-//! rows early after min_new_tokens); rollout values and log-probs equal to a separate full
-//! forward; sampling distributions checked statistically.
+//! through TRL's wrappers (GPT-2, Llama, Qwen2, Mistral, Qwen3, GPT-NeoX, OPT and T5, padded batches; plain,
+//! repetition penalty, eos ending rows early after min_new_tokens); rollout values and log-probs
+//! equal to a separate full forward; sampling distributions checked statistically.
 
 mod common;
 
@@ -95,9 +95,16 @@ fn check_seq2seq_rollout(model: &Seq2SeqLmWithValueHead, ids: &Tensor, mask: &Te
 #[test]
 fn greedy_generation_matches_transformers_and_rollout_matches_full_forward() {
     let root = reference();
-    let gpt2 = CausalLmWithValueHead::from_folder(root.join("gpt2"), &LoadOptions::default()).unwrap();
-    let llama = CausalLmWithValueHead::from_folder(root.join("llama"), &LoadOptions::default()).unwrap();
-    let qwen2 = CausalLmWithValueHead::from_folder(root.join("qwen2"), &LoadOptions::default()).unwrap();
+    let mut causal_models = std::collections::HashMap::new();
+    for run in runs() {
+        if run.model != "t5" && !causal_models.contains_key(&run.model) {
+            let model = CausalLmWithValueHead::from_folder(root.join(&run.model), &LoadOptions::default()).unwrap();
+            causal_models.insert(run.model.clone(), model);
+        }
+    }
+    for kind in ["gpt2", "llama", "qwen2", "mistral", "qwen3", "gpt_neox", "opt"] {
+        assert!(causal_models.contains_key(kind), "the reference has no {kind} runs");
+    }
     let seq2seq = Seq2SeqLmWithValueHead::from_folder(root.join("t5"), &LoadOptions::default()).unwrap();
     let mut rows = Vec::new();
     for run in runs() {
@@ -106,11 +113,7 @@ fn greedy_generation_matches_transformers_and_rollout_matches_full_forward() {
         let (ids, mask) = (&prompts["input_ids"], &prompts["attention_mask"]);
         let expected = &read_tensors(&folder.join(format!("{}.safetensors", run.name)))["sequences"];
         let (out, rollout_err) = if run.model != "t5" {
-            let causal = match run.model.as_str() {
-                "gpt2" => &gpt2,
-                "llama" => &llama,
-                _ => &qwen2,
-            };
+            let causal = &causal_models[&run.model];
             let out = tch::no_grad(|| causal.generate(ids, Some(mask), &run.config)).unwrap();
             let err = check_causal_rollout(causal, mask, &out);
             (out, err)

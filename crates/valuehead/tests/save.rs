@@ -1,5 +1,6 @@
 //! save_pretrained: folders saved here load back here with the same outputs (one file and
-//! sharded), and load in Python through TRL's from_pretrained with the same outputs.
+//! sharded), and load in Python through TRL's from_pretrained with the same outputs (GPT-2,
+//! Llama, Qwen2, Mistral, Qwen3, GPT-NeoX, OPT, T5).
 
 mod common;
 
@@ -33,21 +34,58 @@ fn causal_models_round_trip_and_load_in_trl() {
     tch::set_num_threads(1);
     let ids = Tensor::from_slice2(&[[0i64, 3, 4, 5, 6], [7, 8, 9, 10, 11]]);
     let mask = Tensor::from_slice2(&[[0i64, 1, 1, 1, 1], [1, 1, 1, 1, 1]]);
-    for (kind, config) in [
-        ("gpt2 tied", json!({})),
-        ("gpt2 untied", json!({"tie_word_embeddings": false})),
-        ("llama", json!({"model_type": "llama"})),
+    // (label, model_type, config overrides, the LM head's name, whether the file stores it)
+    for (kind, model_type, config, head, head_stored) in [
+        ("gpt2 tied", "gpt2", json!({}), "lm_head.weight", false),
+        (
+            "gpt2 untied",
+            "gpt2",
+            json!({"tie_word_embeddings": false}),
+            "lm_head.weight",
+            true,
+        ),
+        ("llama", "llama", json!({}), "lm_head.weight", true),
         (
             "qwen2 tied",
-            json!({"model_type": "qwen2", "tie_word_embeddings": true}),
+            "qwen2",
+            json!({"tie_word_embeddings": true}),
+            "lm_head.weight",
+            false,
+        ),
+        // A window of 3 over 5 tokens, and Qwen3 with a sliding second layer.
+        (
+            "mistral",
+            "mistral",
+            json!({"sliding_window": 3}),
+            "lm_head.weight",
+            true,
+        ),
+        (
+            "qwen3 tied",
+            "qwen3",
+            json!({"use_sliding_window": true, "sliding_window": 3, "max_window_layers": 1}),
+            "lm_head.weight",
+            false,
+        ),
+        ("gpt_neox", "gpt_neox", json!({}), "embed_out.weight", true),
+        (
+            "gpt_neox tied sequential",
+            "gpt_neox",
+            json!({"tie_word_embeddings": true, "use_parallel_residual": false}),
+            "embed_out.weight",
+            false,
+        ),
+        ("opt tied projected", "opt", json!({}), "lm_head.weight", false),
+        (
+            "opt untied post-norm",
+            "opt",
+            json!({"tie_word_embeddings": false, "do_layer_norm_before": false, "word_embed_proj_dim": 16}),
+            "lm_head.weight",
+            true,
         ),
     ] {
         let source = tempfile::tempdir().unwrap();
-        if kind.starts_with("gpt2") {
-            write_tiny_gpt2(source.path(), config);
-        } else {
-            write_tiny_llama(source.path(), config);
-        }
+        write_tiny(model_type, source.path(), config);
         let (logits, values) = causal_outputs(source.path(), &ids, &mask);
         let model = CausalLmWithValueHead::from_folder(source.path(), &LoadOptions::default()).unwrap();
         let saved = tempfile::tempdir().unwrap();
@@ -74,11 +112,7 @@ fn causal_models_round_trip_and_load_in_trl() {
             .map(|(n, _)| n)
             .collect();
         assert!(names.iter().any(|n| n == "v_head.summary.weight"));
-        assert_eq!(
-            names.iter().any(|n| n == "lm_head.weight"),
-            kind.contains("untied") || kind == "llama",
-            "{kind}"
-        );
+        assert_eq!(names.iter().any(|n| n == head), head_stored, "{kind}");
 
         // Both sides make the same default call (no position ids), compared at every position.
         let inputs = [
@@ -158,13 +192,9 @@ fn folders_saved_by_python_in_every_format_load_with_the_same_outputs() {
     tch::set_num_threads(1);
     let ids = Tensor::from_slice2(&[[0i64, 3, 4, 5, 6], [7, 8, 9, 10, 11]]);
     let mask = Tensor::from_slice2(&[[0i64, 1, 1, 1, 1], [1, 1, 1, 1, 1]]);
-    for kind in ["gpt2", "llama", "t5"] {
+    for kind in ["gpt2", "llama", "mistral", "qwen3", "gpt_neox", "opt", "t5"] {
         let source = tempfile::tempdir().unwrap();
-        match kind {
-            "gpt2" => write_tiny_gpt2(source.path(), json!({})),
-            "llama" => write_tiny_llama(source.path(), json!({})),
-            _ => write_tiny_t5(source.path(), json!({})),
-        }
+        write_tiny(kind, source.path(), json!({}));
         let resaved = tempfile::tempdir().unwrap();
         let role = if kind == "t5" { "seq2seq" } else { "causal" };
         run_reference("resave.py", &[Path::new(role), source.path(), resaved.path()]);

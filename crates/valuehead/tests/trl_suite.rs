@@ -1,6 +1,6 @@
 //! TRL's own value-head test suite (`tests/test_modeling_value_head.py` in TRL's repository),
 //! ported: every behaviour it checks, for every architecture we implement (GPT-2, Llama, Qwen2,
-//! T5), against tiny seeded models the reference builds and saves as plain transformers
+//! Mistral, Qwen3, GPT-NeoX, OPT, T5), against tiny seeded models the reference builds and saves as plain transformers
 //! checkpoints (no value head, like TRL's tiny test models on the Hub). The table of TRL test ->
 //! Rust test is in docs/parity.md. TRL's reference-model tests (`create_reference_model`) belong
 //! to the training work.
@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use tch::{Kind, Tensor};
 use valuehead::{CausalLmWithValueHead, GenerationConfig, LoadOptions, Seq2SeqLmWithValueHead, ValueHeadModel};
 
-const ARCHS: [&str; 4] = ["gpt2", "llama", "qwen2", "t5"];
+const ARCHS: [&str; 8] = ["gpt2", "llama", "qwen2", "mistral", "qwen3", "gpt_neox", "opt", "t5"];
 
 fn reference() -> &'static Path {
     static DATA: OnceLock<PathBuf> = OnceLock::new();
@@ -71,7 +71,8 @@ fn value_head_is_added_with_shape_1_by_hidden_and_a_random_bias() {
         let head = v_head(&model);
         let config: serde_json::Value =
             serde_json::from_slice(&std::fs::read(base(arch).join("config.json")).unwrap()).unwrap();
-        let hidden = ["n_embd", "hidden_size", "d_model"]
+        // TRL's ValueHead prefers `word_embed_proj_dim` (OPT) to `hidden_size`.
+        let hidden = ["word_embed_proj_dim", "n_embd", "hidden_size", "d_model"]
             .iter()
             .find_map(|k| config.get(*k).and_then(serde_json::Value::as_i64))
             .unwrap();
@@ -328,18 +329,25 @@ fn bf16_loading_keeps_the_lm_head_bf16_and_runs() {
             ValueHeadModel::Causal(m) => m.var_store().variables(),
             ValueHeadModel::Seq2Seq(m) => m.var_store().variables(),
         };
+        // TRL checks each of its `lm_head_namings` the model has (`lm_head`, `embed_out`); a
+        // tied head is the input embedding.
         let head = [
             "lm_head.weight",
+            "embed_out.weight",
             "transformer.wte.weight",
             "model.embed_tokens.weight",
+            "gpt_neox.embed_in.weight",
+            "model.decoder.embed_tokens.weight",
             "shared.weight",
         ]
         .iter()
         .find_map(|n| vars.get(*n))
-        .unwrap();
+        .unwrap_or_else(|| panic!("{arch}: no LM head"));
         assert_eq!(head.kind(), Kind::BFloat16, "{arch}");
-        if let Some(lm_head) = vars.get("lm_head.weight") {
-            assert_eq!(lm_head.kind(), Kind::BFloat16, "{arch}");
+        for naming in ["lm_head.weight", "embed_out.weight"] {
+            if let Some(lm_head) = vars.get(naming) {
+                assert_eq!(lm_head.kind(), Kind::BFloat16, "{arch}: {naming}");
+            }
         }
         let logits = match &model {
             ValueHeadModel::Causal(m) => tch::no_grad(|| m.forward(&ids, None, None, None)).unwrap().logits,

@@ -118,6 +118,63 @@ impl MaskSpec<'_> {
         };
         Ok(Some(bias.s_masked_fill(&in_future, self.future)?))
     }
+
+    /// The bias of [`MaskSpec::bias`], or `None` when the causal rule alone describes the pass
+    /// (no padding, and no window that hides a key), so that a layer applies the rule itself
+    /// (the fused kernel's causal flag). Once a window hides keys a bias is built even without
+    /// padding, as HF's mask functions do, so eager and fused layers both see the window.
+    pub fn bias_beyond_causal(&self, kind: Kind, device: Device) -> Result<Option<Tensor>> {
+        let total = self.past_len + self.new_len;
+        if self.key_mask.is_none() && self.sliding_window.is_none_or(|w| total <= w) {
+            return Ok(None);
+        }
+        self.bias(kind, device)
+    }
+}
+
+/// Each layer's sliding window from HF's per-layer attention types (`layer_types`, as Qwen2 and
+/// Qwen3 configs spell them): `Some(window)` for a `"sliding_attention"` layer, `None` for a
+/// `"full_attention"` one. Without `layer_types`, HF's rule applies: layers from
+/// `max_window_layers` on slide when a window is set. Other types (chunked, linear) are
+/// refused, as is a sliding layer without a window (HF fails on both when building masks).
+pub fn layer_windows(
+    layer_types: Option<&[String]>,
+    sliding_window: Option<i64>,
+    max_window_layers: i64,
+    num_layers: i64,
+) -> Result<Vec<Option<i64>>> {
+    let Some(types) = layer_types else {
+        return Ok((0..num_layers)
+            .map(|i| sliding_window.filter(|_| i >= max_window_layers))
+            .collect());
+    };
+    if types.len() as i64 != num_layers {
+        return Err(Error::Config(format!(
+            "layer_types has {} entries, num_hidden_layers is {num_layers}",
+            types.len()
+        )));
+    }
+    types
+        .iter()
+        .map(|t| match t.as_str() {
+            "full_attention" => Ok(None),
+            "sliding_attention" => sliding_window.map(Some).ok_or_else(|| {
+                Error::Config("layer_types has a sliding_attention layer but no sliding_window is set".into())
+            }),
+            other => Err(Error::Config(format!(
+                "unsupported layer type `{other}` (supported: full_attention, sliding_attention)"
+            ))),
+        })
+        .collect()
+}
+
+/// Checks a configured sliding window: HF's window `w` lets a query see itself and the `w - 1`
+/// keys before it, so it must be at least 1.
+pub fn check_sliding_window(window: Option<i64>) -> Result<()> {
+    match window {
+        Some(w) if w < 1 => Err(Error::Config(format!("sliding_window must be >= 1 (or null), got {w}"))),
+        _ => Ok(()),
+    }
 }
 
 /// One step of turning raw scores `q @ k^T` into logits, applied in order in eager attention
@@ -231,5 +288,75 @@ impl AttentionSpec {
             }
         };
         Ok(probs.train_dropout(self.dropout, train)?.f_matmul(&value)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// HF 4.57's `sliding_window_causal_mask_function(w)` and its padding mask, written out:
+    /// key `k` is visible from query `q` (both cache indices) when `k <= q`, `k > q - w` and
+    /// the key is not padding.
+    fn hf_visible(q: i64, k: i64, window: Option<i64>, padded: bool) -> bool {
+        k <= q && window.is_none_or(|w| k > q - w) && !padded
+    }
+
+    #[test]
+    fn sliding_window_bias_hides_what_hf_hides() {
+        let min = min_value(Kind::Float);
+        let pad = [true, false, false, false, false, false, false, false, false];
+        let mask = Tensor::from_slice(&pad.map(|p| !p)).view([1, 9]);
+        for window in [None, Some(1), Some(2), Some(4), Some(9), Some(20)] {
+            for (past_len, new_len) in [(0, 9), (5, 4), (8, 1)] {
+                for key_mask in [None, Some(&mask)] {
+                    let spec = MaskSpec {
+                        key_mask,
+                        batch: 1,
+                        new_len,
+                        past_len,
+                        future: min,
+                        sliding_window: window,
+                    };
+                    let Some(bias) = spec.bias(Kind::Float, Device::Cpu).unwrap() else {
+                        assert!(key_mask.is_none() && new_len == 1 && window.is_none_or(|w| w >= 9));
+                        continue;
+                    };
+                    for qi in 0..new_len {
+                        for k in 0..past_len + new_len {
+                            let q = past_len + qi;
+                            let padded = key_mask.is_some() && pad[k as usize];
+                            let got = bias.double_value(&[0, 0, qi, k]);
+                            let want = if hf_visible(q, k, window, padded) { 0.0 } else { min };
+                            assert_eq!(got, want, "window {window:?} past {past_len} q {q} k {k}");
+                        }
+                    }
+                    let beyond = spec.bias_beyond_causal(Kind::Float, Device::Cpu).unwrap();
+                    let hides_more = key_mask.is_some() || window.is_some_and(|w| past_len + new_len > w);
+                    assert_eq!(beyond.is_some(), hides_more, "window {window:?} past {past_len}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn layer_windows_follow_hf_layer_types() {
+        let s = |v: &[&str]| v.iter().map(|t| t.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            layer_windows(None, Some(4), 1, 3).unwrap(),
+            vec![None, Some(4), Some(4)]
+        );
+        assert_eq!(layer_windows(None, None, 0, 2).unwrap(), vec![None, None]);
+        let types = s(&["sliding_attention", "full_attention"]);
+        assert_eq!(layer_windows(Some(&types), Some(3), 9, 2).unwrap(), vec![Some(3), None]);
+        assert!(
+            layer_windows(Some(&types), None, 0, 2).is_err(),
+            "sliding layer without a window"
+        );
+        assert!(layer_windows(Some(&types), Some(3), 0, 3).is_err(), "wrong count");
+        let chunked = s(&["chunked_attention", "full_attention"]);
+        assert!(layer_windows(Some(&chunked), Some(3), 0, 2).is_err());
+        assert!(check_sliding_window(Some(0)).is_err() && check_sliding_window(Some(-4)).is_err());
+        assert!(check_sliding_window(Some(1)).is_ok() && check_sliding_window(None).is_ok());
     }
 }

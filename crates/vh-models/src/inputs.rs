@@ -41,6 +41,10 @@ pub struct CausalInputs<'a> {
     pub position_ids: Tensor,
     /// The largest position id.
     pub max_position: i64,
+    /// Whether the caller passed `position_ids` (false: the default `past..past + new`). Models
+    /// whose HF forward derives default positions otherwise (OPT numbers them from the mask) read
+    /// it to tell the two apart.
+    pub explicit_positions: bool,
 }
 
 impl CausalInputs<'_> {
@@ -102,6 +106,7 @@ pub fn prepare_causal<'a>(
         })
         .transpose()?;
     let key_mask = drop_full_mask(key_mask)?;
+    let position_ids_given = position_ids.is_some();
     let (position_ids, max_position) = match position_ids {
         Some(p) => {
             expect_shape(p, "position_ids", &[batch, new_len])?;
@@ -129,5 +134,6 @@ pub fn prepare_causal<'a>(
         key_mask,
         position_ids,
         max_position,
+        explicit_positions: position_ids_given,
     })
 }

@@ -9,6 +9,18 @@ use vh_core::lora::LoraBranch;
 use vh_core::ops::ScalarOps;
 use vh_core::Result;
 
+/// The padding index of `nn.Embedding(vocab, hidden, padding_idx=pad_token_id)` as PyTorch
+/// normalises it (a negative id counts from the end), or -1 (none) without a pad token or with
+/// one outside the vocabulary (which HF refuses when it builds the model). That row gets no
+/// gradient; forward outputs do not depend on it.
+pub fn embedding_padding_idx(pad_token_id: Option<i64>, vocab_size: i64) -> i64 {
+    match pad_token_id {
+        Some(p) if (0..vocab_size).contains(&p) => p,
+        Some(p) if (-vocab_size..0).contains(&p) => p + vocab_size,
+        _ => -1,
+    }
+}
+
 /// A linear layer `x @ weight^T (+ bias)` with HF's [out, in] weight.
 #[derive(Debug)]
 pub struct Linear {
@@ -126,6 +138,40 @@ impl LayerNorm {
     /// Normalises over the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(x.f_layer_norm(self.weight.size(), Some(&self.weight), Some(&self.bias), self.eps, true)?)
+    }
+}
+
+/// A LayerNorm with or without its learnable scale and shift, as torch's `elementwise_affine`
+/// (OPT's `layer_norm_elementwise_affine = False` creates none).
+#[derive(Debug)]
+pub enum MaybeAffineLayerNorm {
+    /// `weight` and `bias` (torch's default).
+    Affine(LayerNorm),
+    /// Normalisation only, over `dim` features.
+    Plain {
+        /// The normalised width.
+        dim: i64,
+        /// Epsilon.
+        eps: f64,
+    },
+}
+
+impl MaybeAffineLayerNorm {
+    /// Creates `weight` and `bias` under `vs` when `affine`, nothing otherwise.
+    pub fn new(vs: nn::Path, dim: i64, eps: f64, affine: bool) -> Result<Self> {
+        Ok(if affine {
+            Self::Affine(LayerNorm::new(vs, dim, eps)?)
+        } else {
+            Self::Plain { dim, eps }
+        })
+    }
+
+    /// Normalises over the last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Affine(norm) => norm.forward(x),
+            Self::Plain { dim, eps } => Ok(x.f_layer_norm([*dim], None::<&Tensor>, None::<&Tensor>, *eps, true)?),
+        }
     }
 }
 

@@ -228,6 +228,10 @@ pub const ARCHITECTURES: &[Architecture] = &[
     crate::gpt2::ARCHITECTURE,
     crate::llama::ARCHITECTURE,
     crate::llama::QWEN2_ARCHITECTURE,
+    crate::mistral::ARCHITECTURE,
+    crate::qwen3::ARCHITECTURE,
+    crate::gpt_neox::ARCHITECTURE,
+    crate::opt::ARCHITECTURE,
     crate::t5::ARCHITECTURE,
 ];
 

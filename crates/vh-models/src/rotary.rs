@@ -203,3 +203,26 @@ pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let rotated = Tensor::f_cat(&[&x2.f_neg()?, &x1], -1)?;
     Ok(x.f_mul(cos)?.f_add(&rotated.f_mul(sin)?)?)
 }
+
+/// Rotates the first `cos.size(-1)` dimensions of `x` [B, H, T, D] and passes the rest through,
+/// as HF's partial-rotary models (GPT-NeoX's `rotary_pct`, Phi's `partial_rotary_factor`):
+/// `cat(x_rot * cos + rotate_half(x_rot) * sin, x_pass)`. The full width is [`apply_rotary`].
+pub fn apply_partial_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (width, rotary) = (x.size()[3], cos.size()[3]);
+    if rotary == width {
+        return apply_rotary(x, cos, sin);
+    }
+    if rotary == 0 {
+        return Ok(x.shallow_clone());
+    }
+    if rotary > width {
+        return Err(Error::InvalidInput(format!(
+            "rotary width {rotary} exceeds the head width {width}"
+        )));
+    }
+    let rotated = apply_rotary(&x.f_narrow(-1, 0, rotary)?, cos, sin)?;
+    Ok(Tensor::f_cat(
+        &[&rotated, &x.f_narrow(-1, rotary, width - rotary)?],
+        -1,
+    )?)
+}
