@@ -10,7 +10,7 @@ import os
 import sys
 
 import torch
-from transformers import GPT2Config, LlamaConfig, Qwen2Config
+from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, OPTConfig, Qwen2Config
 from trl import AutoModelForCausalLMWithValueHead, create_reference_model
 from transformers import AutoModelForCausalLM
 
@@ -21,6 +21,11 @@ MODELS = {
     "qwen2_tied": Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=3,
                               num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
                               tie_word_embeddings=True),
+    "gpt_neox": GPTNeoXConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=3,
+                              num_attention_heads=2, max_position_embeddings=32),
+    # OPT registers its projections and final norm before the layers.
+    "opt": OPTConfig(vocab_size=64, hidden_size=16, ffn_dim=24, num_hidden_layers=3, num_attention_heads=2,
+                     max_position_embeddings=32, word_embed_proj_dim=8),
 }
 
 # (num_shared_layers, pattern)

@@ -580,6 +580,16 @@ impl CausalLm for OptForCausalLM {
         }
     }
 
+    /// `OPTDecoder` registers its embeddings, projections and final norm before its layers.
+    fn parameter_position(&self, name: &str) -> crate::ParamPosition {
+        match crate::ParamPosition::by_name(name) {
+            crate::ParamPosition::AfterLayers if name.starts_with("model.decoder.") => {
+                crate::ParamPosition::BeforeLayers
+            }
+            other => other,
+        }
+    }
+
     fn is_lookup_only(&self, name: &str) -> bool {
         name == "model.decoder.embed_positions.weight"
             || (!(self.cfg.tie_word_embeddings && self.lm_head.is_some())
