@@ -103,9 +103,50 @@ def make(out_dir):
         save_file(grads, os.path.join(case, "grads.safetensors"))
         trainable = sorted(trainable)
         manifest.append({"name": name, "dtype": str(dtype).replace("torch.", ""), "trainable": trainable})
+    make_reward_adapter(os.path.join(out_dir, "reward_adapter"))
     with open(os.path.join(out_dir, "cases.json"), "w") as f:
         json.dump(manifest, f, indent=1)
     print(f"wrote {len(manifest)} LoRA cases to {out_dir}")
+
+
+def make_reward_adapter(case):
+    """TRL's reward adapter: a peft LoRA adapter trained for sequence classification (its
+    `score` head saved beside it) loaded onto the policy's backbone next to the policy adapter;
+    `compute_reward_score` switches to it."""
+    base_dir, policy_dir, rm_dir = (os.path.join(case, d) for d in ("base", "policy", "rm"))
+    torch.manual_seed(7)
+    base = AutoModelForCausalLM.from_config(LLAMA)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.normal_(0, 0.2)
+    base.save_pretrained(base_dir)
+    from transformers import AutoModelForSequenceClassification
+
+    rm = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=1)
+    rm = get_peft_model(rm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                       task_type="SEQ_CLS", init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in rm.named_parameters():
+            if "score" in n:
+                p.normal_(0, 0.5)
+    rm.save_pretrained(rm_dir)
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager"),
+                            LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "o_proj"],
+                                       task_type="CAUSAL_LM", init_lora_weights=False))
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(policy)
+    os.makedirs(policy_dir, exist_ok=True)
+    model.save_pretrained(policy_dir)
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(policy_dir, reward_adapter=rm_dir,
+                                                              attn_implementation="eager").eval()
+    ids, mask = inputs(11)
+    with torch.no_grad():
+        before, _, values = model(input_ids=ids, attention_mask=mask)
+        scores = model.compute_reward_score(input_ids=ids, attention_mask=mask)
+        after, _, _ = model(input_ids=ids, attention_mask=mask)
+    assert torch.equal(before, after)
+    save_file({"input_ids": ids, "attention_mask": mask}, os.path.join(case, "inputs.safetensors"))
+    save_file({"scores": scores.float().contiguous(), "logits": before.float().contiguous(),
+               "values": values.float().contiguous()}, os.path.join(case, "expected.safetensors"))
 
 
 def run(model, inputs_path, out_path):

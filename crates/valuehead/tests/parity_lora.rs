@@ -312,3 +312,48 @@ fn bad_adapters_are_typed_errors() {
     let err = load(&gpt2).unwrap_err().to_string();
     assert!(err.contains("match no linear layer"), "{err}");
 }
+
+/// TRL's reward adapter: `from_pretrained(policy_adapter, reward_adapter=DIR)` and
+/// `compute_reward_score` against TRL's, the policy's outputs unchanged around it.
+#[test]
+fn reward_adapter_scores_match_trl() {
+    let (root, _) = reference();
+    let dir = root.join("reward_adapter");
+    let inputs = read_tensors(&dir.join("inputs.safetensors"));
+    let expected = read_tensors(&dir.join("expected.safetensors"));
+    let (ids, mask) = (&inputs["input_ids"], &inputs["attention_mask"]);
+    let model = CausalLmWithValueHead::from_folder_with_reward_adapter(
+        dir.join("base"),
+        valuehead::PolicyAdapter::Folder(&dir.join("policy")),
+        dir.join("rm"),
+        &eager(),
+    )
+    .unwrap();
+    let policy = || tch::no_grad(|| model.forward(ids, Some(mask), None, None).unwrap());
+    let before = policy();
+    let scores = model.compute_reward_score(ids, Some(mask)).unwrap();
+    let after = policy();
+    let score_err = masked_max_abs_diff(&scores, &expected["scores"], mask);
+    let logits_err = masked_max_abs_diff(&before.logits, &expected["logits"], mask);
+    let values_err = masked_max_abs_diff(&before.values, &expected["values"], mask);
+    println!("reward adapter: scores {score_err:.2e}, policy logits {logits_err:.2e}, values {values_err:.2e}");
+    assert!(score_err <= TOLERANCE && logits_err <= TOLERANCE && values_err <= TOLERANCE);
+    assert!(before.logits.equal(&after.logits), "scoring leaves the policy as it was");
+    assert_eq!(scores.size(), vec![3, 10, 1]);
+    // The reward adapter is frozen; the policy adapter and value head train.
+    let vars = model.var_store().variables();
+    assert!(vars
+        .iter()
+        .filter(|(n, _)| n.contains(".reward_adapter."))
+        .all(|(_, t)| !t.requires_grad()));
+    assert!(vars.keys().any(|n| n.contains(".reward_adapter.")));
+    assert!(vars["model.layers.0.self_attn.q_proj.lora_A.weight"].requires_grad());
+    // Saving writes the policy adapter only, as TRL.
+    let saved = root.join("ours-reward-policy");
+    model.save_pretrained(&saved, None).unwrap();
+    let keys: Vec<String> = read_tensors(&saved.join("adapter_model.safetensors")).into_keys().collect();
+    assert!(!keys.is_empty() && keys.iter().all(|k| !k.contains("reward")), "{keys:?}");
+    // Without a reward adapter, scoring is a typed error.
+    let plain = CausalLmWithValueHead::from_folder_with_adapter(dir.join("base"), dir.join("policy"), &eager()).unwrap();
+    assert!(plain.compute_reward_score(ids, Some(mask)).is_err());
+}
