@@ -1,0 +1,47 @@
+//! Compiles the C++ shim over libtorch's c10d (TCPStore, PrefixStore, ProcessGroupGloo) and links
+//! it with libtorch_cpu and c10, finding libtorch as tch's torch-sys does: through `LIBTORCH`
+//! (set to `.libtorch` by `.cargo/config.toml`).
+//!
+//! The torch wheel ships no gloo headers, so `cxx/gloo_decls` declares the few gloo names that
+//! `ProcessGroupGloo.hpp` mentions; the shim never touches a gloo object (docs/distributed.md).
+
+use std::path::PathBuf;
+
+fn main() {
+    println!("cargo:rerun-if-env-changed=LIBTORCH");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    println!("cargo:rerun-if-changed=cxx");
+    let Some(libtorch) = std::env::var_os("LIBTORCH") else {
+        // The same message torch-sys would give, but before a C++ compiler error about headers.
+        println!("cargo:warning=LIBTORCH is not set; run `cargo xtask setup` (it links .libtorch)");
+        std::process::exit(1);
+    };
+    let libtorch = PathBuf::from(libtorch);
+    let include = libtorch.join("include");
+    let lib = libtorch.join("lib");
+    // PyTorch wheels since 2.7 are built with the C++11 ABI, as torch-sys assumes by default.
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include("cxx/gloo_decls")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .file("cxx/vh_dist.cpp")
+        .compile("vh_dist_shim");
+    println!("cargo:rustc-link-search=native={}", lib.display());
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
+    println!("cargo:rustc-link-lib=dylib=c10");
+    // As build/link_libtorch.rs: run without LD_LIBRARY_PATH, and keep libtorch_cuda loaded so
+    // CUDA devices stay visible where the wheel has them.
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    if lib.join("libtorch_cuda.so").exists() {
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+        println!("cargo:rustc-link-arg=-ltorch_cuda");
+        println!("cargo:rustc-link-arg=-Wl,--as-needed");
+    }
+}
