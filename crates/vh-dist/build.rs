@@ -33,6 +33,9 @@ fn main() {
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .file("cxx/vh_dist.cpp")
         .compile("vh_dist_shim");
+    if std::env::var_os("CARGO_FEATURE_NCCL").is_some() {
+        build_nccl(&libtorch, &abi);
+    }
     println!("cargo:rustc-link-search=native={}", lib.display());
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-link-lib=dylib=c10");
@@ -44,4 +47,36 @@ fn main() {
         println!("cargo:rustc-link-arg=-ltorch_cuda");
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
+}
+
+/// The NCCL half: libtorch's ProcessGroupNCCL.hpp needs the CUDA runtime headers (with `crt/`
+/// and CCCL's `nv/target`, which only a CUDA toolkit has) and nccl.h (the nvidia-nccl wheel
+/// beside torch has it).
+fn build_nccl(libtorch: &std::path::Path, abi: &str) {
+    println!("cargo:rerun-if-env-changed=VH_DIST_CUDA_INCLUDE");
+    let site = libtorch.join("..");
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(libtorch.join("include"))
+        .include(libtorch.join("include/torch/csrc/api/include"));
+    if let Some(dirs) = std::env::var_os("VH_DIST_CUDA_INCLUDE") {
+        for d in std::env::split_paths(&dirs) {
+            build.include(d);
+        }
+    } else {
+        build.include("/usr/local/cuda/include");
+    }
+    build
+        .include(site.join("nvidia/cu13/include"))
+        .include(site.join("nvidia/nccl/include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .file("cxx/vh_dist_nccl.cpp")
+        .compile("vh_dist_nccl_shim");
+    println!("cargo:rustc-link-lib=dylib=torch_cuda");
+    println!("cargo:rustc-link-lib=dylib=c10_cuda");
 }

@@ -95,7 +95,7 @@ pub fn all_reduce_gradients(pg: &ProcessGroup, vs: &tch::nn::VarStore, bucket_by
     let world = pg.world_size() as f64;
     bucketed(&grads, bucket_bytes, |flat| {
         pg.all_reduce_sum(flat)?;
-        flat.f_div_scalar_(world)?;
+        let _ = flat.f_div_scalar_(world)?;
         Ok(())
     })
 }

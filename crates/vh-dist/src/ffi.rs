@@ -25,6 +25,16 @@ extern "C" {
         out: *mut *mut VhdPg,
         err: *mut *mut c_char,
     ) -> c_int;
+    #[cfg(feature = "nccl")]
+    pub(crate) fn vhd_init_nccl(
+        addr: *const c_char,
+        port: c_int,
+        rank: c_int,
+        world: c_int,
+        timeout_ms: i64,
+        out: *mut *mut VhdPg,
+        err: *mut *mut c_char,
+    ) -> c_int;
     pub(crate) fn vhd_free(pg: *mut VhdPg);
     pub(crate) fn vhd_all_reduce_sum(pg: *mut VhdPg, t: *mut C_tensor, err: *mut *mut c_char) -> c_int;
     pub(crate) fn vhd_broadcast(pg: *mut VhdPg, t: *mut C_tensor, root: c_int, err: *mut *mut c_char) -> c_int;

@@ -9,6 +9,16 @@ use std::ptr;
 use std::time::Duration;
 use tch::Tensor;
 
+/// The c10d backend that carries the collectives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// ProcessGroupGloo: CPU tensors (the tested path).
+    #[default]
+    Gloo,
+    /// ProcessGroupNCCL: CUDA tensors; needs the `nccl` cargo feature and is untested here.
+    Nccl,
+}
+
 /// One rank's membership of a Gloo group on PyTorch's c10d; collectives must be issued in the
 /// same order on every rank.
 pub struct ProcessGroup {
@@ -77,7 +87,23 @@ impl ProcessGroup {
     /// Rendezvous at `env.master_addr:master_port` (rank 0 hosts the TCPStore) and builds the
     /// Gloo group; fails with a timeout error if some rank does not arrive within `env.timeout`.
     pub fn new(env: &DistEnv) -> Result<Self> {
+        Self::with_backend(env, Backend::Gloo)
+    }
+
+    /// As [`ProcessGroup::new`], on the chosen backend.
+    pub fn with_backend(env: &DistEnv, backend: Backend) -> Result<Self> {
         env.validate()?;
+        let init = match backend {
+            Backend::Gloo => ffi::vhd_init,
+            #[cfg(feature = "nccl")]
+            Backend::Nccl => ffi::vhd_init_nccl,
+            #[cfg(not(feature = "nccl"))]
+            Backend::Nccl => {
+                return Err(DistError::InvalidArgument(
+                    "the NCCL backend is not compiled in: build vh-dist with the `nccl` feature".into(),
+                ))
+            }
+        };
         let addr = CString::new(env.master_addr.as_str())
             .map_err(|_| DistError::InvalidArgument("MASTER_ADDR contains a NUL byte".into()))?;
         let timeout_ms = i64::try_from(env.timeout.as_millis())
@@ -87,7 +113,7 @@ impl ProcessGroup {
         let mut err = ptr::null_mut();
         // SAFETY: valid C string, out-pointers to locals; the shim catches every exception.
         let code = unsafe {
-            ffi::vhd_init(
+            init(
                 addr.as_ptr(),
                 c_int::from(env.master_port),
                 env.rank as c_int,
@@ -151,7 +177,7 @@ impl ProcessGroup {
         }
         self.all_reduce_sum(t)?;
         // Leaves that require grad refuse in-place ops under autograd; this is data, not graph.
-        tch::no_grad(|| t.f_div_scalar_(self.world_size as f64))?;
+        let _ = tch::no_grad(|| t.f_div_scalar_(self.world_size as f64))?;
         Ok(())
     }
 

@@ -26,4 +26,4 @@ pub mod group;
 pub use ddp::{all_reduce_gradients, broadcast_parameters, reduce_mean_scalars, DEFAULT_BUCKET_BYTES};
 pub use env::{DistEnv, DEFAULT_TIMEOUT};
 pub use error::{DistError, FailureKind, Result};
-pub use group::ProcessGroup;
+pub use group::{Backend, ProcessGroup};
