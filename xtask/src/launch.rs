@@ -43,7 +43,9 @@ fn parse(args: &[String]) -> Result<Args> {
             }
             "--master-port" => {
                 let v = it.next().context("--master-port needs a value")?;
-                let p: u16 = v.parse().with_context(|| format!("--master-port {v:?} is not a port"))?;
+                let p: u16 = v
+                    .parse()
+                    .with_context(|| format!("--master-port {v:?} is not a port"))?;
                 if p == 0 {
                     bail!("--master-port must be in 1..=65535");
                 }
@@ -96,7 +98,11 @@ pub fn launch(args: &[String]) -> Result<()> {
         Some(p) => p,
         None => free_port()?,
     };
-    eprintln!("launch: {} ranks, MASTER_ADDR=127.0.0.1 MASTER_PORT={port}: {}", a.nproc, a.cmd.join(" "));
+    eprintln!(
+        "launch: {} ranks, MASTER_ADDR=127.0.0.1 MASTER_PORT={port}: {}",
+        a.nproc,
+        a.cmd.join(" ")
+    );
     let mut children: Vec<Option<Child>> = Vec::new();
     let mut pipes = Vec::new();
     for rank in 0..a.nproc {
@@ -158,8 +164,18 @@ pub fn launch(args: &[String]) -> Result<()> {
     }
 }
 
-/// Kills and reaps the ranks still running (only processes this launcher started).
+/// Kills and reaps the ranks still running with everything they started (a shell's or cargo's
+/// program would otherwise live on and hold the output pipes open).
 fn kill_all(children: &mut [Option<Child>]) {
+    // Ranks stay in the launcher's process group so that Ctrl-C reaches them; their descendants
+    // are found through /proc instead, before any kill re-parents them.
+    let roots: Vec<u32> = children.iter().flatten().map(Child::id).collect();
+    for pid in descendants(&roots) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .stderr(Stdio::null())
+            .status();
+    }
     for child in children.iter_mut().flatten() {
         let _ = child.kill();
     }
@@ -168,6 +184,40 @@ fn kill_all(children: &mut [Option<Child>]) {
             let _ = child.wait();
         }
     }
+}
+
+/// Every live descendant of `roots` (Linux /proc; elsewhere none, and only the ranks are killed).
+fn descendants(roots: &[u32]) -> Vec<u32> {
+    let mut parent_of = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+                continue;
+            };
+            // The command name may hold spaces and parentheses: the ppid is the second field after
+            // the last ')'.
+            let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+                continue;
+            };
+            if let Some(ppid) = rest.split_whitespace().nth(1).and_then(|v| v.parse::<u32>().ok()) {
+                parent_of.push((pid, ppid));
+            }
+        }
+    }
+    let mut found: Vec<u32> = Vec::new();
+    let mut frontier: Vec<u32> = roots.to_vec();
+    while let Some(p) = frontier.pop() {
+        for &(pid, ppid) in &parent_of {
+            if ppid == p && !found.contains(&pid) {
+                found.push(pid);
+                frontier.push(pid);
+            }
+        }
+    }
+    found
 }
 
 #[cfg(test)]
@@ -181,9 +231,27 @@ mod tests {
     #[test]
     fn parses_and_refuses() {
         let a = parse(&s(&["--nproc", "3", "--", "prog", "--flag"])).unwrap();
-        assert_eq!(a, Args { nproc: 3, port: None, cmd: s(&["prog", "--flag"]) });
-        assert_eq!(parse(&s(&["--nproc", "2", "--master-port", "4000", "--", "x"])).unwrap().port, Some(4000));
-        for bad in [&["--nproc", "0", "--", "x"][..], &["--", "x"], &["--nproc", "2"], &["--nproc", "2", "--"], &["--bogus"]] {
+        assert_eq!(
+            a,
+            Args {
+                nproc: 3,
+                port: None,
+                cmd: s(&["prog", "--flag"])
+            }
+        );
+        assert_eq!(
+            parse(&s(&["--nproc", "2", "--master-port", "4000", "--", "x"]))
+                .unwrap()
+                .port,
+            Some(4000)
+        );
+        for bad in [
+            &["--nproc", "0", "--", "x"][..],
+            &["--", "x"],
+            &["--nproc", "2"],
+            &["--nproc", "2", "--"],
+            &["--bogus"],
+        ] {
             assert!(parse(&s(bad)).is_err(), "{bad:?}");
         }
     }

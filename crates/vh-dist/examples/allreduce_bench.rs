@@ -54,6 +54,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         total += t.elapsed().as_secs_f64();
     }
-    report(&format!("{} all-reduces of 25 MB buckets", chunks.len()), total / iters as f64);
+    report(
+        &format!("{} all-reduces of 25 MB buckets", chunks.len()),
+        total / iters as f64,
+    );
     Ok(())
 }

@@ -15,7 +15,9 @@ pub(crate) fn plan_buckets(sizes: &[(Kind, Device, usize)], cap: usize) -> Vec<V
     let mut current: Vec<usize> = Vec::new();
     let mut bytes = 0usize;
     for (i, &(kind, device, n)) in sizes.iter().enumerate() {
-        let same_type = current.first().is_none_or(|&j| sizes[j].0 == kind && sizes[j].1 == device);
+        let same_type = current
+            .first()
+            .is_none_or(|&j| sizes[j].0 == kind && sizes[j].1 == device);
         if !current.is_empty() && (!same_type || bytes + n > cap) {
             buckets.push(std::mem::take(&mut current));
             bytes = 0;
@@ -71,13 +73,18 @@ pub fn broadcast_parameters(pg: &ProcessGroup, vs: &tch::nn::VarStore, root: usi
 /// gradient, as with DDP.
 pub fn all_reduce_gradients(pg: &ProcessGroup, vs: &tch::nn::VarStore, bucket_bytes: usize) -> Result<()> {
     if bucket_bytes == 0 {
-        return Err(crate::DistError::InvalidArgument("bucket_bytes must be positive".into()));
+        return Err(crate::DistError::InvalidArgument(
+            "bucket_bytes must be positive".into(),
+        ));
     }
     let params = vh_train::named_parameters(vs);
     if params.is_empty() {
         return Ok(());
     }
-    let defined: Vec<f32> = params.iter().map(|(_, p)| f32::from(u8::from(p.grad().defined()))).collect();
+    let defined: Vec<f32> = params
+        .iter()
+        .map(|(_, p)| f32::from(u8::from(p.grad().defined())))
+        .collect();
     let mut mask = Tensor::from_slice(&defined);
     pg.all_reduce_sum(&mut mask)?;
     let mask = Vec::<f32>::try_from(&mask)?;
@@ -118,8 +125,18 @@ mod tests {
     fn buckets_respect_cap_kind_and_order() {
         let c = Device::Cpu;
         let f = Kind::Float;
-        let sizes = [(f, c, 10), (f, c, 10), (f, c, 10), (Kind::Double, c, 4), (f, c, 50), (f, c, 1)];
-        assert_eq!(plan_buckets(&sizes, 25), vec![vec![0, 1], vec![2], vec![3], vec![4], vec![5]]);
+        let sizes = [
+            (f, c, 10),
+            (f, c, 10),
+            (f, c, 10),
+            (Kind::Double, c, 4),
+            (f, c, 50),
+            (f, c, 1),
+        ];
+        assert_eq!(
+            plan_buckets(&sizes, 25),
+            vec![vec![0, 1], vec![2], vec![3], vec![4], vec![5]]
+        );
         assert_eq!(plan_buckets(&sizes, 1000), vec![vec![0, 1, 2], vec![3], vec![4, 5]]);
         assert!(plan_buckets(&[], 10).is_empty());
     }

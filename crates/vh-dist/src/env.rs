@@ -80,7 +80,11 @@ impl DistEnv {
     /// Checks the fields against each other, with errors that name the variable.
     pub fn validate(&self) -> Result<()> {
         if self.world_size == 0 || self.world_size > i32::MAX as usize {
-            return Err(invalid("WORLD_SIZE", &self.world_size.to_string(), "must be in 1..=2^31-1"));
+            return Err(invalid(
+                "WORLD_SIZE",
+                &self.world_size.to_string(),
+                "must be in 1..=2^31-1",
+            ));
         }
         if self.rank >= self.world_size {
             return Err(invalid(
@@ -97,7 +101,11 @@ impl DistEnv {
             ));
         }
         if self.master_addr.trim().is_empty() || self.master_addr.contains('\0') {
-            return Err(invalid("MASTER_ADDR", &self.master_addr, "must be a host name or address"));
+            return Err(invalid(
+                "MASTER_ADDR",
+                &self.master_addr,
+                "must be a host name or address",
+            ));
         }
         if self.master_port == 0 {
             return Err(invalid("MASTER_PORT", "0", "must be a port in 1..=65535"));
@@ -121,7 +129,10 @@ fn parse<T: std::str::FromStr>(name: &'static str, value: &str) -> Result<T>
 where
     T::Err: std::fmt::Display,
 {
-    value.trim().parse().map_err(|e: T::Err| invalid(name, value, &e.to_string()))
+    value
+        .trim()
+        .parse()
+        .map_err(|e: T::Err| invalid(name, value, &e.to_string()))
 }
 
 #[cfg(test)]

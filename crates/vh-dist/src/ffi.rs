@@ -1,8 +1,8 @@
 //! The shim's C ABI (cxx/vh_dist.cpp). Tensors travel as tch's `C_tensor` pointers, which are
 //! `at::Tensor*` on the C++ side.
 
-use std::os::raw::{c_char, c_int};
 use std::ffi::c_void;
+use std::os::raw::{c_char, c_int};
 
 /// An `at::Tensor*` (tch does not re-export torch-sys' `C_tensor`, so pointers are cast).
 #[allow(non_camel_case_types)]

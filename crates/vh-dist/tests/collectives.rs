@@ -25,7 +25,10 @@ fn world_of_one_runs_every_collective() {
     let g = pg.all_gather(&t).unwrap();
     assert_eq!(g.len(), 1);
     assert_eq!(Vec::<f32>::try_from(&g[0]).unwrap(), vec![1.0, 2.0, 3.0]);
-    assert_eq!(vh_dist::reduce_mean_scalars(&pg, &[0.5, -2.0]).unwrap(), vec![0.5, -2.0]);
+    assert_eq!(
+        vh_dist::reduce_mean_scalars(&pg, &[0.5, -2.0]).unwrap(),
+        vec![0.5, -2.0]
+    );
 }
 
 #[test]
@@ -36,9 +39,15 @@ fn bad_arguments_are_typed_errors() {
     let mut nc = Tensor::ones([3, 4], (Kind::Float, tch::Device::Cpu)).transpose(0, 1);
     assert!(matches!(pg.all_reduce_sum(&mut nc), Err(DistError::InvalidArgument(_))));
     let mut ints = Tensor::from_slice(&[1i64, 2]);
-    assert!(matches!(pg.all_reduce_mean(&mut ints), Err(DistError::InvalidArgument(_))));
+    assert!(matches!(
+        pg.all_reduce_mean(&mut ints),
+        Err(DistError::InvalidArgument(_))
+    ));
     let mut undefined = Tensor::new();
-    assert!(matches!(pg.all_reduce_sum(&mut undefined), Err(DistError::InvalidArgument(_))));
+    assert!(matches!(
+        pg.all_reduce_sum(&mut undefined),
+        Err(DistError::InvalidArgument(_))
+    ));
     // The group still works after refusals.
     pg.all_reduce_sum(&mut t).unwrap();
 }

@@ -107,7 +107,14 @@ fn two_ranks_equal_one_process_on_the_global_batch() {
         return body(vh_dist::DEFAULT_BUCKET_BYTES);
     }
     let outs = spawn_ranks("two_ranks_equal_one_process_on_the_global_batch", 2);
-    print!("{}", String::from_utf8_lossy(&outs[0].stdout).lines().filter(|l| l.contains("worst")).collect::<Vec<_>>().join("\n"));
+    println!(
+        "{}",
+        String::from_utf8_lossy(&outs[0].stdout)
+            .lines()
+            .filter(|l| l.contains("worst"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }
 
 /// Three ranks, with 256-byte buckets so that the gradients travel in several all-reduces.
@@ -117,7 +124,14 @@ fn three_ranks_with_small_buckets_equal_one_process() {
         return body(256);
     }
     let outs = spawn_ranks("three_ranks_with_small_buckets_equal_one_process", 3);
-    print!("{}", String::from_utf8_lossy(&outs[0].stdout).lines().filter(|l| l.contains("worst")).collect::<Vec<_>>().join("\n"));
+    println!(
+        "{}",
+        String::from_utf8_lossy(&outs[0].stdout)
+            .lines()
+            .filter(|l| l.contains("worst"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }
 
 /// A parameter used on one rank only still gets the same averaged gradient on every rank.
@@ -129,7 +143,11 @@ fn unused_parameters_on_some_ranks_do_not_desynchronise() {
         let a = vs.root().ones("a", &[3]);
         let b = vs.root().ones("b", &[2]);
         let c = vs.root().ones("c", &[2]); // unused everywhere
-        let loss = if pg.rank() == 0 { a.sum(Kind::Float) * 2.0 + b.sum(Kind::Float) } else { a.sum(Kind::Float) * 4.0 };
+        let loss = if pg.rank() == 0 {
+            a.sum(Kind::Float) * 2.0 + b.sum(Kind::Float)
+        } else {
+            a.sum(Kind::Float) * 4.0
+        };
         loss.backward();
         vh_dist::all_reduce_gradients(&pg, &vs, 8).unwrap();
         assert_eq!(Vec::<f32>::try_from(&a.grad()).unwrap(), vec![3.0; 3]);

@@ -25,11 +25,17 @@ fn rust_rank(env: &DistEnv) {
     assert_eq!(Vec::<f32>::try_from(&t).unwrap(), want);
 
     let root = n - 1;
-    let mut b = if pg.rank() == root { Tensor::from_slice(&[1.5f32, 2.5, 3.5]) } else { Tensor::zeros([3], (Kind::Float, tch::Device::Cpu)) };
+    let mut b = if pg.rank() == root {
+        Tensor::from_slice(&[1.5f32, 2.5, 3.5])
+    } else {
+        Tensor::zeros([3], (Kind::Float, tch::Device::Cpu))
+    };
     pg.broadcast(&mut b, root).unwrap();
     assert_eq!(Vec::<f32>::try_from(&b).unwrap(), vec![1.5, 2.5, 3.5]);
 
-    let g = pg.all_gather(&Tensor::full([2], f64::from(r), (Kind::Double, tch::Device::Cpu))).unwrap();
+    let g = pg
+        .all_gather(&Tensor::full([2], f64::from(r), (Kind::Double, tch::Device::Cpu)))
+        .unwrap();
     for (k, gk) in g.iter().enumerate() {
         assert_eq!(Vec::<f64>::try_from(gk).unwrap(), vec![k as f64; 2]);
     }
@@ -64,7 +70,11 @@ fn run_with_python(rust_rank_id: usize) {
     let out = common::wait_all(vec![child], Duration::from_secs(120)).remove(0);
     let py_out = String::from_utf8_lossy(&out.stdout);
     let py_err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && rust.is_ok(), "python {}:\n{py_out}\n{py_err}\nrust: {rust:?}", out.status);
+    assert!(
+        out.status.success() && rust.is_ok(),
+        "python {}:\n{py_out}\n{py_err}\nrust: {rust:?}",
+        out.status
+    );
     assert!(py_out.contains("agree"), "{py_out}");
     println!("{}", py_out.trim());
 }
