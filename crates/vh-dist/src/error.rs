@@ -5,13 +5,14 @@
 pub enum FailureKind {
     /// The rendezvous key-value store (`c10::DistStoreError`), its timeouts included.
     Store,
-    /// Sockets: a peer unreachable or gone (`c10::DistNetworkError`).
+    /// Sockets of the store: a peer unreachable (`c10::DistNetworkError`).
     Network,
     /// The collective backend (`c10::DistBackendError`), e.g. a Gloo timeout.
     Backend,
     /// Any other libtorch error (`c10::Error`): bad tensor, bad argument.
     Torch,
-    /// Any other C++ exception.
+    /// Any other C++ exception, gloo's own included (e.g. "Connection closed by peer" when a
+    /// rank died).
     Other,
 }
 
