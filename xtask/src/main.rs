@@ -1,9 +1,10 @@
-//! Project tasks: `cargo xtask setup | test | parity | bench | demo`.
+//! Project tasks: `cargo xtask setup | test | parity | bench | demo | fuzz | launch`.
 //!
 //! This crate must build on a fresh machine before anything else exists, so it depends on no
 //! crate that needs libtorch.
 
 mod bench;
+mod launch;
 mod svg;
 
 use anyhow::{bail, Context, Result};
@@ -25,6 +26,8 @@ tasks:
   bench    setup, then time our workloads against the Python reference side by side
            (`cargo xtask bench --help` for its options; `--quick` is the CI smoke test)
   demo     setup, then load the bundled tiny GPT-2 value-head model and print per-token values
+  launch   start N local ranks with torchrun's variables: `cargo xtask launch --nproc N --
+           <command...>` (output prefixed by rank; one failure stops all)
   fuzz     setup, then fuzz the parsers with crates/vh-fuzz: `cargo xtask fuzz [--seconds N]
            [target...]` (default: every target, 600 s each; other options go to vh-fuzz,
            `cargo xtask fuzz --help` lists them)
@@ -49,6 +52,7 @@ fn main() -> Result<()> {
         "bench" => bench::bench(rest),
         "demo" => demo(rest),
         "fuzz" => fuzz(rest),
+        "launch" => launch::launch(rest),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
             Ok(())
