@@ -83,12 +83,13 @@ pub mod generation;
 pub mod options;
 pub mod reward;
 pub mod seq2seq;
+mod static_decode;
 mod wrapper;
 
 pub use causal::{CausalLmInput, CausalLmOutput, CausalLmWithValueHead};
 pub use chat::{apply_chat_template, Message};
 pub use error::{Error, Result};
-pub use generation::{GenerateOutput, GenerateTimings, GenerationConfig};
+pub use generation::{last_generate_host_syncs, Decoding, GenerateOutput, GenerateTimings, GenerationConfig};
 pub use options::{parse_device, parse_dtype, LoadOptions};
 pub use reward::{SequenceClassifier, SequenceClassifierOutput};
 pub use seq2seq::{Seq2SeqLmInput, Seq2SeqLmOutput, Seq2SeqLmWithValueHead};

@@ -253,7 +253,10 @@ mod tests {
         assert_eq!(num_labels(&json!({})).unwrap(), 2);
         assert_eq!(num_labels(&json!({"id2label": {"0": "LABEL_0"}})).unwrap(), 1);
         assert_eq!(num_labels(&json!({"num_labels": 3})).unwrap(), 3);
-        assert_eq!(num_labels(&json!({"id2label": {"0": "a", "1": "b", "2": "c"}, "num_labels": 1})).unwrap(), 3);
+        assert_eq!(
+            num_labels(&json!({"id2label": {"0": "a", "1": "b", "2": "c"}, "num_labels": 1})).unwrap(),
+            3
+        );
         assert!(num_labels(&json!({"id2label": {}})).is_err());
         assert!(num_labels(&json!({"num_labels": 0})).is_err());
     }

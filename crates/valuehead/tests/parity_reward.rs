@@ -7,8 +7,8 @@ mod common;
 
 use common::*;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 use std::process::Command;
+use std::sync::OnceLock;
 use tch::Kind;
 use valuehead::{LoadOptions, SequenceClassifier};
 
@@ -16,14 +16,20 @@ fn cases() -> (PathBuf, Vec<(String, i64)>) {
     tch::set_num_threads(1);
     // Both tests read the same reference folder; it is written once.
     static ROOT: OnceLock<PathBuf> = OnceLock::new();
-    let root = ROOT.get_or_init(|| generate_reference("parity_reward.py", "reward")).clone();
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(root.join("cases.json")).unwrap()).unwrap();
+    let root = ROOT
+        .get_or_init(|| generate_reference("parity_reward.py", "reward"))
+        .clone();
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(root.join("cases.json")).unwrap()).unwrap();
     let cases = manifest
         .as_array()
         .unwrap()
         .iter()
-        .map(|c| (c["name"].as_str().unwrap().to_string(), c["num_labels"].as_i64().unwrap()))
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap().to_string(),
+                c["num_labels"].as_i64().unwrap(),
+            )
+        })
         .collect::<Vec<_>>();
     assert_eq!(cases.len(), 6, "the reference wrote every case");
     (root, cases)
@@ -40,7 +46,11 @@ fn vh_reward(model: &Path, inputs: &Path, out: &Path) -> std::collections::HashM
         .arg(out)
         .output()
         .expect("starting vh");
-    assert!(result.status.success(), "vh reward: {}", String::from_utf8_lossy(&result.stderr));
+    assert!(
+        result.status.success(),
+        "vh reward: {}",
+        String::from_utf8_lossy(&result.stderr)
+    );
     read_tensors(out)
 }
 
@@ -76,22 +86,48 @@ fn reward_models_match_transformers() {
         let all = tch::no_grad(|| model.forward_all_positions(ids, Some(mask))).unwrap();
         let every = masked_max_abs_diff(&all, &expected["all_positions"], mask);
         // The CLI on the same folder.
-        let cli = vh_reward(&dir, &dir.join("inputs.safetensors"), &out_dir.join(format!("{name}.safetensors")));
+        let cli = vh_reward(
+            &dir,
+            &dir.join("inputs.safetensors"),
+            &out_dir.join(format!("{name}.safetensors")),
+        );
         let cli_err = max_abs_diff(&cli["logits"], &expected["logits"]);
         assert_eq!(cli["rewards"].size(), vec![ids.size()[0]]);
         // Save, then transformers loads our folder and scores the same inputs.
         let saved = out_dir.join(format!("{name}-saved"));
         model.save_pretrained(&saved, None).unwrap();
         let check = out_dir.join(format!("{name}-check.safetensors"));
-        run_reference("parity_reward.py", &[Path::new("check"), &saved, &dir.join("inputs.safetensors"), &check]);
+        run_reference(
+            "parity_reward.py",
+            &[Path::new("check"), &saved, &dir.join("inputs.safetensors"), &check],
+        );
         let reloaded = max_abs_diff(&read_tensors(&check)["logits"], &expected["logits"]);
-        for (what, err) in [("pooled", pooled), ("all positions", every), ("vh reward", cli_err), ("saved", reloaded)] {
+        for (what, err) in [
+            ("pooled", pooled),
+            ("all positions", every),
+            ("vh reward", cli_err),
+            ("saved", reloaded),
+        ] {
             assert!(err <= TOLERANCE, "{name}: {what} differs by {err:e}");
         }
-        rows.push(vec![name, labels.to_string(), fmt_err(pooled), fmt_err(every), fmt_err(cli_err), fmt_err(reloaded)]);
+        rows.push(vec![
+            name,
+            labels.to_string(),
+            fmt_err(pooled),
+            fmt_err(every),
+            fmt_err(cli_err),
+            fmt_err(reloaded),
+        ]);
     }
     print_table(
-        &["case", "labels", "pooled logits", "all positions", "vh reward", "saved, HF reloads"],
+        &[
+            "case",
+            "labels",
+            "pooled logits",
+            "all positions",
+            "vh reward",
+            "saved, HF reloads",
+        ],
         &rows,
     );
 }
@@ -116,11 +152,19 @@ fn batches_need_a_pad_token_as_in_transformers() {
         .filter(|(k, _)| k != "score.weight")
         .collect();
     vh_hub::write_safetensors(&headless.join("model.safetensors"), &tensors).unwrap();
-    let err = SequenceClassifier::from_folder(&headless, &LoadOptions::default()).unwrap_err().to_string();
+    let err = SequenceClassifier::from_folder(&headless, &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("score.weight"), "{err}");
     // bf16 loads and scores close to the f32 reference.
-    let half = SequenceClassifier::from_folder(&dir, &LoadOptions { dtype: Kind::BFloat16, ..LoadOptions::default() })
-        .unwrap();
+    let half = SequenceClassifier::from_folder(
+        &dir,
+        &LoadOptions {
+            dtype: Kind::BFloat16,
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap();
     let ids = tch::Tensor::from_slice(&[1i64, 2, 3]).view([1, 3]);
     let out = tch::no_grad(|| half.forward(&ids, None)).unwrap();
     assert_eq!(out.logits.kind(), Kind::Float);
