@@ -27,7 +27,8 @@ for line in sys.stdin:
 strip -o "$dest/cuda-tests" "$tests"
 
 cargo build -p valuehead --profile "$profile" --example gpu_bench
-dir=$([ "$profile" = dev ] && echo debug || echo "$profile")
+# dev and test build into target/debug, other profiles into target/<profile>.
+case "$profile" in dev | test) dir=debug ;; *) dir=$profile ;; esac
 strip -o "$dest/gpu_bench" "target/$dir/examples/gpu_bench"
 
 python=.venv/bin/python

@@ -9,6 +9,7 @@
 //! nvidia wheels next to that torch package (`nvidia/cu13/include`, `nvidia/cuda_runtime/include`),
 //! else `$CUDA_HOME/include` or `/usr/local/cuda/include`; the compiler-internal `crt/` headers
 //! the runtime wheels lack come from `VH_CUDA_CRT_INCLUDE` or triton's copy (see `crt_include`).
+//! `VH_CUDA_GRAPH_STUB=1` builds the stub even where the real shim could be built.
 
 use std::path::{Path, PathBuf};
 
@@ -52,6 +53,9 @@ fn crt_include(cuda: &Path, libtorch: &Path) -> Option<PathBuf> {
 
 /// Why the real shim cannot be built here, or the include folders and library folder it needs.
 fn locate() -> Result<(Vec<PathBuf>, PathBuf), String> {
+    if std::env::var_os("VH_CUDA_GRAPH_STUB").is_some_and(|v| !v.is_empty() && v != "0") {
+        return Err("VH_CUDA_GRAPH_STUB is set".to_string());
+    }
     let libtorch = std::env::var_os("LIBTORCH")
         .map(PathBuf::from)
         .ok_or_else(|| "LIBTORCH is not set".to_string())?;
@@ -109,6 +113,9 @@ fn main() {
             }
             build.compile("vh_cuda_graph_shim");
             println!("cargo:rustc-link-search=native={}", lib.display());
+            // This crate's own test binary finds libtorch without LD_LIBRARY_PATH (dependents
+            // embed the same path through build/link_libtorch.rs).
+            println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
             for name in ["torch_cuda", "c10_cuda", "torch_cpu", "c10"] {
                 println!("cargo:rustc-link-lib=dylib={name}");
             }

@@ -3,7 +3,7 @@
 //! JSON object per line.
 //!
 //! ```text
-//! gpu_bench --model DIR [--dtype f32|bf16] [--reps 5] [--prompt 32] [--new 64]
+//! gpu_bench --model DIR [--device cuda|cpu] [--dtype f32|bf16] [--reps 5] [--prompt 32] [--new 64]
 //!           [--workload generate:1:eager] [--workload generate:64:graphs] [--workload forward:8:128] ...
 //! ```
 //!
@@ -25,6 +25,7 @@ use valuehead::{CausalLmWithValueHead, Decoding, GenerationConfig, LoadOptions};
 
 struct Args {
     model: String,
+    device: Device,
     dtype: Kind,
     reps: usize,
     prompt: i64,
@@ -35,6 +36,7 @@ struct Args {
 fn parse_args() -> Result<Args> {
     let mut args = Args {
         model: String::new(),
+        device: Device::Cuda(0),
         dtype: Kind::Float,
         reps: 5,
         prompt: 32,
@@ -46,6 +48,7 @@ fn parse_args() -> Result<Args> {
         let mut value = || it.next().ok_or_else(|| anyhow!("{flag} needs a value"));
         match flag.as_str() {
             "--model" => args.model = value()?,
+            "--device" => args.device = valuehead::parse_device(&value()?)?,
             "--dtype" => args.dtype = valuehead::parse_dtype(&value()?)?,
             "--reps" => args.reps = value()?.parse()?,
             "--prompt" => args.prompt = value()?.parse()?,
@@ -68,19 +71,22 @@ fn prompt(batch: i64, len: i64, vocab: i64) -> Tensor {
     Tensor::from_slice(&ids).reshape([batch, len])
 }
 
-fn sync() -> Result<()> {
-    vh_cuda_graph::synchronize(0)?;
+/// Waits for the device's queued work (nothing to wait for on CPU).
+fn sync(device: Device) -> Result<()> {
+    if let Device::Cuda(i) = device {
+        vh_cuda_graph::synchronize(i)?;
+    }
     Ok(())
 }
 
 /// Median, min and max of `reps` timed runs of `f` in milliseconds.
-fn time(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64, f64)> {
+fn time(device: Device, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64, f64)> {
     let mut samples = Vec::with_capacity(reps);
     for _ in 0..reps {
-        sync()?;
+        sync(device)?;
         let started = Instant::now();
         f()?;
-        sync()?;
+        sync(device)?;
         samples.push(started.elapsed().as_secs_f64() * 1e3);
     }
     samples.sort_by(f64::total_cmp);
@@ -88,7 +94,7 @@ fn time(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64, f64
 }
 
 fn run(args: &Args) -> Result<()> {
-    let device = Device::Cuda(0);
+    let device = args.device;
     let options = LoadOptions {
         device,
         dtype: args.dtype,
@@ -112,11 +118,17 @@ fn run(args: &Args) -> Result<()> {
 }
 
 fn run_workload(args: &Args, model: &CausalLmWithValueHead, workload: &str) -> Result<()> {
-    let device = Device::Cuda(0);
+    let device = args.device;
+    let cuda = match device {
+        Device::Cuda(i) => Some(i),
+        _ => None,
+    };
     let vocab = model.vocab_size();
     {
         let parts: Vec<&str> = workload.split(':').collect();
-        vh_cuda_graph::reset_peak_memory(0)?;
+        if let Some(i) = cuda {
+            vh_cuda_graph::reset_peak_memory(i)?;
+        }
         let result = match parts.as_slice() {
             ["generate", batch, mode] => {
                 let batch: i64 = batch.parse()?;
@@ -142,7 +154,7 @@ fn run_workload(args: &Args, model: &CausalLmWithValueHead, workload: &str) -> R
                 let warm = tch::no_grad(|| model.generate(&ids, Some(&mask), &config))?;
                 let tokens: Vec<i64> = Vec::<i64>::try_from(warm.new_tokens.get(0).to_device(Device::Cpu))?;
                 let mut syncs = 0;
-                let (ms, min, max) = time(args.reps, || {
+                let (ms, min, max) = time(device, args.reps, || {
                     tch::no_grad(|| model.generate(&ids, Some(&mask), &config))?;
                     syncs = valuehead::last_generate_host_syncs();
                     Ok(())
@@ -154,7 +166,7 @@ fn run_workload(args: &Args, model: &CausalLmWithValueHead, workload: &str) -> R
                 let ids = prompt(batch, len, vocab).to_device(device);
                 let mask = Tensor::ones([batch, len], (Kind::Int64, device));
                 tch::no_grad(|| model.forward(&ids, Some(&mask), None, None))?;
-                let (ms, min, max) = time(args.reps, || {
+                let (ms, min, max) = time(device, args.reps, || {
                     tch::no_grad(|| model.forward(&ids, Some(&mask), None, None))?;
                     Ok(())
                 })?;
@@ -162,7 +174,10 @@ fn run_workload(args: &Args, model: &CausalLmWithValueHead, workload: &str) -> R
             }
             _ => bail!("unknown workload {workload}"),
         };
-        let (peak_allocated, peak_reserved) = vh_cuda_graph::peak_memory(0)?;
+        let (peak_allocated, peak_reserved) = match cuda {
+            Some(i) => vh_cuda_graph::peak_memory(i)?,
+            None => (0, 0),
+        };
         let mut line = result;
         line["workload"] = json!(workload);
         line["peak_allocated_mb"] = json!(peak_allocated as f64 / (1u64 << 20) as f64);

@@ -196,7 +196,12 @@ impl StaticState {
         if let Some(eos) = &self.eos {
             // Before min_new_tokens no row can pick eos, so updating from the start is the eager
             // loop's update from min_new_tokens on.
-            let ended = Tensor::f_isin(&next, eos, false, false)?;
+            // `isin` spelled out: a comparison with every eos id, never a sorting path whose
+            // output size the host would have to read.
+            let ended = next
+                .f_unsqueeze(1)?
+                .f_eq_tensor(&eos.f_unsqueeze(0)?)?
+                .f_any_dim(1, false)?;
             let _ = self
                 .unfinished
                 .shallow_clone()
