@@ -98,7 +98,7 @@ pub struct CausalLmWithValueHead {
     backbone: Box<dyn CausalLm>,
     /// The last static-cache decode (buffers and, with CUDA graphs, the captured step), reused
     /// by the next call with the same shapes.
-    session: RefCell<Option<GraphSession>>,
+    session: RefCell<Option<Box<GraphSession>>>,
 }
 
 wrapper_accessors!(CausalLmWithValueHead);
@@ -415,11 +415,11 @@ impl CausalLmWithValueHead {
             old => {
                 // The previous session's buffers go before the new ones are allocated.
                 drop(old);
-                GraphSession {
+                Box::new(GraphSession {
                     key,
                     state: StaticState::new(&start, batch, eos, pad, config.min_new_tokens)?,
                     graph: if use_graphs { GraphSlot::Pending } else { GraphSlot::Off },
-                }
+                })
             }
         };
         drop(out);

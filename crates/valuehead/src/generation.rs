@@ -130,7 +130,7 @@ pub(crate) fn host_read<T>(read: impl FnOnce() -> T) -> T {
 pub(crate) fn stop_check_due(config: &GenerationConfig, n: usize) -> bool {
     match config.stop_check_interval {
         0 => false,
-        k => (n + 1) % k == 0,
+        k => (n + 1).is_multiple_of(k),
     }
 }
 

@@ -966,7 +966,10 @@ fn cuda_graph_replay_matches_eager_decoding() {
                 for t in [&graphs.new_tokens, &graphs.values, &graphs.logprobs] {
                     assert_on(t, device, "graph output");
                 }
-                compare_decodings(&format!("{what}: graph vs eager static cache"), &graphs, &fixed, 1e-6);
+                // The same kernels on the same data: identical in f32; in bf16 the tokens must be
+                // identical and the values / log-probs are reported (bitwise or not).
+                let limit = if dtype == Kind::Float { 1e-6 } else { 5e-2 };
+                compare_decodings(&format!("{what}: graph vs eager static cache"), &graphs, &fixed, limit);
                 compare_decodings(&format!("{what}: graph replayed again"), &replayed, &graphs, 0.0);
                 if dtype == Kind::Float {
                     compare_decodings(&format!("{what}: graph vs growing cache"), &graphs, &eager, TOLERANCE);
