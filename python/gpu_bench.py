@@ -7,7 +7,7 @@ calls after one warm-up call, with a device synchronisation around each call:
   - TRL: `AutoModelForCausalLMWithValueHead.generate` (transformers' default dynamic cache) and
     TRL's forward (logits and values);
   - transformers' static-cache `generate` (`cache_implementation="static"`, which compiles the
-    forward; its warm-up is timed separately), batch 1 only, as the third column;
+    forward; its warm-up is timed separately), batch 1 in bf16 only, as the third column;
   - ours: the stripped `gpu_bench` example (crates/valuehead/examples/gpu_bench.rs), eager
     decoding and CUDA-graph decoding, over the same folder.
 
@@ -177,7 +177,8 @@ def python_side(torch, args, name, precision, folder, info):
 
     parts = [("trl", f"generate:{b}", generate(model, b)) for b in (1, 64)]
     parts.append(("trl", "forward:8:128", forward(8, 128)))
-    if not args.no_static:
+    # Its compile warm-up takes tens of seconds per shape: batch 1 in bf16 only.
+    if not args.no_static and precision == "bf16":
         parts.append(("hf-static", "generate:1", generate(base, 1, cache_implementation="static")))
     for side, workload, call in parts:
         base_record = dict(model=name, precision=precision, side=side, workload=workload)

@@ -315,21 +315,21 @@ pub(crate) fn run(
                     Device::Cuda(i) => i,
                     _ => 0,
                 };
-                match CudaGraph::capture(device, || state.step(forward)) {
+                // Nothing runs during capture: the step is replayed right after, or, when capture
+                // fails (the step itself or the graph), run eagerly from the unchanged state.
+                let failure = match CudaGraph::capture(device, || state.step(forward)) {
                     Ok(Ok((graph, ()))) => {
                         graph.replay()?;
                         session.graph = GraphSlot::Ready(graph);
+                        None
                     }
-                    Ok(Err(e)) => {
-                        log::warn!("capturing the decode step as a CUDA graph failed ({e}); decoding eagerly");
-                        session.graph = GraphSlot::Failed;
-                        state.step(forward)?;
-                    }
-                    Err(e) => {
-                        log::warn!("capturing the decode step as a CUDA graph failed ({e}); decoding eagerly");
-                        session.graph = GraphSlot::Failed;
-                        state.step(forward)?;
-                    }
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(e) => Some(e.to_string()),
+                };
+                if let Some(e) = failure {
+                    log::warn!("capturing the decode step as a CUDA graph failed ({e}); decoding eagerly");
+                    session.graph = GraphSlot::Failed;
+                    state.step(forward)?;
                 }
             }
             GraphSlot::Pending | GraphSlot::Off | GraphSlot::Failed => state.step(forward)?,
