@@ -129,7 +129,6 @@ def decode_bytes(model):
 def make(torch, name, folder):
     """Seeded random weights, wrapped by TRL and saved with its save_pretrained."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    from trl import AutoModelForCausalLMWithValueHead
 
     model_type, overrides, _ = MODELS[name]
     config = AutoConfig.for_model(model_type, **overrides)
@@ -137,7 +136,14 @@ def make(torch, name, folder):
     torch.manual_seed(0)
     with torch.device(DEVICE):
         base = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
-    model = AutoModelForCausalLMWithValueHead.from_pretrained(base)
+    try:
+        from trl import AutoModelForCausalLMWithValueHead
+
+        model = AutoModelForCausalLMWithValueHead.from_pretrained(base)
+    except ImportError as e:
+        # Without TRL our side still runs (a checkpoint without v_head.* gets a fresh head).
+        print(f"warning: TRL unavailable ({e}); saving the backbone alone", file=sys.stderr)
+        model = base
     tmp = folder + ".partial"
     model.save_pretrained(tmp)
     os.replace(tmp, folder)
@@ -146,7 +152,11 @@ def make(torch, name, folder):
 
 def python_side(torch, args, name, precision, folder, info):
     """TRL's generate and forward, then transformers' static-cache generate; one record each."""
-    from trl import AutoModelForCausalLMWithValueHead
+    try:
+        from trl import AutoModelForCausalLMWithValueHead
+    except ImportError as e:
+        record(args.out, dict(model=name, precision=precision, side="trl", workload="load", error=f"ImportError: {e}"))
+        return
 
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[precision]
     model = AutoModelForCausalLMWithValueHead.from_pretrained(folder, torch_dtype=dtype).to(DEVICE).eval()
@@ -242,10 +252,15 @@ def run(args):
     device = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu"
     bandwidth = next((bw for key, bw in BANDWIDTH if key in device), None)
     import transformers
-    import trl
 
+    try:
+        import trl
+
+        trl_version = trl.__version__
+    except ImportError as e:
+        trl_version = f"unavailable ({e})"
     record(args.out, dict(side="env", device=device, bandwidth=bandwidth, torch=torch.__version__,
-                          transformers=transformers.__version__, trl=trl.__version__))
+                          transformers=transformers.__version__, trl=trl_version))
     for name in args.models.split(","):
         if time.time() > deadline:
             record(args.out, dict(model=name, side="skipped", error="out of time budget"))
@@ -266,7 +281,11 @@ def run(args):
             # The folder may hold f32 weights timed in bf16: count the bytes of the timed precision.
             info = dict(decode_bytes=weight_bytes if MODELS[name][0] != "gpt2" else weight_bytes * element // 4)
             our_side(args, name, precision, folder, info)
-            python_side(torch, args, name, precision, folder, info)
+            try:
+                python_side(torch, args, name, precision, folder, info)
+            except Exception as e:  # a failed load: recorded, the next model still runs
+                record(args.out, dict(model=name, precision=precision, side="trl", workload="load",
+                                      error=f"{type(e).__name__}: {e}"[:500]))
     report(args)
 
 
