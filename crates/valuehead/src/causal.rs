@@ -3,14 +3,17 @@
 
 use crate::error::Result;
 use crate::generation::{
-    decode_loop, generation_capacity, inferred_attention_mask, reserve_cache, GenerateOutput, GenerationConfig,
+    decode_loop, eos_in_vocab, eos_tensor, finish_output, generation_capacity, inferred_attention_mask, pad_column,
+    reserve_cache, reset_host_syncs, trim_finished, Decoding, GenerateOutput, GenerateTimings, GenerationConfig,
     StepOutput,
 };
 use crate::options::LoadOptions;
+use crate::static_decode::{GraphSession, GraphSlot, SessionKey, Start, StaticState};
 use crate::wrapper::{check_before_load, read_folder, wrapper_accessors, Wrapped};
 use serde_json::Value;
+use std::cell::RefCell;
 use std::path::Path;
-use tch::{nn::VarStore, Kind, Tensor};
+use tch::{nn::VarStore, Device, Kind, Tensor};
 use vh_core::error::invalid;
 use vh_core::ops::ScalarOps;
 use vh_core::tensor::{causal_lm_loss, check_labels, expect_rank};
@@ -94,6 +97,9 @@ pub struct CausalLmOutput {
 pub struct CausalLmWithValueHead {
     pub(crate) wrapped: Wrapped,
     backbone: Box<dyn CausalLm>,
+    /// The last static-cache decode (buffers and, with CUDA graphs, the captured step), reused
+    /// by the next call with the same shapes.
+    session: RefCell<Option<Box<GraphSession>>>,
 }
 
 wrapper_accessors!(CausalLmWithValueHead);
@@ -177,7 +183,11 @@ impl CausalLmWithValueHead {
         if let Some((spec, built)) = built {
             wrapped.adapter = Some(crate::lora::Adapter::new(spec, built, &wrapped.vs)?);
         }
-        Ok(Self { wrapped, backbone })
+        Ok(Self {
+            wrapped,
+            backbone,
+            session: RefCell::new(None),
+        })
     }
 
     /// The backbone's last hidden state [B, T, hidden] (after the final norm, HF's
@@ -321,6 +331,16 @@ impl CausalLmWithValueHead {
             .f_max()?
             .f_int64_value(&[])?;
         let mut max_position = longest - 1;
+        if let Some(graphs) = self.static_decoding(config) {
+            let prompt = Prompt {
+                input_ids: &input_ids,
+                key_mask: &key_mask,
+                padded,
+                positions: &positions,
+                max_position,
+            };
+            return self.generate_static(&prompt, max_new, config, graphs);
+        }
         let mut past: Option<Cache> = None;
         let mut past_len = 0;
         let train = self.wrapped.train;
@@ -349,6 +369,7 @@ impl CausalLmWithValueHead {
                 max_position,
                 // HF's generate passes position ids (from the mask) to every model's forward.
                 explicit_positions: true,
+                static_keys: None,
             };
             let out = self.backbone.forward(&inputs, train, 1)?;
             drop(inputs);
@@ -373,6 +394,142 @@ impl CausalLmWithValueHead {
         })
     }
 
+    /// Whether this generation runs over a static cache (`Some(with CUDA graphs)`), or eagerly:
+    /// the static path does greedy decoding of models whose steps need nothing from the host;
+    /// other settings fall back with a warning.
+    fn static_decoding(&self, config: &GenerationConfig) -> Option<bool> {
+        if config.decoding == Decoding::Eager {
+            return None;
+        }
+        let unsupported = if config.do_sample {
+            Some("sampling")
+        } else if config.repetition_penalty != 1.0 {
+            Some("the repetition penalty")
+        } else if self.wrapped.train {
+            Some("train mode (dropout)")
+        } else if !self.backbone.supports_static_decode() {
+            Some("this model's positions (dynamic rotary scaling reads the length on the host)")
+        } else {
+            None
+        };
+        if let Some(what) = unsupported {
+            log::warn!(
+                "{:?} decoding does not support {what}: decoding eagerly",
+                config.decoding
+            );
+            return None;
+        }
+        Some(config.decoding == Decoding::CudaGraphs)
+    }
+
+    /// Greedy generation over a static cache (see [`Decoding::StaticCache`]), with the decode
+    /// step captured as a CUDA graph when `graphs` and the device allows it.
+    fn generate_static(
+        &self,
+        prompt: &Prompt<'_>,
+        max_new: usize,
+        config: &GenerationConfig,
+        graphs: bool,
+    ) -> Result<GenerateOutput> {
+        let device = self.wrapped.vs.device();
+        let (batch, prompt_len) = (prompt.input_ids.size()[0], prompt.input_ids.size()[1]);
+        let pad = pad_column(config, batch, device)?;
+        let mut timings = GenerateTimings::default();
+        reset_host_syncs();
+        let started = std::time::Instant::now();
+        let inputs = CausalInputs {
+            input_ids: prompt.input_ids.shallow_clone(),
+            batch,
+            new_len: prompt_len,
+            past_len: 0,
+            past: None,
+            key_mask: prompt.padded.then(|| prompt.key_mask.shallow_clone()),
+            position_ids: prompt.positions.shallow_clone(),
+            max_position: prompt.max_position,
+            // HF's generate passes position ids (from the mask) to every model's forward.
+            explicit_positions: true,
+            static_keys: None,
+        };
+        let out = self.backbone.forward(&inputs, false, 1)?;
+        drop(inputs);
+        let values = self.wrapped.v_head.forward(&out.last_hidden_state, false)?;
+        let first = StepOutput {
+            logits: out.logits.f_to_kind(Kind::Float)?.f_select(1, -1)?,
+            values: values.f_select(1, -1)?,
+        };
+        timings.prompt = started.elapsed();
+        let vocab = first.logits.size()[1];
+        let eos = eos_tensor(config, vocab, device)?;
+        let last = prompt.positions.size()[1] - 1;
+        let next_positions = prompt.positions.f_narrow(1, last, 1)?.s_add(1)?;
+        let start = Start {
+            prefix: &out.cache,
+            prompt_mask: prompt.padded.then_some(prompt.key_mask),
+            next_positions: &next_positions,
+            prompt_len,
+            max_new,
+        };
+        let key = SessionKey {
+            batch,
+            prompt_len,
+            max_new,
+            min_new: config.min_new_tokens,
+            eos: eos_in_vocab(config, vocab),
+            pad: config.pad(),
+            padded: prompt.padded,
+            device,
+        };
+        let use_graphs = graphs && graphs_available(device);
+        let mut kept_session = self.session.borrow_mut();
+        let reusable = use_graphs && kept_session.as_ref().is_some_and(|s| s.key == key);
+        let mut session = match kept_session.take() {
+            Some(session) if reusable => {
+                session.state.reset(&start)?;
+                session
+            }
+            old => {
+                // The previous session's buffers go before the new ones are allocated.
+                drop(old);
+                Box::new(GraphSession {
+                    key,
+                    state: StaticState::new(&start, batch, eos, pad, config.min_new_tokens)?,
+                    graph: if use_graphs { GraphSlot::Pending } else { GraphSlot::Off },
+                })
+            }
+        };
+        drop(out);
+        let train = false;
+        let forward = |inputs: &CausalInputs<'_>| -> Result<StepOutput> {
+            let out = self.backbone.forward(inputs, train, 1)?;
+            let values = self.wrapped.v_head.forward(&out.last_hidden_state, train)?;
+            Ok(StepOutput {
+                logits: out.logits.f_to_kind(Kind::Float)?.f_select(1, -1)?,
+                values: values.f_select(1, -1)?,
+            })
+        };
+        let produced = crate::static_decode::run(&mut session, &first, &forward, config, max_new, &mut timings)?;
+        let can_finish = !session.key.eos.is_empty() && config.min_new_tokens < max_new;
+        let kept = trim_finished(
+            config,
+            can_finish,
+            produced,
+            &session.state.generated_mask().f_narrow(1, 0, produced as i64)?,
+        )?;
+        let [tokens, values, logprobs, generated_mask] = session.state.outputs(kept)?;
+        if use_graphs {
+            *kept_session = Some(session);
+        }
+        finish_output(
+            prompt.input_ids,
+            &tokens,
+            &values,
+            &logprobs,
+            &generated_mask,
+            kept,
+            timings,
+        )
+    }
+
     /// The backbone (its `model_type`, sizes, and forward on checked inputs).
     pub fn backbone(&self) -> &dyn CausalLm {
         self.backbone.as_ref()
@@ -386,4 +543,36 @@ impl CausalLmWithValueHead {
     fn tied_aliases(&self) -> Vec<(&'static str, &'static str)> {
         self.backbone.tied_aliases()
     }
+}
+
+/// A checked prompt, as the decode paths start from it.
+struct Prompt<'a> {
+    /// Token ids, i64 [batch, prompt] on the device.
+    input_ids: &'a Tensor,
+    /// Keys to attend, bool [batch, prompt].
+    key_mask: &'a Tensor,
+    /// Whether any key is padding.
+    padded: bool,
+    /// Position ids, i64 [batch or 1, prompt].
+    positions: &'a Tensor,
+    /// The largest position id.
+    max_position: i64,
+}
+
+/// Whether CUDA graphs can run on `device`; on a CUDA device where they cannot, says why once.
+fn graphs_available(device: Device) -> bool {
+    if !matches!(device, Device::Cuda(_)) {
+        return false;
+    }
+    if vh_cuda_graph::is_available() {
+        return true;
+    }
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    WARNED.call_once(|| {
+        log::warn!(
+            "{}; decoding over the static cache eagerly",
+            vh_cuda_graph::unavailable_reason().unwrap_or_default()
+        )
+    });
+    false
 }

@@ -18,6 +18,10 @@ pub enum Error {
     /// A load option is unknown or has an invalid value.
     #[error("invalid option: {0}")]
     InvalidOption(String),
+    /// A CUDA graph could not be replayed (a failed capture is not an error: decoding goes on
+    /// eagerly, with a warning).
+    #[error(transparent)]
+    CudaGraph(#[from] vh_cuda_graph::GraphError),
 }
 
 impl From<tch::TchError> for Error {

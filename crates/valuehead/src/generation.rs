@@ -40,6 +40,42 @@ pub struct GenerationConfig {
     pub decoder_start_token_id: Option<i64>,
     /// Seeds the sampler; the same seed gives the same output. `None` draws a random seed.
     pub seed: Option<u64>,
+    /// How often the loop reads back from the device whether every row has finished, once an
+    /// eos token can end a row: after every token (1, the default, as HF), every k tokens (k),
+    /// or never (0: the loop runs to `max_new_tokens`). The output is the same for every
+    /// choice: columns after the one where the last row finished are cut off at the end (one
+    /// read after the loop). On CUDA each read waits for the GPU, so a larger k lets the host
+    /// run ahead. No read happens while `min_new_tokens` forbids eos, so `min_new_tokens ==
+    /// max_new_tokens` never reads.
+    pub stop_check_interval: usize,
+    /// How the decode steps run (see [`Decoding`]); the tokens are the same for every choice.
+    pub decoding: Decoding,
+}
+
+/// How a causal model's decode steps run. Every choice gives the same tokens; the static
+/// cache's values and log-probabilities agree with the growing cache's up to rounding
+/// (attention sums over the preallocated length in another order), and CUDA-graph replay gives
+/// exactly the static cache's numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Decoding {
+    /// The key/value cache grows by one position per step (written in place into a reserve);
+    /// each step's shapes follow the sequence length. The default.
+    #[default]
+    Eager,
+    /// A static key/value cache sized to prompt + `max_new_tokens` from the start, written at a
+    /// device-side position, with attention over the whole length under a mask built on the
+    /// device: every step has the same shapes and reads nothing back from the device.
+    /// Greedy decoding (with eos, pad and `min_new_tokens`) of decoder-only models; sampling,
+    /// the repetition penalty, seq2seq models and dynamic-NTK rotary scaling fall back to
+    /// `Eager`, with a warning.
+    StaticCache,
+    /// `StaticCache` with the decode step (all layers, LM head at the last position, value
+    /// head, the chosen token's log-probability, the greedy choice) captured once as a CUDA
+    /// graph and replayed per token (captured once per batch size and length, reused by later
+    /// calls with the same shapes). Where graphs are unavailable (CPU, a libtorch without CUDA,
+    /// a capture that fails) the static cache runs eagerly with the same results, with a
+    /// warning (on CPU, silently).
+    CudaGraphs,
 }
 
 impl Default for GenerationConfig {
@@ -57,8 +93,67 @@ impl Default for GenerationConfig {
             pad_token_id: None,
             decoder_start_token_id: None,
             seed: None,
+            stop_check_interval: 1,
+            decoding: Decoding::Eager,
         }
     }
+}
+
+thread_local! {
+    /// Device-to-host reads made by the decode loop of this thread's last `generate`.
+    static DECODE_HOST_READS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many times the decode loop of this thread's last `generate` call read data back from
+/// the device (each read waits for every queued kernel on CUDA): the stop test and host-side
+/// sampling, counted where the loop makes them. Validation at the API boundary, before the
+/// loop, is not counted. Greedy decoding with `min_new_tokens == max_new_tokens` reads nothing;
+/// otherwise at most one read per step (plus one after the loop when `stop_check_interval` is
+/// not 1).
+pub fn last_generate_host_syncs() -> usize {
+    DECODE_HOST_READS.with(std::cell::Cell::get)
+}
+
+/// Starts counting the decode loop's device reads afresh.
+pub(crate) fn reset_host_syncs() {
+    DECODE_HOST_READS.with(|c| c.set(0));
+}
+
+/// Runs `read`, a read of device data on the host inside the decode loop, and counts it.
+pub(crate) fn host_read<T>(read: impl FnOnce() -> T) -> T {
+    DECODE_HOST_READS.with(|c| c.set(c.get() + 1));
+    read()
+}
+
+/// Whether the loop checks for finished rows after choosing token `n` (0-based), given that an
+/// eos can end a row by then.
+pub(crate) fn stop_check_due(config: &GenerationConfig, n: usize) -> bool {
+    match config.stop_check_interval {
+        0 => false,
+        k => (n + 1).is_multiple_of(k),
+    }
+}
+
+/// The generated columns up to the one where the last row finished: what HF returns when it
+/// stops as soon as every row has ended. Only needed (one device read) when the loop did not
+/// check after every token.
+pub(crate) fn trim_finished(
+    config: &GenerationConfig,
+    can_finish: bool,
+    columns: usize,
+    generated_mask: &Tensor,
+) -> Result<i64> {
+    if config.stop_check_interval == 1 || !can_finish {
+        return Ok(columns as i64);
+    }
+    let kept = host_read(|| {
+        generated_mask
+            .f_any_dim(0, false)?
+            .f_sum(Kind::Int64)?
+            .f_int64_value(&[])
+    })?;
+    // A column where no row generated follows every row's end; all columns before have one.
+    Ok(kept.max(1))
 }
 
 fn token_ids(v: &Value, key: &str) -> Result<Option<Vec<i64>>> {
@@ -383,9 +478,11 @@ pub(crate) fn process_scores(
 
 /// Draws one token per row from softmax(scores) with `rng`.
 pub(crate) fn sample(scores: &Tensor, rng: &mut ChaCha8Rng) -> Result<Tensor> {
-    let probs = scores.f_softmax(-1, Kind::Double)?.f_to_device(Device::Cpu)?;
+    let probs = scores.f_softmax(-1, Kind::Double)?;
     let (batch, vocab) = (probs.size()[0], probs.size()[1]);
-    let flat: Vec<f64> = Vec::<f64>::try_from(probs.f_reshape([-1])?).map_err(Error::from)?;
+    // The one device read of a sampled step (the draw runs on the host, seeded).
+    let flat: Vec<f64> =
+        host_read(|| Vec::<f64>::try_from(probs.f_to_device(Device::Cpu)?.f_reshape([-1])?)).map_err(Error::from)?;
     let mut picks = Vec::with_capacity(batch as usize);
     for row in flat.chunks(vocab as usize) {
         let u: f64 = rng.gen::<f64>() * row.iter().sum::<f64>();
@@ -405,6 +502,46 @@ pub(crate) fn sample(scores: &Tensor, rng: &mut ChaCha8Rng) -> Result<Tensor> {
     Ok(Tensor::f_from_slice(&picks)?.f_to_device(scores.device())?)
 }
 
+/// The token finished rows continue with, [batch] on `device` (built once, not per step);
+/// an error when eos tokens are set without a pad token.
+pub(crate) fn pad_column(config: &GenerationConfig, batch: i64, device: Device) -> Result<Option<Tensor>> {
+    let pad = config.pad();
+    if pad.is_none() && !config.eos_token_id.is_empty() {
+        return Err(Error::InvalidOption(
+            "pad_token_id is needed to continue finished rows".into(),
+        ));
+    }
+    Ok(pad
+        .map(|id| Tensor::f_full([batch], id, (Kind::Int64, device)))
+        .transpose()?)
+}
+
+/// The eos ids that can end a row, on `device`: those inside the vocabulary. Ids outside it can
+/// never be generated (HF keeps them in the config, e.g. GPT-2's 50256 on a smaller
+/// vocabulary); they are dropped with a warning.
+pub(crate) fn eos_tensor(config: &GenerationConfig, vocab: i64, device: Device) -> Result<Option<Tensor>> {
+    let eos_ids = eos_in_vocab(config, vocab);
+    if eos_ids.len() < config.eos_token_id.len() {
+        log::warn!(
+            "eos_token_id {:?} lies outside the vocabulary 0..{vocab}: those ids are never generated",
+            config.eos_token_id
+        );
+    }
+    Ok((!eos_ids.is_empty())
+        .then(|| Tensor::f_from_slice(&eos_ids).and_then(|t| t.f_to_device(device)))
+        .transpose()?)
+}
+
+/// The eos ids inside the vocabulary `0..vocab`.
+pub(crate) fn eos_in_vocab(config: &GenerationConfig, vocab: i64) -> Vec<i64> {
+    config
+        .eos_token_id
+        .iter()
+        .copied()
+        .filter(|id| (0..vocab).contains(id))
+        .collect()
+}
+
 /// The decoding loop shared by both wrappers. `step(None)` runs the model on the prompt (causal)
 /// or the decoder start (seq2seq); `step(Some(next))` feeds one new token per row [B, 1] through
 /// the caches. `seen` is what the repetition penalty looks at before any token is generated
@@ -417,38 +554,13 @@ pub(crate) fn decode_loop(
 ) -> Result<GenerateOutput> {
     let batch = seen.size()[0];
     let device = seen.device();
-    let pad = config.pad();
-    if pad.is_none() && !config.eos_token_id.is_empty() {
-        return Err(Error::InvalidOption(
-            "pad_token_id is needed to continue finished rows".into(),
-        ));
-    }
-    // The token finished rows continue with, built once rather than at every step.
-    let pad = pad
-        .map(|id| Tensor::f_full([batch], id, (Kind::Int64, device)))
-        .transpose()?;
+    let pad = pad_column(config, batch, device)?;
     let mut timings = GenerateTimings::default();
+    reset_host_syncs();
     let started = std::time::Instant::now();
     let mut out = step(None)?;
     timings.prompt = started.elapsed();
-    // End-of-sequence ids outside the vocabulary can never be generated (HF keeps them in the
-    // config, e.g. GPT-2's 50256 on a smaller vocabulary); only the others can end a row.
-    let vocab = out.logits.size()[1];
-    let eos_ids: Vec<i64> = config
-        .eos_token_id
-        .iter()
-        .copied()
-        .filter(|id| (0..vocab).contains(id))
-        .collect();
-    if eos_ids.len() < config.eos_token_id.len() {
-        log::warn!(
-            "eos_token_id {:?} lies outside the vocabulary 0..{vocab}: those ids are never generated",
-            config.eos_token_id
-        );
-    }
-    let eos = (!eos_ids.is_empty())
-        .then(|| Tensor::f_from_slice(&eos_ids).and_then(|t| t.f_to_device(device)))
-        .transpose()?;
+    let eos = eos_tensor(config, out.logits.size()[1], device)?;
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed.unwrap_or_else(rand::random));
     // The repetition penalty looks at the growing sequence at every step; otherwise the
     // sequences are assembled once at the end.
@@ -485,7 +597,11 @@ pub(crate) fn decode_loop(
         }
         if let (Some(eos), true) = (&eos, may_finish) {
             unfinished = unfinished.f_logical_and(&Tensor::f_isin(&next, eos, false, false)?.f_logical_not()?)?;
-            if unfinished.f_any()?.f_int64_value(&[])? == 0 {
+            // The stop test: the loop's one device read per step (none before min_new_tokens).
+            if n + 1 < max_new
+                && stop_check_due(config, n)
+                && host_read(|| unfinished.f_any()?.f_int64_value(&[]))? == 0
+            {
                 break;
             }
         }
@@ -496,13 +612,44 @@ pub(crate) fn decode_loop(
             timings.decode_steps += 1;
         }
     }
-    let new_tokens = Tensor::f_stack(&tokens, 1)?;
+    let generated_mask = Tensor::f_stack(&generated_mask, 1)?;
+    let can_finish = eos.is_some() && config.min_new_tokens < max_new;
+    let kept = trim_finished(config, can_finish, tokens.len(), &generated_mask)?;
+    finish_output(
+        &prompt,
+        &Tensor::f_stack(&tokens, 1)?,
+        &Tensor::f_stack(&values, 1)?,
+        &Tensor::f_stack(&logprobs, 1)?,
+        &generated_mask,
+        kept,
+        timings,
+    )
+}
+
+/// The output from the generated columns [batch, n >= kept], keeping the first `kept`.
+pub(crate) fn finish_output(
+    prompt: &Tensor,
+    tokens: &Tensor,
+    values: &Tensor,
+    logprobs: &Tensor,
+    generated_mask: &Tensor,
+    kept: i64,
+    timings: GenerateTimings,
+) -> Result<GenerateOutput> {
+    let keep = |t: &Tensor| -> Result<Tensor> {
+        Ok(if t.size()[1] == kept {
+            t.shallow_clone()
+        } else {
+            t.f_narrow(1, 0, kept)?.f_contiguous()?
+        })
+    };
+    let new_tokens = keep(tokens)?;
     Ok(GenerateOutput {
-        sequences: Tensor::f_cat(&[&prompt, &new_tokens], 1)?,
+        sequences: Tensor::f_cat(&[prompt, &new_tokens], 1)?,
         new_tokens,
-        values: Tensor::f_stack(&values, 1)?,
-        logprobs: Tensor::f_stack(&logprobs, 1)?,
-        generated_mask: Tensor::f_stack(&generated_mask, 1)?,
+        values: keep(values)?,
+        logprobs: keep(logprobs)?,
+        generated_mask: keep(generated_mask)?,
         timings,
     })
 }

@@ -86,12 +86,13 @@ pub mod options;
 pub mod reference;
 pub mod reward;
 pub mod seq2seq;
+mod static_decode;
 mod wrapper;
 
 pub use causal::{CausalLmInput, CausalLmOutput, CausalLmWithValueHead};
 pub use chat::{apply_chat_template, Message};
 pub use error::{Error, Result};
-pub use generation::{GenerateOutput, GenerateTimings, GenerationConfig};
+pub use generation::{last_generate_host_syncs, Decoding, GenerateOutput, GenerateTimings, GenerationConfig};
 pub use lora::{LoraBias, LoraConfig, PolicyAdapter, TargetModules, REWARD_ADAPTER};
 pub use options::{parse_device, parse_dtype, LoadOptions};
 pub use reference::{create_reference_model, create_seq2seq_reference_model, SharedParameters, LAYER_PATTERNS};

@@ -16,10 +16,11 @@ pub struct LoadOptions {
     /// Where the parameters live.
     pub device: Device,
     /// How causal models compute attention, as HF's `attn_implementation`: `Eager` (HF's eager
-    /// math to the bit) or `Sdpa` (PyTorch's fused kernel). `None` picks each architecture's
-    /// default from the registry (`Architecture::default_attention`, the faster one measured on
-    /// CPU with `cargo xtask bench`: eager for GPT-2, sdpa for the Llama family). T5 always runs
-    /// eager, as in HF.
+    /// math to the bit) or `Sdpa` (PyTorch's fused kernel). `None` picks the default for the
+    /// device (`Architecture::default_attention_on`): sdpa on CUDA for every causal model; on
+    /// CPU each architecture's measured default (`Architecture::default_attention`, the faster
+    /// one with `cargo xtask bench`: eager for GPT-2, sdpa for the Llama family). An explicit
+    /// choice always wins. T5 always runs eager, as in HF.
     pub attn_implementation: Option<AttnImplementation>,
     /// How to reach the Hub when loading by repo id (endpoint, token, cache, revision, offline).
     pub hub: vh_hub::HubOptions,

@@ -221,6 +221,12 @@ impl Seq2SeqLmWithValueHead {
     ) -> Result<GenerateOutput> {
         let vocab_size = self.model.vocab_size();
         config.validate(vocab_size)?;
+        if config.decoding != crate::generation::Decoding::Eager {
+            log::warn!(
+                "{:?} decoding is for decoder-only models: encoder-decoder models decode eagerly",
+                config.decoding
+            );
+        }
         let start = config
             .decoder_start_token_id
             .or(self.model.decoder_start_token_id())

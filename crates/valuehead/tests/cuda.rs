@@ -879,3 +879,192 @@ fn check_bad_input(device: Device) {
 fn bad_input_on_cuda_is_an_error() {
     check_bad_input(cuda());
 }
+
+// ---------------------------------------------------------------------------------------------
+// 6. Decoding at the GPU's speed: no host syncs in the loop, CUDA-graph replay.
+
+fn decoding(config: &GenerationConfig, decoding: valuehead::Decoding) -> GenerationConfig {
+    GenerationConfig {
+        decoding,
+        ..config.clone()
+    }
+}
+
+/// Same tokens, mask and sequences; values and log-probs within `limit` (printed exactly).
+fn compare_decodings(what: &str, a: &GenerateOutput, b: &GenerateOutput, limit: f64) {
+    assert_eq!(rows(&a.sequences), rows(&b.sequences), "{what}: sequences differ");
+    assert!(
+        a.generated_mask.equal(&b.generated_mask),
+        "{what}: generated masks differ"
+    );
+    let values = max_abs_diff(&to_cpu(&a.values), &to_cpu(&b.values));
+    let logprobs = max_abs_diff(&to_cpu(&a.logprobs), &to_cpu(&b.logprobs));
+    let bitwise = a.values.equal(&b.values) && a.logprobs.equal(&b.logprobs);
+    println!("[cuda] {what}: same tokens; values {values:.3e}, log-probs {logprobs:.3e}, bitwise equal: {bitwise}");
+    assert!(
+        values <= limit && logprobs <= limit,
+        "{what}: values {values:e} / log-probs {logprobs:e} exceed {limit:e}"
+    );
+}
+
+#[test]
+#[ignore = "needs a CUDA device: run on a GPU machine with `--ignored`"]
+fn cuda_graph_replay_matches_eager_decoding() {
+    use valuehead::Decoding;
+    let device = cuda();
+    assert!(
+        vh_cuda_graph::is_available(),
+        "CUDA graphs unavailable: {:?}",
+        vh_cuda_graph::unavailable_reason()
+    );
+    for arch in Causal::ALL {
+        let dir = tempfile::tempdir().unwrap();
+        match arch {
+            Causal::Gpt2 => write_tiny_gpt2(dir.path(), json!({"n_positions": 64})),
+            Causal::Llama => write_tiny_llama(dir.path(), json!({})),
+        }
+        for dtype in [Kind::Float, Kind::BFloat16] {
+            let model = load_causal(dir.path(), device, dtype);
+            let (ids, mask, _) = causal_batch();
+            let (ids, mask) = (ids.to_device(device), mask.to_device(device));
+            let eos = {
+                let free = tch::no_grad(|| model.generate(&ids, Some(&mask), &greedy(-1, 0))).unwrap();
+                rows(&free.new_tokens)[0][1]
+            };
+            for (label, config) in [
+                (
+                    "min=max",
+                    GenerationConfig {
+                        max_new_tokens: Some(24),
+                        min_new_tokens: 24,
+                        ..greedy(eos, 0)
+                    },
+                ),
+                (
+                    "eos",
+                    GenerationConfig {
+                        max_new_tokens: Some(24),
+                        ..greedy(eos, 0)
+                    },
+                ),
+                (
+                    "eos after 6",
+                    GenerationConfig {
+                        max_new_tokens: Some(24),
+                        min_new_tokens: 6,
+                        ..greedy(eos, 0)
+                    },
+                ),
+            ] {
+                let what = format!("{} {dtype:?} {label}", arch.name());
+                let run = |mode| tch::no_grad(|| model.generate(&ids, Some(&mask), &decoding(&config, mode))).unwrap();
+                let eager = run(Decoding::Eager);
+                let fixed = run(Decoding::StaticCache);
+                let graphs = run(Decoding::CudaGraphs);
+                // The second call with the same shapes replays the graph the first captured.
+                let replayed = run(Decoding::CudaGraphs);
+                for t in [&graphs.new_tokens, &graphs.values, &graphs.logprobs] {
+                    assert_on(t, device, "graph output");
+                }
+                // The same kernels on the same data: identical in f32; in bf16 the tokens must be
+                // identical and the values / log-probs are reported (bitwise or not).
+                let limit = if dtype == Kind::Float { 1e-6 } else { 5e-2 };
+                compare_decodings(&format!("{what}: graph vs eager static cache"), &graphs, &fixed, limit);
+                compare_decodings(&format!("{what}: graph replayed again"), &replayed, &graphs, 0.0);
+                if dtype == Kind::Float {
+                    compare_decodings(&format!("{what}: graph vs growing cache"), &graphs, &eager, TOLERANCE);
+                } else {
+                    // bf16 rounds differently over the longer key range: report, and require the
+                    // same first tokens only.
+                    let (a, b) = (rows(&graphs.new_tokens), rows(&eager.new_tokens));
+                    let same = a
+                        .iter()
+                        .zip(&b)
+                        .map(|(x, y)| x.iter().zip(y).take_while(|(p, q)| p == q).count())
+                        .min();
+                    println!(
+                        "[cuda] {what}: graph vs growing cache, tokens equal for the first {same:?} of {}",
+                        a[0].len()
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device: run on a GPU machine with `--ignored`"]
+fn decode_loop_never_syncs_with_min_equal_to_max_on_cuda() {
+    use valuehead::Decoding;
+    let device = cuda();
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_llama(dir.path(), json!({}));
+    let model = load_causal(dir.path(), device, Kind::Float);
+    let (ids, mask, _) = causal_batch();
+    let (ids, mask) = (ids.to_device(device), mask.to_device(device));
+    for mode in [Decoding::Eager, Decoding::StaticCache, Decoding::CudaGraphs] {
+        let config = GenerationConfig {
+            max_new_tokens: Some(16),
+            min_new_tokens: 16,
+            decoding: mode,
+            ..greedy(2, 0)
+        };
+        tch::no_grad(|| model.generate(&ids, Some(&mask), &config)).unwrap();
+        let syncs = valuehead::last_generate_host_syncs();
+        println!("[cuda] {mode:?}, min == max: {syncs} host reads in the decode loop");
+        assert_eq!(syncs, 0, "{mode:?}");
+        let config = GenerationConfig {
+            min_new_tokens: 0,
+            ..config
+        };
+        let out = tch::no_grad(|| model.generate(&ids, Some(&mask), &config)).unwrap();
+        let syncs = valuehead::last_generate_host_syncs();
+        println!(
+            "[cuda] {mode:?}, eos may end rows: {syncs} host reads for {} tokens",
+            out.new_tokens.size()[1]
+        );
+        assert!(syncs <= out.new_tokens.size()[1] as usize, "{mode:?}");
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device: run on a GPU machine with `--ignored`"]
+fn decode_step_time_against_layer_count() {
+    use valuehead::Decoding;
+    let device = cuda();
+    let new_tokens = 64usize;
+    let ids = Tensor::from_slice2(&[[5i64, 9, 13, 21, 3, 7, 11, 17]]).to_device(device);
+    for layers in [2i64, 8, 24] {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny_gpt2(
+            dir.path(),
+            json!({"n_layer": layers, "n_embd": 256, "n_head": 4, "n_positions": 128, "vocab_size": 512}),
+        );
+        let model = load_causal(dir.path(), device, Kind::Float);
+        let mut cells = Vec::new();
+        for mode in [Decoding::Eager, Decoding::CudaGraphs] {
+            let config = GenerationConfig {
+                max_new_tokens: Some(new_tokens),
+                min_new_tokens: new_tokens,
+                decoding: mode,
+                ..GenerationConfig::default()
+            };
+            // Warm-up (and, for graphs, the capture), then the median of 5.
+            tch::no_grad(|| model.generate(&ids, None, &config)).unwrap();
+            let mut times = Vec::new();
+            for _ in 0..5 {
+                vh_cuda_graph::synchronize(0).unwrap();
+                let started = std::time::Instant::now();
+                tch::no_grad(|| model.generate(&ids, None, &config)).unwrap();
+                vh_cuda_graph::synchronize(0).unwrap();
+                times.push(started.elapsed().as_secs_f64() * 1e3 / new_tokens as f64);
+            }
+            times.sort_by(f64::total_cmp);
+            cells.push(format!("{mode:?} {:.3} ms/token", times[2]));
+        }
+        println!(
+            "[cuda] GPT-2 width 256, {layers:>2} layers, batch 1: {}",
+            cells.join(", ")
+        );
+    }
+}

@@ -338,7 +338,10 @@ fn reward_adapter_scores_match_trl() {
     let values_err = masked_max_abs_diff(&before.values, &expected["values"], mask);
     println!("reward adapter: scores {score_err:.2e}, policy logits {logits_err:.2e}, values {values_err:.2e}");
     assert!(score_err <= TOLERANCE && logits_err <= TOLERANCE && values_err <= TOLERANCE);
-    assert!(before.logits.equal(&after.logits), "scoring leaves the policy as it was");
+    assert!(
+        before.logits.equal(&after.logits),
+        "scoring leaves the policy as it was"
+    );
     assert_eq!(scores.size(), vec![3, 10, 1]);
     // The reward adapter is frozen; the policy adapter and value head train.
     let vars = model.var_store().variables();
@@ -351,9 +354,15 @@ fn reward_adapter_scores_match_trl() {
     // Saving writes the policy adapter only, as TRL.
     let saved = root.join("ours-reward-policy");
     model.save_pretrained(&saved, None).unwrap();
-    let keys: Vec<String> = read_tensors(&saved.join("adapter_model.safetensors")).into_keys().collect();
-    assert!(!keys.is_empty() && keys.iter().all(|k| !k.contains("reward")), "{keys:?}");
+    let keys: Vec<String> = read_tensors(&saved.join("adapter_model.safetensors"))
+        .into_keys()
+        .collect();
+    assert!(
+        !keys.is_empty() && keys.iter().all(|k| !k.contains("reward")),
+        "{keys:?}"
+    );
     // Without a reward adapter, scoring is a typed error.
-    let plain = CausalLmWithValueHead::from_folder_with_adapter(dir.join("base"), dir.join("policy"), &eager()).unwrap();
+    let plain =
+        CausalLmWithValueHead::from_folder_with_adapter(dir.join("base"), dir.join("policy"), &eager()).unwrap();
     assert!(plain.compute_reward_score(ids, Some(mask)).is_err());
 }

@@ -19,6 +19,12 @@ struct Reserve {
 }
 
 /// One attention layer's cached keys and values, each [batch, heads, seq, head_dim].
+///
+/// A *static* layer cache (see [`Cache::to_static`]) holds buffers of a fixed length: `keys`
+/// and `values` are the whole buffers, a step writes its one new position at the device-side
+/// index `slot`, and attention runs over the whole length, the positions after `slot` hidden by
+/// the mask (see [`crate::inputs::StaticKeys`]). Its shapes never change, so a decode step over it
+/// reads nothing from the host and can be captured as a CUDA graph.
 #[derive(Debug)]
 pub struct LayerCache {
     /// Cached keys.
@@ -26,6 +32,9 @@ pub struct LayerCache {
     /// Cached values.
     pub values: Tensor,
     reserve: Option<Reserve>,
+    /// For a static cache: the index (i64 [1], on the cache's device) where the next position
+    /// is written.
+    slot: Option<Tensor>,
 }
 
 impl LayerCache {
@@ -35,7 +44,25 @@ impl LayerCache {
             keys,
             values,
             reserve: None,
+            slot: None,
         }
+    }
+
+    /// A static cache over the buffers `keys` and `values` [batch, heads, capacity, head_dim],
+    /// writing the next position at `slot` (i64 [1] on their device; shared, so the caller
+    /// moves it between steps).
+    pub fn new_static(keys: Tensor, values: Tensor, slot: &Tensor) -> Self {
+        Self {
+            keys,
+            values,
+            reserve: None,
+            slot: Some(slot.shallow_clone()),
+        }
+    }
+
+    /// Whether this is a static cache (fixed-length buffers written at a device-side index).
+    pub fn is_static(&self) -> bool {
+        self.slot.is_some()
     }
 
     /// A cheap copy sharing storage.
@@ -48,6 +75,7 @@ impl LayerCache {
                 values: r.values.shallow_clone(),
                 filled: r.filled.clone(),
             }),
+            slot: self.slot.as_ref().map(Tensor::shallow_clone),
         }
     }
 
@@ -78,12 +106,27 @@ impl LayerCache {
                 values: values_buffer,
                 filled: Arc::new(AtomicI64::new(len)),
             }),
+            slot: None,
         })
     }
 
     /// This cache followed by `keys` and `values` [batch, heads, new, head_dim]: written in place
     /// when the reserve has room and this is its newest cache, else concatenated into new tensors.
+    ///
+    /// A static cache writes one new position in place at its slot (no host read, no new
+    /// tensor) and returns itself: attention then runs over the whole buffer.
     pub fn append(&self, keys: &Tensor, values: &Tensor) -> Result<LayerCache> {
+        if let Some(slot) = &self.slot {
+            if keys.size()[2] != 1 {
+                return Err(vh_core::error::invalid(format!(
+                    "a static cache takes one new position per pass, got {}",
+                    keys.size()[2]
+                )));
+            }
+            let _ = self.keys.shallow_clone().f_index_copy_(2, slot, keys)?;
+            let _ = self.values.shallow_clone().f_index_copy_(2, slot, values)?;
+            return Ok(self.shallow_clone());
+        }
         let (len, new) = (self.seq_len(), keys.size()[2]);
         if let Some(r) = &self.reserve {
             let fits = len + new <= r.keys.size()[2];
@@ -102,6 +145,7 @@ impl LayerCache {
                         values: r.values.shallow_clone(),
                         filled: r.filled.clone(),
                     }),
+                    slot: None,
                 });
             }
         }
@@ -151,6 +195,56 @@ impl Cache {
             .map(|l| (l.keys.numel() + l.values.numel()) * l.keys.kind().elt_size_in_bytes())
             .sum();
         total as i64 / len
+    }
+
+    /// A static cache (see [`LayerCache`]) of `capacity` positions per layer holding this
+    /// cache's positions first and zeros after them (zeros, not garbage: hidden positions get
+    /// weight 0, and 0 times a NaN would still poison the sum), writing the next position at
+    /// `slot` (i64 [1] on the cache's device, which the caller sets and moves).
+    pub fn to_static(&self, capacity: i64, slot: &Tensor) -> Result<Cache> {
+        let buffer = |t: &Tensor| -> Result<Tensor> {
+            let mut size = t.size();
+            size[2] = capacity.max(size[2]);
+            Ok(Tensor::f_zeros(size.as_slice(), (t.kind(), t.device()))?)
+        };
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                let layer = LayerCache::new_static(buffer(&l.keys)?, buffer(&l.values)?, slot);
+                Ok(layer)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let cache = Cache { layers };
+        cache.fill_static(self)?;
+        Ok(cache)
+    }
+
+    /// Refills a static cache in place (its buffers keep their addresses, as a captured CUDA
+    /// graph needs) with `prefix`'s positions first and zeros after them.
+    pub fn fill_static(&self, prefix: &Cache) -> Result<()> {
+        if prefix.layers.len() != self.layers.len() {
+            return Err(vh_core::error::invalid(format!(
+                "the prefix has {} layers, the static cache {}",
+                prefix.layers.len(),
+                self.layers.len()
+            )));
+        }
+        for (buffer, layer) in self.layers.iter().zip(&prefix.layers) {
+            let len = layer.seq_len();
+            for (full, part) in [(&buffer.keys, &layer.keys), (&buffer.values, &layer.values)] {
+                if full.size()[2] < len || full.size()[..2] != part.size()[..2] {
+                    return Err(vh_core::error::invalid(format!(
+                        "a cache of shape {:?} does not fit a static cache of shape {:?}",
+                        part.size(),
+                        full.size()
+                    )));
+                }
+                let _ = full.shallow_clone().f_zero_()?;
+                full.f_narrow(2, 0, len)?.f_copy_(part)?;
+            }
+        }
+        Ok(())
     }
 
     /// The same cache with room for `capacity` positions per layer, so that incremental passes

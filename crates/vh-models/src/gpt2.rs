@@ -2,7 +2,7 @@
 //! (`transformer.h.0.attn.c_attn.weight`, ...), Conv1D weights stored [in, out].
 
 use crate::activation::Activation;
-use crate::attention::{AttentionSpec, AttnImplementation, MaskSpec, ScoreOp, SoftmaxPrecision};
+use crate::attention::{AttentionSpec, AttnImplementation, ScoreOp, SoftmaxPrecision};
 use crate::cache::{Cache, LayerCache};
 use crate::inputs::{prepare_causal, CausalInputs, CausalLimits};
 use crate::layers::{merge_heads, split_heads, Conv1D, LayerNorm};
@@ -414,23 +414,10 @@ impl Gpt2Model {
     /// Runs the transformer on checked inputs.
     pub fn forward_prepared(&self, inputs: &CausalInputs<'_>, train: bool) -> Result<Gpt2Output> {
         let device = self.wte.device();
-        let (batch, new_len, past_len) = (inputs.batch, inputs.new_len, inputs.past_len);
-        let (input_ids, key_mask, position_ids, past) =
-            (&inputs.input_ids, &inputs.key_mask, &inputs.position_ids, inputs.past);
+        let (input_ids, position_ids, past) = (&inputs.input_ids, &inputs.position_ids, inputs.past);
         // -inf for future keys: HF's causal fill plus its padding mask (see causal_attention_bias).
         // Without padding the layers apply the causal rule themselves.
-        let bias = match key_mask {
-            Some(mask) => MaskSpec {
-                key_mask: Some(mask),
-                batch,
-                new_len,
-                past_len,
-                future: f64::NEG_INFINITY,
-                sliding_window: None,
-            }
-            .bias(self.wte.kind(), device)?,
-            None => None,
-        };
+        let bias = inputs.attention_bias(self.wte.kind(), device, f64::NEG_INFINITY)?;
 
         let tokens = Tensor::f_embedding(&self.wte, input_ids, -1, false, false)?;
         let positions = Tensor::f_embedding(&self.wpe, position_ids, -1, false, false)?;
@@ -595,6 +582,10 @@ impl CausalLm for Gpt2LmHeadModel {
         }
     }
 
+    fn supports_static_decode(&self) -> bool {
+        true
+    }
+
     fn is_lookup_only(&self, name: &str) -> bool {
         let head_reads_wte = self.tied && self.lm_head.is_some();
         name == "transformer.wpe.weight" || (!head_reads_wte && name == "transformer.wte.weight")
@@ -617,7 +608,9 @@ pub const ARCHITECTURE: Architecture = Architecture {
 
 fn build(vs: nn::Path, config: &serde_json::Value, options: &BuildOptions) -> Result<Box<dyn CausalLm>> {
     let mut cfg = Gpt2Config::from_json(config)?;
-    cfg.attn_implementation = options.attn_implementation.unwrap_or(ARCHITECTURE.default_attention);
+    cfg.attn_implementation = options
+        .attn_implementation
+        .unwrap_or_else(|| ARCHITECTURE.default_attention_on(vs.device()));
     Ok(Box::new(Gpt2LmHeadModel::with_head(
         vs,
         &cfg,

@@ -1,11 +1,12 @@
 //! Checking and preparing the inputs of a decoder-only forward pass, written once for every
 //! causal architecture: token ids, the cache, the attention mask and the position ids.
 
-use crate::attention::drop_full_mask;
+use crate::attention::{drop_full_mask, MaskSpec};
 use crate::cache::Cache;
 use tch::{Device, Kind, Tensor};
 use vh_core::error::invalid;
-use vh_core::tensor::{attention_mask_to_bool, check_input_ids, expect_integer, expect_shape, int_range};
+use vh_core::ops::ScalarOps;
+use vh_core::tensor::{attention_mask_to_bool, check_input_ids, expect_integer, expect_shape, int_range, min_value};
 use vh_core::{Error, Result};
 
 /// What an architecture allows: its vocabulary, its layers and, for learned absolute position
@@ -39,18 +40,67 @@ pub struct CausalInputs<'a> {
     pub key_mask: Option<Tensor>,
     /// Position ids, i64 [batch or 1, new] on the device.
     pub position_ids: Tensor,
-    /// The largest position id.
+    /// The largest position id (dynamic rotary scaling reads it; a static step's graph
+    /// would bake it in, which is why such models do not decode over a static cache).
     pub max_position: i64,
     /// Whether the caller passed `position_ids` (false: the default `past..past + new`). Models
     /// whose HF forward derives default positions otherwise (OPT numbers them from the mask) read
     /// it to tell the two apart.
     pub explicit_positions: bool,
+    /// A decode step over a static cache (`past` is one, see [`crate::Cache::to_static`]): which
+    /// of its keys the new token sees. `None` for every other pass.
+    pub static_keys: Option<StaticKeys>,
+}
+
+/// What a one-token step over a static cache of `capacity` positions sees, known on the device
+/// only: the keys up to and including `slot` (where the step writes its own), less the padding.
+#[derive(Debug)]
+pub struct StaticKeys {
+    /// The cache index of the new token, i64 [1] on the device.
+    pub slot: Tensor,
+    /// Keys that are not padding, bool [batch, capacity] on the device; `None` when nothing is
+    /// padded.
+    pub key_mask: Option<Tensor>,
+    /// Positions in the static cache.
+    pub capacity: i64,
 }
 
 impl CausalInputs<'_> {
     /// Cached plus new positions.
     pub fn total_len(&self) -> i64 {
         self.past_len + self.new_len
+    }
+
+    /// The additive attention bias of this pass, shared by every layer: `None` when nothing is
+    /// hidden (no padding, and the layers apply the causal rule themselves); else [B or 1, 1,
+    /// new, keys] with `future` on keys after each query and the kind's minimum on padding (see
+    /// [`MaskSpec`]). A static step hides the keys after its slot the same way, built on the
+    /// device from the slot, so its shape never changes.
+    pub fn attention_bias(&self, kind: Kind, device: Device, future: f64) -> Result<Option<Tensor>> {
+        if let Some(keys) = &self.static_keys {
+            let index = Tensor::f_arange(keys.capacity, (Kind::Int64, device))?;
+            let in_future = index.f_gt_tensor(&keys.slot)?.f_view([1, 1, 1, keys.capacity])?;
+            let bias = match &keys.key_mask {
+                Some(mask) => Tensor::f_zeros([self.batch, 1, 1, keys.capacity], (kind, device))?.s_masked_fill(
+                    &mask.f_logical_not()?.f_view([self.batch, 1, 1, keys.capacity])?,
+                    min_value(kind),
+                )?,
+                None => Tensor::f_zeros([1, 1, 1, keys.capacity], (kind, device))?,
+            };
+            return Ok(Some(bias.s_masked_fill(&in_future, future)?));
+        }
+        match &self.key_mask {
+            Some(mask) => MaskSpec {
+                key_mask: Some(mask),
+                batch: self.batch,
+                new_len: self.new_len,
+                past_len: self.past_len,
+                future,
+                sliding_window: None,
+            }
+            .bias(kind, device),
+            None => Ok(None),
+        }
     }
 }
 
@@ -135,5 +185,6 @@ pub fn prepare_causal<'a>(
         position_ids,
         max_position,
         explicit_positions: position_ids_given,
+        static_keys: None,
     })
 }

@@ -4,7 +4,7 @@
 //! (`model.layers.0.self_attn.q_proj.weight`, ...).
 
 use crate::activation::Activation;
-use crate::attention::{AttentionSpec, AttnImplementation, MaskSpec, ScoreOp, SoftmaxPrecision};
+use crate::attention::{AttentionSpec, AttnImplementation, ScoreOp, SoftmaxPrecision};
 use crate::cache::{Cache, LayerCache};
 use crate::inputs::{prepare_causal, CausalInputs, CausalLimits};
 use crate::layers::{merge_heads, split_heads, GatedMlp, Linear, RmsNorm, RmsNormStyle};
@@ -639,24 +639,12 @@ impl CausalLm for LlamaForCausalLM {
     fn forward_hidden(&self, inputs: &CausalInputs<'_>, train: bool) -> Result<(Tensor, Cache)> {
         let device = self.embed_tokens.device();
         let kind = self.embed_tokens.kind();
-        let (batch, new_len, past_len) = (inputs.batch, inputs.new_len, inputs.past_len);
         let (position_ids, max_position, past) = (&inputs.position_ids, inputs.max_position, inputs.past);
         let (cos, sin) = self.rotary.cos_sin(position_ids, max_position, kind)?;
 
         // HF's eager mask: the dtype's minimum wherever a key is in the future or padding.
         // Without padding the layers apply the causal rule themselves.
-        let bias = match &inputs.key_mask {
-            Some(mask) => MaskSpec {
-                key_mask: Some(mask),
-                batch,
-                new_len,
-                past_len,
-                future: min_value(kind),
-                sliding_window: None,
-            }
-            .bias(kind, device)?,
-            None => None,
-        };
+        let bias = inputs.attention_bias(kind, device, min_value(kind))?;
 
         let mut h = Tensor::f_embedding(&self.embed_tokens, &inputs.input_ids, self.padding_idx(), false, false)?;
         let mut layers = Vec::with_capacity(self.layers.len());
@@ -682,6 +670,10 @@ impl CausalLm for LlamaForCausalLM {
         } else {
             vec![]
         }
+    }
+
+    fn supports_static_decode(&self) -> bool {
+        !matches!(self.cfg.rope_scaling, RopeScaling::Dynamic { .. })
     }
 
     fn is_lookup_only(&self, name: &str) -> bool {
@@ -715,7 +707,9 @@ fn build(vs: nn::Path, config: &Value, options: &BuildOptions) -> Result<Box<dyn
         LlamaFlavour::Llama => ARCHITECTURE,
         LlamaFlavour::Qwen2 => QWEN2_ARCHITECTURE,
     };
-    cfg.attn_implementation = options.attn_implementation.unwrap_or(entry.default_attention);
+    cfg.attn_implementation = options
+        .attn_implementation
+        .unwrap_or_else(|| entry.default_attention_on(vs.device()));
     Ok(Box::new(LlamaForCausalLM::with_head(
         vs,
         &cfg,

@@ -144,6 +144,14 @@ struct GenerateArgs {
     /// Seed of the sampler.
     #[arg(long)]
     seed: Option<u64>,
+    /// How decode steps run: `eager` (growing cache), `static` (static cache) or `graphs`
+    /// (static cache replayed as a CUDA graph; elsewhere as `static`). Same tokens for all.
+    #[arg(long, default_value = "eager", value_parser = parse_decoding)]
+    decoding: valuehead::Decoding,
+    /// Check whether every row has finished every this many tokens (0 = never; each check waits
+    /// for the GPU). The output is the same.
+    #[arg(long, default_value_t = 1)]
+    stop_check_interval: usize,
     /// Write `sequences` (i64), `values` and `logprobs` (f32, per generated token) and
     /// `generated_mask` (bool) to this safetensors file.
     #[arg(long)]
@@ -328,6 +336,8 @@ fn generate(args: &GenerateArgs) -> Result<()> {
     config.top_p = args.top_p.unwrap_or(config.top_p);
     config.repetition_penalty = args.repetition_penalty.unwrap_or(config.repetition_penalty);
     config.seed = args.seed.or(config.seed);
+    config.decoding = args.decoding;
+    config.stop_check_interval = args.stop_check_interval;
     let start = std::time::Instant::now();
     let out =
         tch::no_grad(|| vh.generate_from(&input_ids, attention_mask.as_ref(), decoder_input_ids.as_ref(), &config))?;
@@ -446,5 +456,15 @@ fn main() -> Result<()> {
             revision,
             message,
         } => push(model, repo_id, *private, revision.clone(), message.clone()),
+    }
+}
+
+/// Parses `--decoding`.
+fn parse_decoding(name: &str) -> std::result::Result<valuehead::Decoding, String> {
+    match name {
+        "eager" => Ok(valuehead::Decoding::Eager),
+        "static" => Ok(valuehead::Decoding::StaticCache),
+        "graphs" => Ok(valuehead::Decoding::CudaGraphs),
+        other => Err(format!("unknown decoding `{other}` (expected eager, static or graphs)")),
     }
 }
