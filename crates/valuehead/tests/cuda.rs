@@ -146,9 +146,37 @@ const PROMPT: i64 = 4;
 fn check_causal_forward(arch: Causal, device: Device) {
     let dir = tempfile::tempdir().unwrap();
     arch.write(dir.path());
-    let cpu = load_causal(dir.path(), Device::Cpu, Kind::Float);
-    let gpu = load_causal(dir.path(), device, Kind::Float);
+    // The same attention on both devices: the defaults differ (sdpa on CUDA, the CPU's measured
+    // choice on CPU), and GPT-2's sdpa and eager read different logits at left-padded positions,
+    // which the loss reads (HF's own eager/sdpa disagreement, docs/parity.md).
+    let eager = |device| LoadOptions {
+        attn_implementation: Some(valuehead::AttnImplementation::Eager),
+        ..options(device, Kind::Float)
+    };
+    let cpu = CausalLmWithValueHead::from_folder(dir.path(), &eager(Device::Cpu)).unwrap();
+    let gpu = CausalLmWithValueHead::from_folder(dir.path(), &eager(device)).unwrap();
     assert_parameters_on(gpu.var_store(), device, arch.name());
+    // The CUDA default (sdpa) agrees with the CPU wherever a row attends.
+    {
+        let default_gpu = load_causal(dir.path(), device, Kind::Float);
+        let (ids, mask, _) = causal_batch();
+        let a = tch::no_grad(|| cpu.forward(&ids, Some(&mask), None, None)).unwrap();
+        let b = tch::no_grad(|| default_gpu.forward(&ids.to_device(device), Some(&mask.to_device(device)), None, None))
+            .unwrap();
+        let err = masked_max_abs_diff(&to_cpu(&b.logits), &a.logits, &mask).max(masked_max_abs_diff(
+            &to_cpu(&b.values),
+            &a.values,
+            &mask,
+        ));
+        assert_within(
+            &format!(
+                "{} default attention on {device:?} vs CPU eager (attended positions)",
+                arch.name()
+            ),
+            &[("logits+values", err)],
+            1e-4,
+        );
+    }
     let (ids, mask, labels) = causal_batch();
     let expected = tch::no_grad(|| cpu.forward(&ids, Some(&mask), None, Some(&labels))).unwrap();
     // Inputs already on the device, as a caller on CUDA would pass them.
