@@ -126,7 +126,7 @@ fn bad_input_fails_with_a_clear_message() {
 
     // A reward model whose tokenizer has another vocabulary.
     let rm = tmp.path().join("rm");
-    common::write_tiny_gpt2(&rm, serde_json::json!({"n_embd": 32, "pad_token_id": 0}));
+    common::write_tiny_gpt2(&rm, serde_json::json!({"n_embd": 32, "pad_token_id": 0, "architectures": ["GPT2ForSequenceClassification"]}));
     common::write_word_tokenizer(&rm, 49);
     let mut args = base_args(&model, &prompts, &out);
     let i = args.iter().position(|a| a == "--reward-word").unwrap();

@@ -33,7 +33,7 @@ fn target_share() -> Reward {
 
 fn config(steps: usize) -> PpoConfig {
     PpoConfig {
-        learning_rate: 3e-3,
+        learning_rate: 1e-2,
         per_device_train_batch_size: 4,
         gradient_accumulation_steps: 2,
         num_mini_batches: 2,
@@ -42,6 +42,7 @@ fn config(steps: usize) -> PpoConfig {
         response_length: 8,
         temperature: 1.0,
         max_grad_norm: Some(1.0),
+        kl_coef: 0.02,
         seed: 7,
         ..Default::default()
     }
@@ -84,9 +85,11 @@ fn ppo_learns_a_token_reward_on_a_tiny_model() {
     // A random tiny model says the target about 1 time in 50; the trained one most of the time.
     assert!(before < 0.15, "the untrained share {before} is already high: the test proves nothing");
     assert!(after > before + 0.3, "the reward did not rise: {before:.3} -> {after:.3}");
-    // The KL penalty keeps the policy near the reference: the summed per-token KL (8 tokens)
-    // stays bounded.
-    assert!(max_kl < 16.0, "objective/kl reached {max_kl}");
+    // The KL penalty keeps the policy near the reference: the summed per-token KL stays well
+    // below that of a policy collapsed onto the target (8 tokens x ln 50, the reference giving
+    // the target about 1/50), which the reward alone would drive it to.
+    let collapsed = 8.0 * 50f64.ln();
+    assert!(max_kl < 0.75 * collapsed, "objective/kl reached {max_kl} (collapse: {collapsed:.1})");
     assert_eq!(stats[0].episode, 8.0);
     assert!(stats[0].lr > stats[29].lr, "the learning rate decays linearly");
 }
@@ -161,7 +164,7 @@ fn bad_inputs_are_refused_before_any_work() {
 
     // A reward model that reads another vocabulary.
     let rm_dir = tmp.path().join("rm");
-    common::write_tiny_gpt2(&rm_dir, serde_json::json!({"vocab_size": 60, "n_embd": 32, "pad_token_id": 0}));
+    common::write_tiny_gpt2(&rm_dir, serde_json::json!({"vocab_size": 60, "n_embd": 32, "pad_token_id": 0, "num_labels": 1, "architectures": ["GPT2ForSequenceClassification"]}));
     let mut tensors = vh_hub::read_safetensors(&rm_dir.join("model.safetensors")).unwrap();
     tensors.retain(|(n, _)| !n.starts_with("v_head."));
     tensors.push(("score.weight".into(), tch::Tensor::zeros([1, 32], (tch::Kind::Float, tch::Device::Cpu))));

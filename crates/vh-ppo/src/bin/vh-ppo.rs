@@ -57,7 +57,8 @@ struct Args {
     /// Format each prompt as a user message with the model's chat template.
     #[arg(long)]
     chat: bool,
-    /// Rollouts per iteration (per_device_train_batch_size).
+    /// Rollouts per iteration (TRL's batch_size; each mini-batch is one micro-batch of
+    /// batch_size / num_mini_batches).
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
     /// Tokens generated per reply.
@@ -200,9 +201,17 @@ fn main() -> Result<()> {
             let prompts = read_prompts(prompts_path)?;
             let prompts = encode_prompts(model_dir, &tokenizer, &prompts, args.chat)?;
             let reward = reward(&args, &tokenizer)?;
+            // Each mini-batch is one micro-batch; sizes that do not divide are left for
+            // `batch_sizes` to report in TRL's words.
+            let (per_device, accumulation) = if args.num_mini_batches > 0 && args.batch_size % args.num_mini_batches == 0 {
+                (args.batch_size / args.num_mini_batches, args.num_mini_batches)
+            } else {
+                (args.batch_size, 1)
+            };
             let config = PpoConfig {
                 learning_rate: args.learning_rate,
-                per_device_train_batch_size: args.batch_size,
+                per_device_train_batch_size: per_device,
+                gradient_accumulation_steps: accumulation,
                 num_mini_batches: args.num_mini_batches,
                 num_ppo_epochs: args.num_ppo_epochs,
                 total_episodes: Some(args.steps * args.batch_size),
