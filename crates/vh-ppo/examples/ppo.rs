@@ -85,7 +85,9 @@ fn greedy_replies(
 
 fn decode(tokenizer: &tokenizers::Tokenizer, ids: &[i64]) -> Result<String> {
     let ids: Vec<u32> = ids.iter().map(|&t| t as u32).collect();
-    tokenizer.decode(&ids, true).map_err(|e| anyhow::anyhow!("decoding: {e}"))
+    tokenizer
+        .decode(&ids, true)
+        .map_err(|e| anyhow::anyhow!("decoding: {e}"))
 }
 
 /// A two-panel SVG: the mean score (top) and the KL to the reference (bottom) per iteration.
@@ -122,7 +124,11 @@ fn write_svg(path: &Path, scores: &[f64], kls: &[f64]) -> Result<()> {
                 y(v) + 4.0
             );
         }
-        let points: Vec<String> = values.iter().enumerate().map(|(k, &v)| format!("{:.1},{:.1}", x(k), y(v))).collect();
+        let points: Vec<String> = values
+            .iter()
+            .enumerate()
+            .map(|(k, &v)| format!("{:.1},{:.1}", x(k), y(v)))
+            .collect();
         svg += &format!(
             "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{}\"/>\n",
             points.join(" ")
@@ -140,7 +146,12 @@ fn write_svg(path: &Path, scores: &[f64], kls: &[f64]) -> Result<()> {
 fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("error")).init();
     let mut args = std::env::args().skip(1);
-    let steps: usize = args.next().map(|s| s.parse()).transpose().context("the number of iterations")?.unwrap_or(24);
+    let steps: usize = args
+        .next()
+        .map(|s| s.parse())
+        .transpose()
+        .context("the number of iterations")?
+        .unwrap_or(24);
     let out = PathBuf::from(args.next().unwrap_or_else(|| "target/ppo-example".into()));
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let model_dir = root.join(".models/smollm2-135m-instruct");
@@ -155,7 +166,9 @@ fn main() -> Result<()> {
     let mut prompts = Vec::new();
     for p in PROMPTS {
         let text = valuehead::apply_chat_template(&model_dir, &[Message::user(p)], true)?;
-        let enc = tokenizer.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("encoding: {e}"))?;
+        let enc = tokenizer
+            .encode(text.as_str(), false)
+            .map_err(|e| anyhow::anyhow!("encoding: {e}"))?;
         prompts.push(enc.get_ids().iter().map(|&t| i64::from(t)).collect::<Vec<_>>());
     }
     // A fresh value head (the checkpoint has none): the critic starts from scratch, as in TRL.
@@ -239,14 +252,24 @@ fn main() -> Result<()> {
     write_svg(&out.join("curve.svg"), &scores, &kls)?;
     let saved = out.join("model");
     trainer.policy().save_pretrained(&saved, None)?;
-    for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"] {
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+    ] {
         if model_dir.join(f).exists() {
             std::fs::copy(model_dir.join(f), saved.join(f))?;
         }
     }
     let greedy = serde_json::json!({"prompts": shown, "replies": after, "max_new_tokens": 48, "eos_token_id": IM_END, "pad_token_id": PAD});
     std::fs::write(out.join("greedy.json"), serde_json::to_vec_pretty(&greedy)?)?;
-    println!("wrote {}, {}, {}/ and greedy.json", stats_path.display(), out.join("curve.svg").display(), saved.display());
+    println!(
+        "wrote {}, {}, {}/ and greedy.json",
+        stats_path.display(),
+        out.join("curve.svg").display(),
+        saved.display()
+    );
 
     let python = root.join(".venv/bin/python");
     if python.exists() {
@@ -257,10 +280,17 @@ fn main() -> Result<()> {
             .env("TRANSFORMERS_VERBOSITY", "error")
             .status()?;
         if !status.success() {
-            bail!("Python TRL did not reproduce our greedy replies from {}", saved.display());
+            bail!(
+                "Python TRL did not reproduce our greedy replies from {}",
+                saved.display()
+            );
         }
     } else {
-        println!("(no .venv: run `python python/ppo_check.py {} {}` to check with TRL)", saved.display(), out.join("greedy.json").display());
+        println!(
+            "(no .venv: run `python python/ppo_check.py {} {}` to check with TRL)",
+            saved.display(),
+            out.join("greedy.json").display()
+        );
     }
     Ok(())
 }

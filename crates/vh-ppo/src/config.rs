@@ -157,7 +157,9 @@ impl PpoConfig {
             None => (self.num_train_epochs * num_prompts as f64) as usize,
         };
         if total_episodes == 0 {
-            return Err(PpoError::Config("total_episodes is 0: there is nothing to train".into()));
+            return Err(PpoError::Config(
+                "total_episodes is 0: there is nothing to train".into(),
+            ));
         }
         Ok(BatchSizes {
             batch_size,
@@ -206,7 +208,9 @@ impl PpoConfig {
         }
         if let Some(m) = self.max_grad_norm {
             if !(m.is_finite() && m > 0.0) {
-                return Err(PpoError::Config(format!("max_grad_norm must be finite and > 0, got {m}")));
+                return Err(PpoError::Config(format!(
+                    "max_grad_norm must be finite and > 0, got {m}"
+                )));
             }
         }
         Ok(())
@@ -243,7 +247,10 @@ mod tests {
     #[test]
     fn defaults_are_trls_and_sizes_divide() {
         let c = PpoConfig::default();
-        assert_eq!((c.learning_rate, c.per_device_train_batch_size, c.num_ppo_epochs), (5e-5, 8, 4));
+        assert_eq!(
+            (c.learning_rate, c.per_device_train_batch_size, c.num_ppo_epochs),
+            (5e-5, 8, 4)
+        );
         assert_eq!((c.response_length, c.temperature, c.seed), (53, 0.7, 42));
         let s = c.batch_sizes(100).unwrap();
         assert_eq!((s.batch_size, s.mini_batch_size, s.num_total_batches), (8, 8, 38));
@@ -251,16 +258,30 @@ mod tests {
             num_mini_batches: 3,
             ..Default::default()
         };
-        assert!(matches!(bad.batch_sizes(10), Err(PpoError::Config(m)) if m.contains("multiple of `num_mini_batches`")));
+        assert!(
+            matches!(bad.batch_sizes(10), Err(PpoError::Config(m)) if m.contains("multiple of `num_mini_batches`"))
+        );
         let bad = PpoConfig {
             per_device_train_batch_size: 4,
             num_mini_batches: 2,
             gradient_accumulation_steps: 1,
             ..Default::default()
         };
-        assert!(matches!(bad.batch_sizes(10), Err(PpoError::Config(m)) if m.contains("multiple of per_device_train_batch_size")));
-        assert!(PpoConfig { kl_estimator: "k2".into(), ..Default::default() }.validate().is_err());
-        assert!(PpoConfig { cliprange: f64::NAN, ..Default::default() }.validate().is_err());
+        assert!(
+            matches!(bad.batch_sizes(10), Err(PpoError::Config(m)) if m.contains("multiple of per_device_train_batch_size"))
+        );
+        assert!(PpoConfig {
+            kl_estimator: "k2".into(),
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+        assert!(PpoConfig {
+            cliprange: f64::NAN,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
         assert!(matches!(c.batch_sizes(0), Err(PpoError::Input(_))));
     }
 }

@@ -44,7 +44,10 @@ pub fn stats_json(step: u64, stats: &PpoStats) -> serde_json::Value {
     map.insert("step".into(), step.into());
     for (k, v) in stats.to_log() {
         // NaN (val/ratio_var over one micro-batch) is not JSON: written as null.
-        map.insert(k.into(), serde_json::Number::from_f64(v).map_or(serde_json::Value::Null, Into::into));
+        map.insert(
+            k.into(),
+            serde_json::Number::from_f64(v).map_or(serde_json::Value::Null, Into::into),
+        );
     }
     serde_json::Value::Object(map)
 }

@@ -59,7 +59,11 @@ impl StatefulAdamW {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { slots, settings, step: 0 })
+        Ok(Self {
+            slots,
+            settings,
+            step: 0,
+        })
     }
 
     /// The parameters, in order.
@@ -178,11 +182,21 @@ mod tests {
         let (vs1, w1, b1) = make();
         tch::manual_seed(3);
         let (vs2, w2, b2) = make();
-        let settings = AdamWSettings { betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.1 };
+        let settings = AdamWSettings {
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
         let mut ours = StatefulAdamW::hf(&vs1, settings).unwrap();
         let mut theirs = vh_train::AdamW::hf(
             &vs2,
-            vh_train::AdamWConfig { lr: 1e-2, betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.1, amsgrad: false },
+            vh_train::AdamWConfig {
+                lr: 1e-2,
+                betas: (0.9, 0.999),
+                eps: 1e-8,
+                weight_decay: 0.1,
+                amsgrad: false,
+            },
         )
         .unwrap();
         let x = Tensor::randn([5, 3], (Kind::Float, tch::Device::Cpu));

@@ -108,7 +108,12 @@ impl PpoTrainer {
     /// configuration and batch sizes, empty prompts, ids outside the vocabulary, prompts too long
     /// for the model's positions with `response_length` new tokens, a reward model with another
     /// vocabulary, fewer prompts than one rollout batch.
-    pub fn new(policy: CausalLmWithValueHead, reward: Reward, prompts: Vec<Vec<i64>>, config: PpoConfig) -> Result<Self> {
+    pub fn new(
+        policy: CausalLmWithValueHead,
+        reward: Reward,
+        prompts: Vec<Vec<i64>>,
+        config: PpoConfig,
+    ) -> Result<Self> {
         let (reference, _) = valuehead::create_reference_model(&policy, None, None)?;
         Self::with_reference(policy, reference, reward, prompts, config)
     }
@@ -163,16 +168,25 @@ impl PpoTrainer {
             .or_else(|| config_id(&model_config, "pad_token_id"))
             .or_else(|| config_id(&model_config, "eos_token_id"))
             .ok_or_else(|| {
-                PpoError::Config("no pad_token_id: set it (config.json has neither pad_token_id nor eos_token_id)".into())
+                PpoError::Config(
+                    "no pad_token_id: set it (config.json has neither pad_token_id nor eos_token_id)".into(),
+                )
             })?;
         // config.json's eos may lie outside a resized vocabulary (GPT-2's 50256 on a toy model);
         // it can then never be generated, so it counts nothing.
-        let eos = config.eos_token_id.or(config.stop_token_id).or_else(|| {
-            config_id(&model_config, "eos_token_id").filter(|id| (0..vocab).contains(id))
-        });
-        for (name, id) in [("pad_token_id", Some(pad)), ("eos_token_id", eos), ("stop_token_id", config.stop_token_id)] {
+        let eos = config
+            .eos_token_id
+            .or(config.stop_token_id)
+            .or_else(|| config_id(&model_config, "eos_token_id").filter(|id| (0..vocab).contains(id)));
+        for (name, id) in [
+            ("pad_token_id", Some(pad)),
+            ("eos_token_id", eos),
+            ("stop_token_id", config.stop_token_id),
+        ] {
             if let Some(id) = id.filter(|id| !(0..vocab).contains(id)) {
-                return Err(PpoError::Config(format!("{name} {id} is outside the vocabulary 0..{vocab}")));
+                return Err(PpoError::Config(format!(
+                    "{name} {id} is outside the vocabulary 0..{vocab}"
+                )));
             }
         }
         // TRL disables dropout in every model; eval mode is exactly that here.
@@ -401,9 +415,7 @@ impl PpoTrainer {
                     vh_train::check_finite("pg_loss", &loss.pg_loss)?;
                     vh_train::check_finite("vf_loss", &loss.vf_loss)?;
                     // Accelerate divides each micro-batch's loss by the accumulation steps.
-                    let scaled = loss
-                        .loss
-                        .f_div_scalar(self.sizes.micro_batches_per_mini_batch as f64)?;
+                    let scaled = loss.loss.f_div_scalar(self.sizes.micro_batches_per_mini_batch as f64)?;
                     vh_train::backward(&scaled)?;
                     let entropy = tch::no_grad(|| vh_rl::ppo_entropy(&tempered))?;
                     updates.record(&loss, &entropy)?;
@@ -445,7 +457,11 @@ impl PpoTrainer {
         let rows = Vec::<Vec<i64>>::try_from(&postprocessed.f_to_device(tch::Device::Cpu)?)?;
         self.last_rollout = Some(RolloutSample {
             prompt_indices: indices,
-            responses: rows.iter().zip(&lengths).map(|(r, &n)| r[..n as usize].to_vec()).collect(),
+            responses: rows
+                .iter()
+                .zip(&lengths)
+                .map(|(r, &n)| r[..n as usize].to_vec())
+                .collect(),
             scores: Vec::<f32>::try_from(&scores.f_to_device(tch::Device::Cpu)?.f_to_kind(Kind::Float)?)?,
         });
         Ok(stats)
@@ -537,7 +553,9 @@ impl PpoTrainer {
         trainer.cursor = state.cursor;
         trainer.step = state.step;
         trainer.episode = state.episode;
-        trainer.optimizer.load(&dir.join("optimizer.safetensors"), state.optimizer_steps)?;
+        trainer
+            .optimizer
+            .load(&dir.join("optimizer.safetensors"), state.optimizer_steps)?;
         Ok(trainer)
     }
 }

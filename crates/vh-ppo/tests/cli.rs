@@ -13,7 +13,10 @@ const EXE: &str = env!("CARGO_BIN_EXE_vh-ppo");
 /// A tiny GPT-2 with a word-level tokenizer (`w0` .. `w49`) and a prompts file.
 fn setup(dir: &Path) -> (PathBuf, PathBuf) {
     let model = dir.join("model");
-    common::write_tiny_gpt2(&model, serde_json::json!({"n_positions": 32, "n_embd": 32, "pad_token_id": 0, "eos_token_id": 1}));
+    common::write_tiny_gpt2(
+        &model,
+        serde_json::json!({"n_positions": 32, "n_embd": 32, "pad_token_id": 0, "eos_token_id": 1}),
+    );
     common::write_word_tokenizer(&model, 50);
     let prompts = dir.join("prompts.txt");
     let lines: Vec<String> = (0..8).map(|i| format!("w{} w{} w{}", 2 + i, 10 + i, 20 + i)).collect();
@@ -23,9 +26,26 @@ fn setup(dir: &Path) -> (PathBuf, PathBuf) {
 
 fn base_args(model: &Path, prompts: &Path, out: &Path) -> Vec<String> {
     [
-        "--model", model.to_str().unwrap(), "--prompts", prompts.to_str().unwrap(), "--reward-word", "w7",
-        "--steps", "40", "--out", out.to_str().unwrap(), "--batch-size", "4", "--num-mini-batches", "2",
-        "--response-length", "8", "--learning-rate", "1e-3", "--threads", "1",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--reward-word",
+        "w7",
+        "--steps",
+        "40",
+        "--out",
+        out.to_str().unwrap(),
+        "--batch-size",
+        "4",
+        "--num-mini-batches",
+        "2",
+        "--response-length",
+        "8",
+        "--learning-rate",
+        "1e-3",
+        "--threads",
+        "1",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -53,7 +73,11 @@ fn ctrl_c_saves_a_checkpoint_that_resumes_to_the_same_steps() {
     let tmp = tempfile::tempdir().unwrap();
     let (model, prompts) = setup(tmp.path());
     let straight = run(&base_args(&model, &prompts, &tmp.path().join("straight")));
-    assert!(straight.status.success(), "{}", String::from_utf8_lossy(&straight.stderr));
+    assert!(
+        straight.status.success(),
+        "{}",
+        String::from_utf8_lossy(&straight.stderr)
+    );
     let straight = steps(&String::from_utf8(straight.stdout).unwrap());
     assert_eq!(straight.len(), 40);
     assert!(tmp.path().join("straight/model/config.json").exists());
@@ -85,12 +109,19 @@ fn ctrl_c_saves_a_checkpoint_that_resumes_to_the_same_steps() {
     assert_eq!(before, straight[..before.len()]);
 
     let mut args = base_args(&model, &prompts, &tmp.path().join("resumed"));
-    args.extend(["--resume".to_string(), out.join("checkpoint").to_str().unwrap().to_string()]);
+    args.extend([
+        "--resume".to_string(),
+        out.join("checkpoint").to_str().unwrap().to_string(),
+    ]);
     let resumed = run(&args);
     assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
     let after = steps(&String::from_utf8(resumed.stdout).unwrap());
     assert_eq!(before.len() + after.len(), 40);
-    assert_eq!(after, straight[before.len()..], "the resumed steps differ from the uninterrupted run's");
+    assert_eq!(
+        after,
+        straight[before.len()..],
+        "the resumed steps differ from the uninterrupted run's"
+    );
 }
 
 #[test]
@@ -126,7 +157,10 @@ fn bad_input_fails_with_a_clear_message() {
 
     // A reward model whose tokenizer has another vocabulary.
     let rm = tmp.path().join("rm");
-    common::write_tiny_gpt2(&rm, serde_json::json!({"n_embd": 32, "pad_token_id": 0, "architectures": ["GPT2ForSequenceClassification"]}));
+    common::write_tiny_gpt2(
+        &rm,
+        serde_json::json!({"n_embd": 32, "pad_token_id": 0, "architectures": ["GPT2ForSequenceClassification"]}),
+    );
     common::write_word_tokenizer(&rm, 49);
     let mut args = base_args(&model, &prompts, &out);
     let i = args.iter().position(|a| a == "--reward-word").unwrap();

@@ -13,7 +13,10 @@ const TARGET: i64 = 7;
 
 /// A tiny GPT-2 (vocabulary 50) with room for prompts plus responses.
 fn tiny_model(dir: &Path) -> CausalLmWithValueHead {
-    common::write_tiny_gpt2(dir, serde_json::json!({"n_positions": 32, "n_embd": 32, "pad_token_id": 0}));
+    common::write_tiny_gpt2(
+        dir,
+        serde_json::json!({"n_positions": 32, "n_embd": 32, "pad_token_id": 0}),
+    );
     CausalLmWithValueHead::from_folder(dir, &LoadOptions::default()).unwrap()
 }
 
@@ -83,13 +86,22 @@ fn ppo_learns_a_token_reward_on_a_tiny_model() {
         }
     }
     // A random tiny model says the target about 1 time in 50; the trained one most of the time.
-    assert!(before < 0.15, "the untrained share {before} is already high: the test proves nothing");
-    assert!(after > before + 0.3, "the reward did not rise: {before:.3} -> {after:.3}");
+    assert!(
+        before < 0.15,
+        "the untrained share {before} is already high: the test proves nothing"
+    );
+    assert!(
+        after > before + 0.3,
+        "the reward did not rise: {before:.3} -> {after:.3}"
+    );
     // The KL penalty keeps the policy near the reference: the summed per-token KL stays well
     // below that of a policy collapsed onto the target (8 tokens x ln 50, the reference giving
     // the target about 1/50), which the reward alone would drive it to.
     let collapsed = 8.0 * 50f64.ln();
-    assert!(max_kl < 0.75 * collapsed, "objective/kl reached {max_kl} (collapse: {collapsed:.1})");
+    assert!(
+        max_kl < 0.75 * collapsed,
+        "objective/kl reached {max_kl} (collapse: {collapsed:.1})"
+    );
     assert_eq!(stats[0].episode, 8.0);
     assert!(stats[0].lr > stats[29].lr, "the learning rate decays linearly");
 }
@@ -117,8 +129,10 @@ fn two_runs_under_a_seed_give_identical_stats() {
 fn a_resumed_run_takes_the_same_next_step() {
     tch::set_num_threads(1);
     let tmp = tempfile::tempdir().unwrap();
-    let mut straight = PpoTrainer::new(tiny_model(&tmp.path().join("a")), target_share(), prompts(), config(6)).unwrap();
-    let mut interrupted = PpoTrainer::new(tiny_model(&tmp.path().join("b")), target_share(), prompts(), config(6)).unwrap();
+    let mut straight =
+        PpoTrainer::new(tiny_model(&tmp.path().join("a")), target_share(), prompts(), config(6)).unwrap();
+    let mut interrupted =
+        PpoTrainer::new(tiny_model(&tmp.path().join("b")), target_share(), prompts(), config(6)).unwrap();
     for _ in 0..3 {
         straight.step().unwrap();
         interrupted.step().unwrap();
@@ -148,29 +162,58 @@ fn bad_inputs_are_refused_before_any_work() {
     assert!(e.contains("no prompts"), "{e}");
     let e = err(PpoTrainer::new(model(), target_share(), vec![vec![]; 8], config(2)));
     assert!(e.contains("prompt 0 is empty"), "{e}");
-    let e = err(PpoTrainer::new(model(), target_share(), vec![vec![3; 30]; 8], config(2)));
+    let e = err(PpoTrainer::new(
+        model(),
+        target_share(),
+        vec![vec![3; 30]; 8],
+        config(2),
+    ));
     assert!(e.contains("exceeds the model's 32 positions"), "{e}");
-    let e = err(PpoTrainer::new(model(), target_share(), vec![vec![3, 99]; 8], config(2)));
+    let e = err(PpoTrainer::new(
+        model(),
+        target_share(),
+        vec![vec![3, 99]; 8],
+        config(2),
+    ));
     assert!(e.contains("outside the vocabulary"), "{e}");
-    let e = err(PpoTrainer::new(model(), target_share(), prompts()[..3].to_vec(), config(2)));
+    let e = err(PpoTrainer::new(
+        model(),
+        target_share(),
+        prompts()[..3].to_vec(),
+        config(2),
+    ));
     assert!(e.contains("cannot fill one rollout batch"), "{e}");
     let e = err(PpoTrainer::new(
         model(),
         target_share(),
         prompts(),
-        PpoConfig { num_mini_batches: 3, ..config(2) },
+        PpoConfig {
+            num_mini_batches: 3,
+            ..config(2)
+        },
     ));
     assert!(e.contains("multiple of `num_mini_batches`"), "{e}");
 
     // A reward model that reads another vocabulary.
     let rm_dir = tmp.path().join("rm");
-    common::write_tiny_gpt2(&rm_dir, serde_json::json!({"vocab_size": 60, "n_embd": 32, "pad_token_id": 0, "num_labels": 1, "architectures": ["GPT2ForSequenceClassification"]}));
+    common::write_tiny_gpt2(
+        &rm_dir,
+        serde_json::json!({"vocab_size": 60, "n_embd": 32, "pad_token_id": 0, "num_labels": 1, "architectures": ["GPT2ForSequenceClassification"]}),
+    );
     let mut tensors = vh_hub::read_safetensors(&rm_dir.join("model.safetensors")).unwrap();
     tensors.retain(|(n, _)| !n.starts_with("v_head."));
-    tensors.push(("score.weight".into(), tch::Tensor::zeros([1, 32], (tch::Kind::Float, tch::Device::Cpu))));
+    tensors.push((
+        "score.weight".into(),
+        tch::Tensor::zeros([1, 32], (tch::Kind::Float, tch::Device::Cpu)),
+    ));
     vh_hub::write_safetensors(&rm_dir.join("model.safetensors"), &tensors).unwrap();
     let rm = valuehead::SequenceClassifier::from_folder(&rm_dir, &LoadOptions::default()).unwrap();
-    let e = err(PpoTrainer::new(model(), Reward::Model(Box::new(rm)), prompts(), config(2)));
+    let e = err(PpoTrainer::new(
+        model(),
+        Reward::Model(Box::new(rm)),
+        prompts(),
+        config(2),
+    ));
     assert!(e.contains("60 tokens") && e.contains("50"), "{e}");
 
     // A NaN reward stops the step before any update.

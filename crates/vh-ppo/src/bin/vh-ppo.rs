@@ -98,9 +98,14 @@ struct Args {
 
 /// Reads the prompts file: UTF-8, at least one non-blank line.
 fn read_prompts(path: &Path) -> Result<Vec<String>> {
-    let len = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?.len();
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .len();
     if len > MAX_PROMPTS_BYTES {
-        bail!("{}: {len} bytes is more than the {MAX_PROMPTS_BYTES} a prompts file may have", path.display());
+        bail!(
+            "{}: {len} bytes is more than the {MAX_PROMPTS_BYTES} a prompts file may have",
+            path.display()
+        );
     }
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let text = String::from_utf8(bytes).map_err(|e| {
@@ -108,7 +113,12 @@ fn read_prompts(path: &Path) -> Result<Vec<String>> {
         let line = e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1;
         anyhow::anyhow!("{}: not UTF-8 (line {line}, byte {at})", path.display())
     })?;
-    let prompts: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+    let prompts: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
     if prompts.is_empty() {
         bail!("{}: no prompts (the file is empty or blank)", path.display());
     }
@@ -116,13 +126,21 @@ fn read_prompts(path: &Path) -> Result<Vec<String>> {
 }
 
 /// Encodes each prompt with the folder's tokenizer (and chat template with `chat`).
-fn encode_prompts(dir: &Path, tokenizer: &tokenizers::Tokenizer, prompts: &[String], chat: bool) -> Result<Vec<Vec<i64>>> {
+fn encode_prompts(
+    dir: &Path,
+    tokenizer: &tokenizers::Tokenizer,
+    prompts: &[String],
+    chat: bool,
+) -> Result<Vec<Vec<i64>>> {
     prompts
         .iter()
         .enumerate()
         .map(|(i, p)| {
             let (text, special) = if chat {
-                (valuehead::apply_chat_template(dir, &[Message::user(p.as_str())], true)?, false)
+                (
+                    valuehead::apply_chat_template(dir, &[Message::user(p.as_str())], true)?,
+                    false,
+                )
             } else {
                 (p.clone(), true)
             };
@@ -141,7 +159,12 @@ fn encode_prompts(dir: &Path, tokenizer: &tokenizers::Tokenizer, prompts: &[Stri
 /// is complete for tools that need them (and for `--resume` without `--model`).
 fn copy_tokenizer(from: Option<&Path>, to: &Path) -> Result<()> {
     let Some(from) = from else { return Ok(()) };
-    for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"] {
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+    ] {
         if from.join(f).exists() && from != to {
             std::fs::copy(from.join(f), to.join(f)).with_context(|| format!("copying {f}"))?;
         }
@@ -168,7 +191,11 @@ fn reward(args: &Args, tokenizer: &tokenizers::Tokenizer) -> Result<Reward> {
         let model = SequenceClassifier::from_folder(dir, &LoadOptions::default())?;
         return Ok(Reward::Model(Box::new(model)));
     }
-    let word = args.reward_word.clone().context("--reward-model or --reward-word is needed")?.to_lowercase();
+    let word = args
+        .reward_word
+        .clone()
+        .context("--reward-model or --reward-word is needed")?
+        .to_lowercase();
     if word.trim().is_empty() {
         bail!("--reward-word is empty");
     }
@@ -203,11 +230,12 @@ fn main() -> Result<()> {
             let reward = reward(&args, &tokenizer)?;
             // Each mini-batch is one micro-batch; sizes that do not divide are left for
             // `batch_sizes` to report in TRL's words.
-            let (per_device, accumulation) = if args.num_mini_batches > 0 && args.batch_size % args.num_mini_batches == 0 {
-                (args.batch_size / args.num_mini_batches, args.num_mini_batches)
-            } else {
-                (args.batch_size, 1)
-            };
+            let (per_device, accumulation) =
+                if args.num_mini_batches > 0 && args.batch_size % args.num_mini_batches == 0 {
+                    (args.batch_size / args.num_mini_batches, args.num_mini_batches)
+                } else {
+                    (args.batch_size, 1)
+                };
             let config = PpoConfig {
                 learning_rate: args.learning_rate,
                 per_device_train_batch_size: per_device,
@@ -231,7 +259,10 @@ fn main() -> Result<()> {
         }
     };
     // Keep the tokenizer files with the saved model so it is a complete folder.
-    let tokenizer_dir = args.model.clone().or_else(|| args.resume.as_ref().map(|c| c.join("policy")));
+    let tokenizer_dir = args
+        .model
+        .clone()
+        .or_else(|| args.resume.as_ref().map(|c| c.join("policy")));
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
         libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);

@@ -39,7 +39,10 @@ pub fn write_tiny_gpt2(dir: &Path, overrides: serde_json::Value) {
         .map(|(i, (n, size))| (n, pseudo_random(&size, i as f64, 0.35)))
         .collect();
     tensors.push(("v_head.summary.weight".into(), pseudo_random(&[1, hidden], 1000.0, 1.7)));
-    tensors.push(("v_head.summary.bias".into(), Tensor::zeros([1], (Kind::Float, tch::Device::Cpu))));
+    tensors.push((
+        "v_head.summary.bias".into(),
+        Tensor::zeros([1], (Kind::Float, tch::Device::Cpu)),
+    ));
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
     vh_hub::write_safetensors(&dir.join("model.safetensors"), &tensors).unwrap();
