@@ -2,7 +2,7 @@
 //! minus 0.01 per reply token (so rambling costs), minus 1 when the reply never ends.
 //!
 //! ```sh
-//! cargo run --release --example ppo            # 24 iterations of 8 rollouts, out in target/ppo-example
+//! cargo run --release --example ppo            # 10 iterations of 8 rollouts, out in target/ppo-example
 //! cargo run --release --example ppo -- 40 DIR  # 40 iterations, out in DIR
 //! ```
 //!
@@ -62,7 +62,7 @@ fn greedy_replies(
     prompts: &[Vec<i64>],
 ) -> Result<Vec<Vec<i64>>> {
     let config = GenerationConfig {
-        max_new_tokens: Some(48),
+        max_new_tokens: Some(32),
         do_sample: false,
         eos_token_id: vec![IM_END],
         pad_token_id: Some(PAD),
@@ -151,7 +151,7 @@ fn main() -> Result<()> {
         .map(|s| s.parse())
         .transpose()
         .context("the number of iterations")?
-        .unwrap_or(24);
+        .unwrap_or(10);
     let out = PathBuf::from(args.next().unwrap_or_else(|| "target/ppo-example".into()));
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let model_dir = root.join(".models/smollm2-135m-instruct");
@@ -184,13 +184,13 @@ fn main() -> Result<()> {
         score(&text, response.len())
     });
     let config = PpoConfig {
-        learning_rate: 3e-5,
+        learning_rate: 1e-5,
         per_device_train_batch_size: 4,
         gradient_accumulation_steps: 2,
         num_mini_batches: 2,
         num_ppo_epochs: 2,
         total_episodes: Some(steps * 8),
-        response_length: 32,
+        response_length: 24,
         stop_token_id: Some(IM_END),
         missing_eos_penalty: Some(1.0),
         pad_token_id: Some(PAD),
@@ -262,7 +262,7 @@ fn main() -> Result<()> {
             std::fs::copy(model_dir.join(f), saved.join(f))?;
         }
     }
-    let greedy = serde_json::json!({"prompts": shown, "replies": after, "max_new_tokens": 48, "eos_token_id": IM_END, "pad_token_id": PAD});
+    let greedy = serde_json::json!({"prompts": shown, "replies": after, "max_new_tokens": 32, "eos_token_id": IM_END, "pad_token_id": PAD});
     std::fs::write(out.join("greedy.json"), serde_json::to_vec_pretty(&greedy)?)?;
     println!(
         "wrote {}, {}, {}/ and greedy.json",
