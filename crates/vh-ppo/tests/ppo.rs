@@ -225,3 +225,26 @@ fn bad_inputs_are_refused_before_any_work() {
         assert!(a.equal(b), "{n} changed");
     }
 }
+
+/// The rollout's log-probabilities (read from the sampling passes) and values (from the
+/// generation passes) are those the update's forward computes: with a learning rate of 0 every
+/// ratio is 1, nothing is clipped, and the value loss is that of the rollout's own values.
+#[test]
+fn rollout_logprobs_and_values_agree_with_the_update_forward() {
+    tch::set_num_threads(1);
+    let tmp = tempfile::tempdir().unwrap();
+    let config = PpoConfig {
+        learning_rate: 0.0,
+        stop_token_id: Some(TARGET),
+        pad_token_id: Some(0),
+        ..config(2)
+    };
+    let mut trainer = PpoTrainer::new(tiny_model(tmp.path()), target_share(), prompts(), config).unwrap();
+    for _ in 0..2 {
+        let s = trainer.step().unwrap();
+        assert!(s.policy_approxkl_avg < 1e-10, "approxkl {}", s.policy_approxkl_avg);
+        assert!((s.val_ratio - 1.0).abs() < 1e-5, "ratio {}", s.val_ratio);
+        assert_eq!(s.policy_clipfrac_avg, 0.0);
+        assert_eq!(s.val_clipfrac_avg, 0.0, "vpred moved away from the rollout's values");
+    }
+}
