@@ -131,14 +131,14 @@ impl PpoConfig {
     pub fn batch_sizes(&self, num_prompts: usize) -> Result<BatchSizes> {
         self.validate()?;
         let batch_size = self.per_device_train_batch_size * self.gradient_accumulation_steps;
-        if batch_size % self.num_mini_batches != 0 {
+        if !batch_size.is_multiple_of(self.num_mini_batches) {
             return Err(PpoError::Config(format!(
                 "`batch_size` ({} = per_device_train_batch_size {} * gradient_accumulation_steps {}) must be a multiple of `num_mini_batches` ({})",
                 batch_size, self.per_device_train_batch_size, self.gradient_accumulation_steps, self.num_mini_batches
             )));
         }
         let mini_batch_size = batch_size / self.num_mini_batches;
-        if mini_batch_size % self.per_device_train_batch_size != 0 {
+        if !mini_batch_size.is_multiple_of(self.per_device_train_batch_size) {
             return Err(PpoError::Config(format!(
                 "the mini-batch size {mini_batch_size} (batch_size {batch_size} / num_mini_batches {}) must be a multiple of per_device_train_batch_size {}",
                 self.num_mini_batches, self.per_device_train_batch_size

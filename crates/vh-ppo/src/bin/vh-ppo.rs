@@ -231,7 +231,7 @@ fn main() -> Result<()> {
             // Each mini-batch is one micro-batch; sizes that do not divide are left for
             // `batch_sizes` to report in TRL's words.
             let (per_device, accumulation) =
-                if args.num_mini_batches > 0 && args.batch_size % args.num_mini_batches == 0 {
+                if args.num_mini_batches > 0 && args.batch_size.is_multiple_of(args.num_mini_batches) {
                     (args.batch_size / args.num_mini_batches, args.num_mini_batches)
                 } else {
                     (args.batch_size, 1)
