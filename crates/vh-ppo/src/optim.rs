@@ -173,9 +173,9 @@ mod tests {
     fn matches_libtorchs_adamw() {
         let make = || {
             let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-            let root = vs.root();
-            let w = root.var("layer.weight", &[4, 3], tch::nn::Init::Randn { mean: 0.0, stdev: 1.0 });
-            let b = root.var("layer.bias", &[4], tch::nn::Init::Randn { mean: 0.0, stdev: 1.0 });
+            let layer = vs.root() / "layer";
+            let w = layer.var("weight", &[4, 3], tch::nn::Init::Randn { mean: 0.0, stdev: 1.0 });
+            let b = layer.var("bias", &[4], tch::nn::Init::Randn { mean: 0.0, stdev: 1.0 });
             (vs, w, b)
         };
         tch::manual_seed(3);
