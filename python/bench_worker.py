@@ -10,13 +10,24 @@ A long-lived worker driven by the bench over stdin/stdout, one JSON object per l
   {"cmd": "run", "iters": K}                             -> {"ok": true, "ms": per-iteration, "check": ...}
   {"cmd": "rss"}                                         -> {"ok": true, "peak_rss_mb": ...}
 
-TASK: {"type": "forward"|"generate"|"rollout"|"train", "input_ids": [[...]], "decoder_input_ids": [[...]]
+TASK: {"type": "forward"|"generate"|"rollout"|"train"|"ppo", "input_ids": [[...]], "decoder_input_ids": [[...]]
 (seq2seq forward), "max_new_tokens": N}. Everything but "train" runs under torch.inference_mode(),
 with the model in eval mode and its default attention implementation (what a TRL user gets).
 "train" (causal models) is one training step in train mode ("lora": the same with a fresh peft
 LoRA adapter, r=16 on every linear layer, only the adapter and value head trained): TRL's forward with labels = input_ids,
 loss = LM loss + 0.5 * mean squared value error (targets 0), backward, and torch.optim.AdamW
 (lr 1e-5, weight decay 0.01 except HF Trainer's no-decay parameters), gradients zeroed.
+"ppo" (causal models, f32; the task adds "reward_dir") is one iteration of TRL 0.26.2's PPO loop
+(trl.experimental.ppo.PPOTrainer.train) on the value-head wrapper, with TRL's own utilities where
+it has them (batch_generation, forward, get_reward, selective_log_softmax, first_true_indices,
+masked_mean, masked_whiten, create_reference_model) and its inline formulas written out: sampled
+rollout (temperature 0.7, no stop token), the reference's log-probs, the values from a forward of
+the policy's value head (TRL gets them from a second model's forward; here the wrapper's), the
+reward model's score, KL rewards (k1, kl_coef 0.05), GAE (gamma 1, lam 0.95), whitened
+advantages, then one PPO epoch over two shuffled mini-batches of 4 (clipped policy and value
+losses, vf_coef 0.1, AdamW lr 5e-5, as PPOConfig's defaults). The reward model (a
+*ForSequenceClassification of the same backbone with a seeded score head) is written to
+reward_dir on first use; the Rust worker loads the same folder.
 
 usage: python bench_worker.py   (then speak the protocol)
 """
@@ -133,7 +144,9 @@ class Worker:
                 self.model_dir, peft_config=config, dtype=dtype
             )
             self.trained = self.lora_model
-        if task["type"] in ("train", "lora"):
+        if task["type"] == "ppo":
+            self.prepare_ppo(task)
+        elif task["type"] in ("train", "lora"):
             if self.seq2seq:
                 raise ValueError("the train task is for causal models")
             self.trained.train()
@@ -150,6 +163,124 @@ class Worker:
         self.first = None
         reset_peak_rss()
         self.first = self.run_once()
+
+    def prepare_ppo(self, task):
+        from transformers import AutoModelForSequenceClassification, GenerationConfig
+        from trl import create_reference_model
+        from trl.trainer.utils import disable_dropout_in_model
+
+        if self.seq2seq:
+            raise ValueError("the ppo task is for causal models")
+        reward_dir = task["reward_dir"]
+        if not os.path.exists(os.path.join(reward_dir, "config.json")):
+            torch.manual_seed(1)
+            rm = AutoModelForSequenceClassification.from_pretrained(task["model_dir"], num_labels=1)
+            rm.config.pad_token_id = self.pad
+            tmp = reward_dir + ".partial"
+            rm.save_pretrained(tmp)
+            os.replace(tmp, reward_dir)
+        self.reward_model = AutoModelForSequenceClassification.from_pretrained(reward_dir).eval()
+        # As TRL's trainer: dropout off everywhere, a frozen reference copy, no eos during rollouts.
+        for m in [self.model, self.reward_model]:
+            disable_dropout_in_model(m)
+        self.ref_model = create_reference_model(self.model)
+        self.model.pretrained_model.generation_config.eos_token_id = None
+        self.model.train()
+        decay = set(Trainer.get_decay_parameter_names(None, self.model))
+        params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for n, p in params if n in decay], "weight_decay": 0.0},
+            {"params": [p for n, p in params if n not in decay], "weight_decay": 0.0},
+        ]
+        self.optimizer = torch.optim.AdamW(groups, lr=5e-5, eps=1e-8)
+        self.ppo_generation = GenerationConfig(
+            max_new_tokens=task["max_new_tokens"], temperature=0.7 + 1e-7, top_k=0.0, top_p=1.0, do_sample=True
+        )
+        torch.manual_seed(0)
+
+    def ppo_step(self):
+        from trl.experimental.ppo.ppo_trainer import masked_mean, masked_whiten
+        from trl.trainer.utils import batch_generation, first_true_indices, forward, get_reward, selective_log_softmax
+
+        temperature, kl_coef, gamma, lam, cliprange, cliprange_value, vf_coef = 0.7, 0.05, 1.0, 0.95, 0.2, 0.2, 0.1
+        invalid_logprob = 1.0
+        model, pad, queries = self.model, self.pad, self.input_ids
+        context_length = queries.shape[1]
+        with torch.no_grad():
+            query_responses, logitss = batch_generation(model.pretrained_model, queries, 64, pad, self.ppo_generation)
+            responses = query_responses[:, context_length:]
+            logprobs = selective_log_softmax(logitss, responses)
+            del logitss
+            ref_logits = forward(self.ref_model.pretrained_model, query_responses, pad).logits[:, context_length - 1 : -1]
+            ref_logits /= temperature + 1e-7
+            ref_logprobs = selective_log_softmax(ref_logits, responses)
+            del ref_logits
+            # No stop token: the responses are not truncated.
+            sequence_lengths = first_true_indices(responses == pad) - 1
+            attention_mask = query_responses != pad
+            position_ids = attention_mask.cumsum(1) - attention_mask.long()
+            input_ids = torch.masked_fill(query_responses, ~attention_mask, 0)
+            _, _, full_value = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+            values = full_value[:, context_length - 1 : -1]
+            _, scores, _ = get_reward(self.reward_model, query_responses, pad, context_length)
+
+            idxs = torch.arange(responses.shape[1]).repeat(responses.shape[0], 1)
+            padding_mask = idxs > sequence_lengths.unsqueeze(1)
+            logprobs = torch.masked_fill(logprobs, padding_mask, invalid_logprob)
+            ref_logprobs = torch.masked_fill(ref_logprobs, padding_mask, invalid_logprob)
+            lengths_p1 = sequence_lengths + 1
+            padding_mask_p1 = idxs > lengths_p1.unsqueeze(1)
+            values = torch.masked_fill(values, padding_mask_p1, 0)
+            kl = -(ref_logprobs - logprobs)
+            non_score_reward = -kl_coef * kl
+            rewards = non_score_reward.clone()
+            end = torch.where(lengths_p1 < rewards.size(1), lengths_p1, sequence_lengths)
+            rewards[torch.arange(rewards.size(0)), end] += scores
+            advantages_reversed, lastgaelam = [], 0
+            n = responses.shape[1]
+            for t in reversed(range(n)):
+                nextvalues = values[:, t + 1] if t < n - 1 else 0.0
+                delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+                lastgaelam = delta + gamma * lam * lastgaelam
+                advantages_reversed.append(lastgaelam)
+            advantages = torch.stack(advantages_reversed[::-1], axis=1)
+            returns = advantages + values
+            advantages = torch.masked_fill(masked_whiten(advantages, ~padding_mask), padding_mask, 0)
+
+        # One PPO epoch: two shuffled mini-batches of 4, one AdamW step each.
+        order = torch.randperm(queries.shape[0])
+        for start in range(0, queries.shape[0], 4):
+            mb = order[start : start + 4]
+            qr = query_responses[mb]
+            mask = qr != pad
+            pos = mask.cumsum(1) - mask.long()
+            logits, _, vpred_temp = model(input_ids=torch.masked_fill(qr, ~mask, 0), attention_mask=mask, position_ids=pos)
+            logits = logits[:, context_length - 1 : -1] / (temperature + 1e-7)
+            new_logprobs = torch.masked_fill(selective_log_softmax(logits, responses[mb]), padding_mask[mb], invalid_logprob)
+            vpred = torch.masked_fill(vpred_temp[:, context_length - 1 : -1], padding_mask_p1[mb], 0)
+            vpredclipped = torch.clamp(vpred, values[mb] - cliprange_value, values[mb] + cliprange_value)
+            vf_losses1 = torch.square(vpred - returns[mb])
+            vf_losses2 = torch.square(vpredclipped - returns[mb])
+            vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), ~padding_mask_p1[mb])
+            ratio = torch.exp(new_logprobs - logprobs[mb])
+            pg_losses = -advantages[mb] * ratio
+            pg_losses2 = -advantages[mb] * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+            pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), ~padding_mask[mb])
+            loss = pg_loss + vf_coef * vf_loss
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+            with torch.no_grad():
+                # TRL's logged statistics, computed as in its loop.
+                prob_dist = torch.nn.functional.softmax(logits, dim=-1)
+                entropy = torch.logsumexp(logits, dim=-1) - torch.sum(prob_dist * logits, dim=-1)
+                _ = (entropy.mean(), masked_mean((pg_losses2 > pg_losses).float(), ~padding_mask[mb]))
+        return {
+            "objective/scores": float(scores.mean()),
+            "objective/kl": float(kl.sum(1).mean()),
+            "loss/policy_avg": float(pg_loss.detach()),
+            "loss/value_avg": float(vf_loss.detach()),
+        }
 
     def generate(self):
         n = self.task["max_new_tokens"]
@@ -180,6 +311,8 @@ class Worker:
 
     def run_once(self):
         kind = self.task["type"]
+        if kind == "ppo":
+            return self.ppo_step()
         if kind in ("train", "lora"):
             return self.train_step()
         with torch.inference_mode():

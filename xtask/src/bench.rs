@@ -18,14 +18,15 @@ use std::time::Instant;
 
 const USAGE: &str = "\
 usage: cargo xtask bench [--quick] [--threads N] [--reps N] [--models a,b] [--dtypes f32,bf16]
-                         [--workloads forward,generate,rollout,train] [--out DIR]
+                         [--workloads forward,generate,rollout,train,ppo] [--out DIR]
 
   --quick      a small subset (toy models, f32, few tokens): a smoke test of the bench itself
   --threads    intra-op threads on both sides (default 2)
   --reps       timed samples per side and workload (default 3; quick 2)
   --models     gpt2-toy,t5-toy,gpt2-small,t5-small,smollm2 (smollm2 when installed by setup)
-  --workloads  forward,generate,rollout,train (train: forward + backward + AdamW step, b8x128,
-               on gpt2-small and smollm2)
+  --workloads  forward,generate,rollout,train,ppo (train: forward + backward + AdamW step, b8x128,
+               on gpt2-small and smollm2; ppo: one PPO iteration, 8 prompts of 32 tokens + 64
+               sampled, reference and reward forwards, one epoch of 2 mini-batches, f32)
   --out        where results.json and bench.svg go (default: docs/bench for a full run,
                target/bench otherwise)
 ";
@@ -127,6 +128,7 @@ impl Workload {
             ("generate", "gpt2-small", 1) => Some(1.1),
             ("generate", "gpt2-small", 8) => Some(1.3),
             ("rollout", "gpt2-small" | "t5-small", _) => Some(1.3),
+            ("ppo", "gpt2-small" | "smollm2", _) => Some(1.5),
             _ => None,
         }
     }
@@ -149,12 +151,21 @@ fn workloads(o: &Options, smollm2: bool) -> Vec<Workload> {
         for dtype in dtypes {
             // A train step (forward + backward + AdamW) last: it changes the weights, which the
             // next precision reloads.
-            for task in ["forward", "generate", "rollout", "reward", "lora", "train"] {
-                let train_batches: &[usize] = if o.quick { &[1] } else { &[8] };
-                let task_batches = if matches!(task, "train" | "reward" | "lora") {
-                    train_batches
+            // PPO last of all: it trains its own copy, in f32 only.
+            for task in ["forward", "generate", "rollout", "reward", "lora", "train", "ppo"] {
+                let ppo_model = if o.quick {
+                    model == "gpt2-toy"
                 } else {
-                    batches
+                    matches!(model, "gpt2-small" | "smollm2")
+                };
+                if task == "ppo" && (*dtype != "f32" || !ppo_model) {
+                    continue;
+                }
+                let train_batches: &[usize] = if o.quick { &[1] } else { &[8] };
+                let task_batches = match task {
+                    "train" | "reward" | "lora" => train_batches,
+                    "ppo" => &[8],
+                    _ => batches,
                 };
                 // Training is timed on the causal models the issue names (the toy GPT-2 only as
                 // the smoke test's).
@@ -444,8 +455,21 @@ pub fn bench(args: &[String]) -> Result<()> {
         "--example",
         "bench_worker",
     ]))?;
+    let with_ppo = list.iter().any(|w| w.task == "ppo");
+    if with_ppo {
+        crate::run(crate::cargo().args([
+            "build",
+            "--profile",
+            profile,
+            "-p",
+            "vh-ppo",
+            "--example",
+            "ppo_bench_worker",
+        ]))?;
+    }
     let dir = if o.quick { "debug" } else { "release" };
     let rust_worker = root.join("target").join(dir).join("examples").join("bench_worker");
+    let ppo_worker = root.join("target").join(dir).join("examples").join("ppo_bench_worker");
 
     let script = root.join("python").join("bench_worker.py");
     let key = crate::requirements_key(std::slice::from_ref(&script))?;
@@ -463,6 +487,16 @@ pub fn bench(args: &[String]) -> Result<()> {
     let mut rs_cmd = Command::new(&rust_worker);
     env(&mut rs_cmd);
     let mut rs = Worker::start("Rust", &mut rs_cmd)?;
+    // PPO lives in a crate above valuehead, so its side runs in a worker of its own.
+    let mut rs_ppo = if with_ppo {
+        let mut cmd = Command::new(&ppo_worker);
+        env(&mut cmd);
+        let mut w = Worker::start("Rust PPO", &mut cmd)?;
+        w.call(json!({"cmd": "init", "threads": o.threads}))?;
+        Some(w)
+    } else {
+        None
+    };
     let versions = py.call(json!({"cmd": "init", "threads": o.threads}))?["versions"].clone();
     rs.call(json!({"cmd": "init", "threads": o.threads}))?;
     let bandwidth = rs.call(json!({"cmd": "bandwidth"}))?["gb_per_s"]
@@ -516,8 +550,22 @@ pub fn bench(args: &[String]) -> Result<()> {
         if w.model.starts_with("t5") && w.task == "forward" {
             task["decoder_input_ids"] = json!(token_ids(w.batch, w.len, vocab, 2));
         }
+        if w.task == "ppo" {
+            // The Python worker writes the reward model (a classifier on the same backbone, a
+            // seeded score head) on first use; both sides load it.
+            let reward_dir = cache.join("bench-models").join(format!("{}-reward-{key}", w.model));
+            task["reward_dir"] = json!(reward_dir);
+            task["model_dir"] = json!(dir);
+        }
+        let rs = if w.task == "ppo" {
+            let worker = rs_ppo.as_mut().context("the PPO worker was not started")?;
+            worker.call(json!({"cmd": "load", "dir": dir, "dtype": w.dtype}))?;
+            worker
+        } else {
+            &mut rs
+        };
         let mut iters = [1u64; 2];
-        for (i, worker) in [&mut py, &mut rs].into_iter().enumerate() {
+        for (i, worker) in [&mut py, &mut *rs].into_iter().enumerate() {
             worker.call(json!({"cmd": "prepare", "task": task}))?;
             // Enough iterations per sample that the /proc jiffy counts mean something.
             let probe = sample(worker, 1)?.ms;
@@ -531,7 +579,7 @@ pub fn bench(args: &[String]) -> Result<()> {
                 let (worker, times, check) = if side == 0 {
                     (&mut py, &mut py_ms, &mut py_check)
                 } else {
-                    (&mut rs, &mut rs_ms, &mut rs_check)
+                    (&mut *rs, &mut rs_ms, &mut rs_check)
                 };
                 let s = quiet_sample(worker, iters[side], &mut retaken)?;
                 others_max = others_max.max(s.others);
@@ -565,6 +613,7 @@ pub fn bench(args: &[String]) -> Result<()> {
     }
     drop(py);
     drop(rs);
+    drop(rs_ppo);
 
     let numerics = numerics(&rows);
     let mut table = render_table(&rows, bandwidth);

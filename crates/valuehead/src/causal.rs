@@ -515,7 +515,7 @@ impl CausalLmWithValueHead {
             produced,
             &session.state.generated_mask().f_narrow(1, 0, produced as i64)?,
         )?;
-        let [tokens, values, logprobs, generated_mask] = session.state.outputs(kept)?;
+        let [tokens, values, logprobs, sample_logprobs, generated_mask] = session.state.outputs(kept)?;
         if use_graphs {
             *kept_session = Some(session);
         }
@@ -524,6 +524,7 @@ impl CausalLmWithValueHead {
             &tokens,
             &values,
             &logprobs,
+            &sample_logprobs,
             &generated_mask,
             kept,
             timings,

@@ -399,6 +399,10 @@ pub struct GenerateOutput {
     /// For each new token, its log-probability under the model's own distribution (raw logits,
     /// before repetition penalty, temperature, top-k and top-p), f32 [batch, new].
     pub logprobs: Tensor,
+    /// For each new token, its log-probability under the processed scores it was chosen from
+    /// (after repetition penalty, temperature, top-k and top-p): what TRL's PPO reads from
+    /// `generate`'s `scores` as the rollout's log-probabilities, f32 [batch, new].
+    pub sample_logprobs: Tensor,
     /// True for tokens generated before the row finished (its eos included); false for the
     /// padding that continues finished rows. bool [batch, new].
     pub generated_mask: Tensor,
@@ -569,6 +573,7 @@ pub(crate) fn decode_loop(
     let mut seen = seen.shallow_clone();
     let mut unfinished = Tensor::f_ones([batch], (Kind::Bool, device))?;
     let (mut tokens, mut values, mut logprobs, mut generated_mask) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut sample_logprobs = Vec::new();
     for n in 0..max_new {
         let scores = process_scores(&out.logits, &seen, n, config, eos.as_ref())?;
         let mut next = if config.do_sample {
@@ -588,9 +593,16 @@ pub(crate) fn decode_loop(
             .f_gather(1, &column, false)?
             .f_squeeze_dim(1)?
             .f_sub(&out.logits.f_logsumexp(&[-1i64][..], false)?)?;
+        // The same at the processed scores: with a temperature this is the sampling
+        // distribution's log-probability, which PPO's ratio is measured against.
+        let sample_logprob = scores
+            .f_gather(1, &column, false)?
+            .f_squeeze_dim(1)?
+            .f_sub(&scores.f_logsumexp(&[-1i64][..], false)?)?;
         tokens.push(next.shallow_clone());
         values.push(out.values.shallow_clone());
         logprobs.push(logprob);
+        sample_logprobs.push(sample_logprob);
         generated_mask.push(unfinished.shallow_clone());
         if penalised {
             seen = Tensor::f_cat(&[&seen, &column], 1)?;
@@ -620,6 +632,7 @@ pub(crate) fn decode_loop(
         &Tensor::f_stack(&tokens, 1)?,
         &Tensor::f_stack(&values, 1)?,
         &Tensor::f_stack(&logprobs, 1)?,
+        &Tensor::f_stack(&sample_logprobs, 1)?,
         &generated_mask,
         kept,
         timings,
@@ -627,11 +640,13 @@ pub(crate) fn decode_loop(
 }
 
 /// The output from the generated columns [batch, n >= kept], keeping the first `kept`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn finish_output(
     prompt: &Tensor,
     tokens: &Tensor,
     values: &Tensor,
     logprobs: &Tensor,
+    sample_logprobs: &Tensor,
     generated_mask: &Tensor,
     kept: i64,
     timings: GenerateTimings,
@@ -649,6 +664,7 @@ pub(crate) fn finish_output(
         new_tokens,
         values: keep(values)?,
         logprobs: keep(logprobs)?,
+        sample_logprobs: keep(sample_logprobs)?,
         generated_mask: keep(generated_mask)?,
         timings,
     })

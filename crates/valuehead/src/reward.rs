@@ -155,12 +155,23 @@ impl SequenceClassifier {
     /// Scores for every position, f32 [batch, seq, num_labels] (what TRL's `get_reward` reads
     /// at positions of its own choosing), with HF's default position ids.
     pub fn forward_all_positions(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_all_positions_with(input_ids, attention_mask, None)
+    }
+
+    /// [`SequenceClassifier::forward_all_positions`] with explicit position ids [batch, seq]
+    /// (TRL's `get_reward` numbers each row from its first attended token).
+    pub fn forward_all_positions_with(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let limits = CausalLimits {
             vocab_size: self.backbone.vocab_size(),
             num_layers: self.backbone.num_layers(),
             max_positions: self.backbone.max_positions(),
         };
-        let inputs = prepare_causal(input_ids, attention_mask, None, None, limits, self.vs.device())?;
+        let inputs = prepare_causal(input_ids, attention_mask, position_ids, None, limits, self.vs.device())?;
         let (hidden, _) = self.backbone.forward_hidden(&inputs, self.train)?;
         Ok(hidden.f_linear::<Tensor>(&self.score, None)?.f_to_kind(Kind::Float)?)
     }

@@ -57,6 +57,9 @@ pub(crate) struct StaticState {
     tokens: Tensor,
     values: Tensor,
     logprobs: Tensor,
+    /// The chosen token's log-probability under the processed scores (eos forbidden before
+    /// `min_new_tokens`), as the eager loop's `sample_logprobs`.
+    sample_logprobs: Tensor,
     generated_mask: Tensor,
     /// The eos ids that can end a row, and the token finished rows continue with.
     eos: Option<Tensor>,
@@ -124,6 +127,7 @@ impl StaticState {
             tokens: Tensor::f_zeros([batch, max_new], (Kind::Int64, device))?,
             values: Tensor::f_zeros([batch, max_new], (Kind::Float, device))?,
             logprobs: Tensor::f_zeros([batch, max_new], (Kind::Float, device))?,
+            sample_logprobs: Tensor::f_zeros([batch, max_new], (Kind::Float, device))?,
             generated_mask: Tensor::f_zeros([batch, max_new], (Kind::Bool, device))?,
             eos,
             pad,
@@ -179,6 +183,14 @@ impl StaticState {
             .f_gather(1, &column, false)?
             .f_squeeze_dim(1)?
             .f_sub(&logits.f_logsumexp(&[-1i64][..], false)?)?;
+        let sample_logprob = scores
+            .f_gather(1, &column, false)?
+            .f_squeeze_dim(1)?
+            .f_sub(&scores.f_logsumexp(&[-1i64][..], false)?)?;
+        let _ = self
+            .sample_logprobs
+            .shallow_clone()
+            .f_index_copy_(1, &self.step, &sample_logprob.f_unsqueeze(1)?)?;
         let _ = self.tokens.shallow_clone().f_index_copy_(1, &self.step, &column)?;
         let _ = self.values.shallow_clone().f_index_copy_(
             1,
@@ -245,12 +257,13 @@ impl StaticState {
     }
 
     /// Fresh copies of the first `kept` output columns: tokens, values, log-probs, mask.
-    pub(crate) fn outputs(&self, kept: i64) -> Result<[Tensor; 4]> {
+    pub(crate) fn outputs(&self, kept: i64) -> Result<[Tensor; 5]> {
         let take = |t: &Tensor| fresh(&t.f_narrow(1, 0, kept)?);
         Ok([
             take(&self.tokens)?,
             take(&self.values)?,
             take(&self.logprobs)?,
+            take(&self.sample_logprobs)?,
             take(&self.generated_mask)?,
         ])
     }

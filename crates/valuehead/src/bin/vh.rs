@@ -45,6 +45,14 @@ struct ModelArgs {
 
 #[derive(Subcommand)]
 enum Command {
+    /// PPO training (TRL 0.26.2's loop): runs the `vh-ppo` program built beside this one with the
+    /// arguments that follow (`vh ppo --help` for them; build it with `cargo build -p vh-ppo`).
+    #[command(disable_help_flag = true)]
+    Ppo {
+        /// Arguments for `vh-ppo`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Run one forward pass over the tensors of a safetensors file and write logits, values and loss.
     Forward {
         #[command(flatten)]
@@ -430,6 +438,22 @@ fn push(
     Ok(())
 }
 
+/// Runs `vh-ppo` from this program's folder. PPO lives in a crate above this one (it depends on
+/// the models, the optimiser and PPO's math), so `vh` hands the subcommand to its program, as git
+/// does with `git-<name>`.
+fn ppo(args: &[std::ffi::OsString]) -> Result<()> {
+    let exe = std::env::current_exe()?;
+    let program = exe.with_file_name(format!("vh-ppo{}", std::env::consts::EXE_SUFFIX));
+    if !program.exists() {
+        bail!(
+            "{} is not built: run `cargo build --release -p vh-ppo` (or `cargo build -p vh-ppo` for a debug vh)",
+            program.display()
+        );
+    }
+    let status = std::process::Command::new(&program).args(args).status()?;
+    std::process::exit(status.code().unwrap_or(130));
+}
+
 fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     // The supported architectures come from the registry, so the help never goes stale.
@@ -441,6 +465,7 @@ fn main() -> Result<()> {
         .after_help(format!("Supported model_type values: {}.", supported.join(", ")));
     let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&command.get_matches())?;
     match &cli.command {
+        Command::Ppo { args } => ppo(args),
         Command::Forward { model, inputs, out } => forward(model, inputs, out),
         Command::Score {
             model,

@@ -1,0 +1,250 @@
+//! The PPO trainer end to end on tiny models: it learns a programmatic reward, two runs under a
+//! seed give identical statistics, a resumed run takes the same next step, and bad inputs are
+//! refused before any work.
+
+mod common;
+
+use std::path::Path;
+use valuehead::{CausalLmWithValueHead, LoadOptions};
+use vh_ppo::{PpoConfig, PpoError, PpoStats, PpoTrainer, Reward};
+
+/// The token the reward asks for.
+const TARGET: i64 = 7;
+
+/// A tiny GPT-2 (vocabulary 50) with room for prompts plus responses.
+fn tiny_model(dir: &Path) -> CausalLmWithValueHead {
+    common::write_tiny_gpt2(
+        dir,
+        serde_json::json!({"n_positions": 32, "n_embd": 32, "pad_token_id": 0}),
+    );
+    CausalLmWithValueHead::from_folder(dir, &LoadOptions::default()).unwrap()
+}
+
+/// 16 prompts of 2 to 5 tokens (ids 1..50, never the pad 0).
+fn prompts() -> Vec<Vec<i64>> {
+    (0..16)
+        .map(|i: i64| (0..(2 + i % 4)).map(|j| 1 + (i * 7 + j * 13) % 49).collect())
+        .collect()
+}
+
+/// The share of response tokens equal to [`TARGET`].
+fn target_share() -> Reward {
+    Reward::function(|_prompt, response| {
+        response.iter().filter(|&&t| t == TARGET).count() as f32 / response.len().max(1) as f32
+    })
+}
+
+fn config(steps: usize) -> PpoConfig {
+    PpoConfig {
+        learning_rate: 1e-2,
+        per_device_train_batch_size: 4,
+        gradient_accumulation_steps: 2,
+        num_mini_batches: 2,
+        num_ppo_epochs: 4,
+        total_episodes: Some(steps * 8),
+        response_length: 8,
+        temperature: 1.0,
+        max_grad_norm: Some(1.0),
+        kl_coef: 0.02,
+        seed: 7,
+        ..Default::default()
+    }
+}
+
+/// Every statistic but `eps` (episodes per second, a clock reading), with NaN made comparable.
+fn comparable(stats: &PpoStats) -> Vec<(&'static str, u64)> {
+    stats
+        .to_log()
+        .into_iter()
+        .filter(|(k, _)| *k != "eps")
+        .map(|(k, v)| (k, v.to_bits()))
+        .collect()
+}
+
+fn run(dir: &Path, steps: usize) -> Vec<PpoStats> {
+    let mut trainer = PpoTrainer::new(tiny_model(dir), target_share(), prompts(), config(steps)).unwrap();
+    let mut all = Vec::new();
+    while !trainer.is_done() {
+        all.push(trainer.step().unwrap());
+    }
+    all
+}
+
+#[test]
+fn ppo_learns_a_token_reward_on_a_tiny_model() {
+    tch::set_num_threads(1);
+    let tmp = tempfile::tempdir().unwrap();
+    let stats = run(tmp.path(), 30);
+    assert_eq!(stats.len(), 30);
+    let mean = |s: &[PpoStats]| s.iter().map(|s| s.objective_scores).sum::<f64>() / s.len() as f64;
+    let (before, after) = (mean(&stats[..3]), mean(&stats[27..]));
+    let max_kl = stats.iter().map(|s| s.objective_kl).fold(f64::MIN, f64::max);
+    println!("mean target share: first 3 iterations {before:.3}, last 3 {after:.3}; max objective/kl {max_kl:.3}");
+    for s in &stats {
+        for (k, v) in s.to_log() {
+            assert!(v.is_finite() || k == "val/ratio_var", "{k} = {v}");
+        }
+    }
+    // A random tiny model says the target about 1 time in 50; the trained one most of the time.
+    assert!(
+        before < 0.15,
+        "the untrained share {before} is already high: the test proves nothing"
+    );
+    assert!(
+        after > before + 0.3,
+        "the reward did not rise: {before:.3} -> {after:.3}"
+    );
+    // The KL penalty keeps the policy near the reference: the summed per-token KL stays well
+    // below that of a policy collapsed onto the target (8 tokens x ln 50, the reference giving
+    // the target about 1/50), which the reward alone would drive it to.
+    let collapsed = 8.0 * 50f64.ln();
+    assert!(
+        max_kl < 0.75 * collapsed,
+        "objective/kl reached {max_kl} (collapse: {collapsed:.1})"
+    );
+    assert_eq!(stats[0].episode, 8.0);
+    assert!(stats[0].lr > stats[29].lr, "the learning rate decays linearly");
+}
+
+#[test]
+fn two_runs_under_a_seed_give_identical_stats() {
+    tch::set_num_threads(1);
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (first, second) = (run(a.path(), 4), run(b.path(), 4));
+    let first: Vec<_> = first.iter().map(comparable).collect();
+    let second: Vec<_> = second.iter().map(comparable).collect();
+    assert_eq!(first, second);
+    // And a different seed changes them (the comparison can fail).
+    let mut other = PpoTrainer::new(
+        tiny_model(&a.path().join("other")),
+        target_share(),
+        prompts(),
+        PpoConfig { seed: 8, ..config(4) },
+    )
+    .unwrap();
+    assert_ne!(comparable(&other.step().unwrap()), first[0]);
+}
+
+#[test]
+fn a_resumed_run_takes_the_same_next_step() {
+    tch::set_num_threads(1);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut straight =
+        PpoTrainer::new(tiny_model(&tmp.path().join("a")), target_share(), prompts(), config(6)).unwrap();
+    let mut interrupted =
+        PpoTrainer::new(tiny_model(&tmp.path().join("b")), target_share(), prompts(), config(6)).unwrap();
+    for _ in 0..3 {
+        straight.step().unwrap();
+        interrupted.step().unwrap();
+    }
+    let ckpt = tmp.path().join("checkpoint");
+    interrupted.save_checkpoint(&ckpt).unwrap();
+    drop(interrupted);
+    let mut resumed = PpoTrainer::resume(&ckpt, target_share(), &LoadOptions::default()).unwrap();
+    assert_eq!(resumed.steps_done(), 3);
+    for _ in 0..2 {
+        let (a, b) = (straight.step().unwrap(), resumed.step().unwrap());
+        assert_eq!(comparable(&a), comparable(&b));
+    }
+    let (a, b) = (straight.policy().state_dict(), resumed.policy().state_dict());
+    for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        assert!(ta.equal(tb), "{na} differs after resuming");
+    }
+}
+
+#[test]
+fn bad_inputs_are_refused_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = || tiny_model(tmp.path());
+    let err = |r: Result<PpoTrainer, PpoError>| r.map(|_| ()).unwrap_err().to_string();
+    let e = err(PpoTrainer::new(model(), target_share(), vec![], config(2)));
+    assert!(e.contains("no prompts"), "{e}");
+    let e = err(PpoTrainer::new(model(), target_share(), vec![vec![]; 8], config(2)));
+    assert!(e.contains("prompt 0 is empty"), "{e}");
+    let e = err(PpoTrainer::new(
+        model(),
+        target_share(),
+        vec![vec![3; 30]; 8],
+        config(2),
+    ));
+    assert!(e.contains("exceeds the model's 32 positions"), "{e}");
+    let e = err(PpoTrainer::new(
+        model(),
+        target_share(),
+        vec![vec![3, 99]; 8],
+        config(2),
+    ));
+    assert!(e.contains("outside the vocabulary"), "{e}");
+    let e = err(PpoTrainer::new(
+        model(),
+        target_share(),
+        prompts()[..3].to_vec(),
+        config(2),
+    ));
+    assert!(e.contains("cannot fill one rollout batch"), "{e}");
+    let e = err(PpoTrainer::new(
+        model(),
+        target_share(),
+        prompts(),
+        PpoConfig {
+            num_mini_batches: 3,
+            ..config(2)
+        },
+    ));
+    assert!(e.contains("multiple of `num_mini_batches`"), "{e}");
+
+    // A reward model that reads another vocabulary.
+    let rm_dir = tmp.path().join("rm");
+    common::write_tiny_gpt2(
+        &rm_dir,
+        serde_json::json!({"vocab_size": 60, "n_embd": 32, "pad_token_id": 0, "num_labels": 1, "architectures": ["GPT2ForSequenceClassification"]}),
+    );
+    let mut tensors = vh_hub::read_safetensors(&rm_dir.join("model.safetensors")).unwrap();
+    tensors.retain(|(n, _)| !n.starts_with("v_head."));
+    tensors.push((
+        "score.weight".into(),
+        tch::Tensor::zeros([1, 32], (tch::Kind::Float, tch::Device::Cpu)),
+    ));
+    vh_hub::write_safetensors(&rm_dir.join("model.safetensors"), &tensors).unwrap();
+    let rm = valuehead::SequenceClassifier::from_folder(&rm_dir, &LoadOptions::default()).unwrap();
+    let e = err(PpoTrainer::new(
+        model(),
+        Reward::Model(Box::new(rm)),
+        prompts(),
+        config(2),
+    ));
+    assert!(e.contains("60 tokens") && e.contains("50"), "{e}");
+
+    // A NaN reward stops the step before any update.
+    let mut trainer = PpoTrainer::new(model(), Reward::function(|_, _| f32::NAN), prompts(), config(2)).unwrap();
+    let before = trainer.policy().state_dict();
+    let e = trainer.step().unwrap_err();
+    assert!(matches!(e, PpoError::NonFiniteReward { row: 0, .. }), "{e}");
+    for ((n, a), (_, b)) in before.iter().zip(trainer.policy().state_dict().iter()) {
+        assert!(a.equal(b), "{n} changed");
+    }
+}
+
+/// The rollout's log-probabilities (read from the sampling passes) and values (from the
+/// generation passes) are those the update's forward computes: with a learning rate of 0 every
+/// ratio is 1, nothing is clipped, and the value loss is that of the rollout's own values.
+#[test]
+fn rollout_logprobs_and_values_agree_with_the_update_forward() {
+    tch::set_num_threads(1);
+    let tmp = tempfile::tempdir().unwrap();
+    let config = PpoConfig {
+        learning_rate: 0.0,
+        stop_token_id: Some(TARGET),
+        pad_token_id: Some(0),
+        ..config(2)
+    };
+    let mut trainer = PpoTrainer::new(tiny_model(tmp.path()), target_share(), prompts(), config).unwrap();
+    for _ in 0..2 {
+        let s = trainer.step().unwrap();
+        assert!(s.policy_approxkl_avg < 1e-10, "approxkl {}", s.policy_approxkl_avg);
+        assert!((s.val_ratio - 1.0).abs() < 1e-5, "ratio {}", s.val_ratio);
+        assert_eq!(s.policy_clipfrac_avg, 0.0);
+        assert_eq!(s.val_clipfrac_avg, 0.0, "vpred moved away from the rollout's values");
+    }
+}
