@@ -232,6 +232,7 @@ pub const ARCHITECTURES: &[Architecture] = &[
     crate::qwen3::ARCHITECTURE,
     crate::gpt_neox::ARCHITECTURE,
     crate::opt::ARCHITECTURE,
+    crate::gemma::ARCHITECTURE,
     crate::t5::ARCHITECTURE,
 ];
 
