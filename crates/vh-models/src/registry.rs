@@ -233,6 +233,7 @@ pub const ARCHITECTURES: &[Architecture] = &[
     crate::gpt_neox::ARCHITECTURE,
     crate::opt::ARCHITECTURE,
     crate::gemma::ARCHITECTURE,
+    crate::gemma2::ARCHITECTURE,
     crate::t5::ARCHITECTURE,
 ];
 
