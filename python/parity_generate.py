@@ -1,7 +1,7 @@
 """Reference outputs for greedy generation parity.
 
 Builds seeded random GPT-2, Llama, Qwen2, Mistral (sliding window), Qwen3 (a sliding layer), GPT-NeoX,
-OPT and T5 models (as the forward parity suites do), wraps each in TRL's value-head class, saves it
+OPT, Gemma, Gemma2 (soft caps, a sliding layer) and T5 models (as the forward parity suites do), wraps each in TRL's value-head class, saves it
 with TRL's save_pretrained, and records the token sequences that TRL's `generate` (which is
 transformers' `generate`) returns with do_sample=False on padded batches: plain, with a repetition
 penalty, and with eos tokens that end some rows early after min_new_tokens.
@@ -20,6 +20,8 @@ from trl import AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValu
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import parity_causal  # noqa: E402
+import parity_gemma  # noqa: E402
+import parity_gemma2  # noqa: E402
 import parity_gpt2  # noqa: E402
 import parity_gpt_neox  # noqa: E402
 import parity_llama  # noqa: E402
@@ -74,6 +76,21 @@ def gpt_neox_model(seed):
 def opt_model(seed):
     # OPT-350m's layout: post-LayerNorm blocks and project_in/project_out (value head width 16).
     base, cfg = parity_opt.build({"do_layer_norm_before": False, "word_embed_proj_dim": 16}, seed)
+    return AutoModelForCausalLMWithValueHead.from_pretrained(base).eval(), cfg["vocab_size"]
+
+
+def gemma_model(seed):
+    # Tied (Gemma's default), GQA, head_dim 8 with hidden 32: normalised embeddings, (1 + w) norms.
+    config, cfg = parity_gemma.make_config({})
+    base = parity_causal.build(config, seed)
+    return AutoModelForCausalLMWithValueHead.from_pretrained(base).eval(), cfg["vocab_size"]
+
+
+def gemma2_model(seed):
+    # Layer 0 slides (window 4) past which decoding runs, layer 1 is full; tight attention and
+    # final soft caps.
+    config, cfg = parity_gemma2.make_config({})
+    base = parity_causal.build(config, seed)
     return AutoModelForCausalLMWithValueHead.from_pretrained(base).eval(), cfg["vocab_size"]
 
 
@@ -147,6 +164,8 @@ def main(out_dir):
         ("qwen3", qwen3_model, causal_prompts),
         ("gpt_neox", gpt_neox_model, causal_prompts),
         ("opt", opt_model, causal_prompts),
+        ("gemma", gemma_model, causal_prompts),
+        ("gemma2", gemma2_model, causal_prompts),
         ("t5", t5_model, seq2seq_prompts),
     ]
     for kind, build, prompts in kinds:

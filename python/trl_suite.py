@@ -25,6 +25,8 @@ from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
+    Gemma2Config,
+    GemmaConfig,
     GenerationConfig,
     GPT2Config,
     GPTNeoXConfig,
@@ -84,6 +86,23 @@ ARCHS = {
         dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, max_position_embeddings=64, use_sliding_window=True,
              sliding_window=4, max_window_layers=1),
+        False,
+    ),
+    # Gemma's defaults: tied, normalised embeddings, (1 + w) norms; head_dim 16 with hidden 32.
+    "gemma": (
+        GemmaConfig,
+        dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, max_position_embeddings=64),
+        False,
+    ),
+    # Layer 0 slides with a window of 4, final logits soft-capped at 3. TRL loads with
+    # transformers' default attention (sdpa), whose Gemma2 path drops the attention soft-capping;
+    # that cap is off here and covered against eager by the parity suite.
+    "gemma2": (
+        Gemma2Config,
+        dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, max_position_embeddings=64, sliding_window=4,
+             query_pre_attn_scalar=16, attn_logit_softcapping=None, final_logit_softcapping=3.0),
         False,
     ),
 }

@@ -1,6 +1,6 @@
 //! save_pretrained: folders saved here load back here with the same outputs (one file and
 //! sharded), and load in Python through TRL's from_pretrained with the same outputs (GPT-2,
-//! Llama, Qwen2, Mistral, Qwen3, GPT-NeoX, OPT, T5).
+//! Llama, Qwen2, Mistral, Qwen3, GPT-NeoX, OPT, Gemma, Gemma2, T5).
 
 mod common;
 
@@ -80,6 +80,16 @@ fn causal_models_round_trip_and_load_in_trl() {
             "opt untied post-norm",
             "opt",
             json!({"tie_word_embeddings": false, "do_layer_norm_before": false, "word_embed_proj_dim": 16}),
+            "lm_head.weight",
+            true,
+        ),
+        ("gemma tied", "gemma", json!({}), "lm_head.weight", false),
+        // Soft caps, a sliding first layer (window 3 over 5 tokens).
+        ("gemma2 tied", "gemma2", json!({}), "lm_head.weight", false),
+        (
+            "gemma untied with attention biases",
+            "gemma",
+            json!({"tie_word_embeddings": false, "attention_bias": true}),
             "lm_head.weight",
             true,
         ),
@@ -192,7 +202,9 @@ fn folders_saved_by_python_in_every_format_load_with_the_same_outputs() {
     tch::set_num_threads(1);
     let ids = Tensor::from_slice2(&[[0i64, 3, 4, 5, 6], [7, 8, 9, 10, 11]]);
     let mask = Tensor::from_slice2(&[[0i64, 1, 1, 1, 1], [1, 1, 1, 1, 1]]);
-    for kind in ["gpt2", "llama", "mistral", "qwen3", "gpt_neox", "opt", "t5"] {
+    for kind in [
+        "gpt2", "llama", "mistral", "qwen3", "gpt_neox", "opt", "gemma", "gemma2", "t5",
+    ] {
         let source = tempfile::tempdir().unwrap();
         write_tiny(kind, source.path(), json!({}));
         let resaved = tempfile::tempdir().unwrap();

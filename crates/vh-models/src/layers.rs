@@ -184,6 +184,9 @@ pub enum RmsNormStyle {
     /// HF's `T5LayerNorm`: the input times the f32 reciprocal RMS, cast to the weight's kind when
     /// that is f16/bf16, then scaled.
     T5,
+    /// HF's `GemmaRMSNorm`: normalised and scaled by `1 + weight` in f32, then cast back to the
+    /// input's kind (the weight is stored zero-centred).
+    Gemma,
 }
 
 /// RMS normalisation over the last dimension (no mean, no bias), scaled by `weight`.
@@ -196,10 +199,11 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    /// Creates `weight` under `vs` (ones until loaded).
+    /// Creates `weight` under `vs` (the identity scale until loaded: ones, zeros for Gemma's).
     pub fn new(vs: nn::Path, dim: i64, eps: f64, style: RmsNormStyle) -> Result<Self> {
+        let identity = if style == RmsNormStyle::Gemma { 0.0 } else { 1.0 };
         Ok(Self {
-            weight: vh_core::param::var(&vs, "weight", &[dim], nn::Init::Const(1.0))?,
+            weight: vh_core::param::var(&vs, "weight", &[dim], nn::Init::Const(identity))?,
             eps,
             style,
         })
@@ -212,6 +216,10 @@ impl RmsNorm {
         let variance = h.f_mul(&h)?.f_mean_dim(-1, true, Kind::Float)?;
         let inverse = variance.s_add(self.eps)?.f_rsqrt()?;
         let normed = match self.style {
+            RmsNormStyle::Gemma => {
+                let scale = self.weight.f_to_kind(Kind::Float)?.s_add(1.0)?;
+                return Ok(h.f_mul(&inverse)?.f_mul(&scale)?.f_to_kind(x.kind())?);
+            }
             RmsNormStyle::Llama => h.f_mul(&inverse)?.f_to_kind(x.kind())?,
             RmsNormStyle::T5 => {
                 let normed = x.f_mul(&inverse)?;

@@ -3,6 +3,8 @@
 pub mod activation;
 pub mod attention;
 pub mod cache;
+pub mod gemma;
+pub mod gemma2;
 pub mod gpt2;
 pub mod gpt_neox;
 pub mod inputs;

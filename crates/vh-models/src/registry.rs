@@ -251,6 +251,8 @@ pub const ARCHITECTURES: &[Architecture] = &[
     crate::qwen3::ARCHITECTURE,
     crate::gpt_neox::ARCHITECTURE,
     crate::opt::ARCHITECTURE,
+    crate::gemma::ARCHITECTURE,
+    crate::gemma2::ARCHITECTURE,
     crate::t5::ARCHITECTURE,
 ];
 
