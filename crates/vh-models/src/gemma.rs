@@ -516,7 +516,9 @@ pub const ARCHITECTURE: Architecture = Architecture {
 
 fn build(vs: nn::Path, config: &Value, options: &BuildOptions) -> Result<Box<dyn CausalLm>> {
     let mut cfg = GemmaConfig::from_json(config)?;
-    cfg.attn_implementation = options.attn_implementation.unwrap_or(ARCHITECTURE.default_attention);
+    cfg.attn_implementation = options
+        .attn_implementation
+        .unwrap_or_else(|| ARCHITECTURE.default_attention_on(vs.device()));
     Ok(Box::new(GemmaForCausalLM::with_head(
         vs,
         &cfg,
