@@ -208,7 +208,15 @@ fn config_sizes_beyond_the_checkpoint_are_refused_before_allocating() {
     std::fs::write(model.join("config.json"), r#"{"model_type": "llama"}"#).unwrap();
     let rss_before = rss_kib();
     let err = CausalLmWithValueHead::from_folder(&model, &LoadOptions::default()).unwrap_err();
-    assert!(matches!(err, Error::Model(vh_core::Error::TensorShape { .. })), "{err}");
+    // Refused either by the placeholder cap (32 layers cannot come from a 2-layer checkpoint)
+    // or by the first shape compared: both before anything of the config's size exists.
+    let refused = |e: &Error| {
+        matches!(
+            e,
+            Error::Model(vh_core::Error::TensorShape { .. }) | Error::Model(vh_core::Error::Config(_))
+        )
+    };
+    assert!(refused(&err), "{err}");
     let grown = rss_kib().saturating_sub(rss_before);
     assert!(grown < 512 * 1024, "loading grew the process by {grown} KiB");
     // n_embd = 10^9 for GPT-2: the same, and no 4 GB value head either.
@@ -220,7 +228,7 @@ fn config_sizes_beyond_the_checkpoint_are_refused_before_allocating() {
     config["n_head"] = json!(1);
     std::fs::write(gpt2.join("config.json"), config.to_string()).unwrap();
     let err = CausalLmWithValueHead::from_folder(&gpt2, &LoadOptions::default()).unwrap_err();
-    assert!(matches!(err, Error::Model(vh_core::Error::TensorShape { .. })), "{err}");
+    assert!(refused(&err), "{err}");
     // A value-head width that no backbone tensor has (word_embed_proj_dim).
     write_tiny_gpt2(&gpt2, json!({"word_embed_proj_dim": 1_000_000_000i64}));
     let contents = vh_hub::ModelFolder::open(&gpt2).unwrap();
