@@ -81,7 +81,10 @@ fn smollm2_matches_transformers_on_chat_prompts() {
             prompt.equal(&expected[&format!("prompt_{i}")]),
             "token ids differ from HF's tokenizer"
         );
-        let out = tch::no_grad(|| model.generate(&prompt, None, &greedy())).unwrap();
+        // The reference passes an all-ones mask; without one, HF (and we) would infer padding
+        // from the pad token <|im_end|>, which the chat template puts inside the prompt.
+        let ones = prompt.ones_like();
+        let out = tch::no_grad(|| model.generate(&prompt, Some(&ones), &greedy())).unwrap();
         let theirs = &expected[&format!("sequences_{i}")];
         assert!(
             out.sequences.equal(theirs),

@@ -39,10 +39,13 @@ pub(crate) mod test_util {
             vars.sort_by(|a, b| a.0.cmp(&b.0));
             for (i, (_, mut v)) in vars.into_iter().enumerate() {
                 let n = v.numel() as i64;
-                let x = Tensor::arange(n, (Kind::Double, v.device())) * 12.9898 + (seed as f64 * 78.233 + i as f64 * 37.719);
+                let x = Tensor::arange(n, (Kind::Double, v.device())) * 12.9898
+                    + (seed as f64 * 78.233 + i as f64 * 37.719);
                 let uniform = (x.sin() * 43758.5453).frac().abs();
                 // Uniform on [-1, 1) scaled to the standard deviation `scale`.
-                let noise = ((uniform * 2.0 - 1.0) * (scale * 3f64.sqrt())).to_kind(Kind::Float).view(v.size().as_slice());
+                let noise = ((uniform * 2.0 - 1.0) * (scale * 3f64.sqrt()))
+                    .to_kind(Kind::Float)
+                    .view(v.size().as_slice());
                 v.copy_(&noise);
             }
         });
