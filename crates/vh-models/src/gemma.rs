@@ -424,6 +424,16 @@ impl GemmaForCausalLM {
     }
 }
 
+impl GemmaForCausalLM {
+    /// Its LM-head checkpoint facts (shared by the Llama family).
+    fn head_facts(&self) -> crate::registry::EmbedTokensHead {
+        crate::registry::EmbedTokensHead {
+            tied: self.cfg.tie_word_embeddings,
+            has_head: self.lm_head.is_some(),
+        }
+    }
+}
+
 impl CausalLm for GemmaForCausalLM {
     fn model_type(&self) -> &'static str {
         ARCHITECTURE.model_type
@@ -481,26 +491,15 @@ impl CausalLm for GemmaForCausalLM {
     }
 
     fn parameter_name(&self, key: &str) -> Option<String> {
-        // Rotary buffers of old checkpoints hold no parameter; a tied head reads the embedding,
-        // and a model without a head has no place for one.
-        let no_head_parameter = self.cfg.tie_word_embeddings || self.lm_head.is_none();
-        if key.ends_with("rotary_emb.inv_freq") || (no_head_parameter && key == "lm_head.weight") {
-            return None;
-        }
-        Some(key.to_string())
+        self.head_facts().parameter_name(key)
     }
 
     fn tied_aliases(&self) -> Vec<(&'static str, &'static str)> {
-        if self.cfg.tie_word_embeddings && self.lm_head.is_some() {
-            vec![("lm_head.weight", "model.embed_tokens.weight")]
-        } else {
-            vec![]
-        }
+        self.head_facts().tied_aliases()
     }
 
     fn is_lookup_only(&self, name: &str) -> bool {
-        let head_reads_embedding = self.cfg.tie_word_embeddings && self.lm_head.is_some();
-        !head_reads_embedding && name == "model.embed_tokens.weight"
+        self.head_facts().is_lookup_only(name)
     }
 }
 

@@ -89,6 +89,43 @@ pub trait CausalLm: std::fmt::Debug + Send {
     }
 }
 
+/// The checkpoint facts of a decoder whose LM head is `lm_head.weight` and may be tied to
+/// `model.embed_tokens.weight` (the Llama family: Llama, Mistral, Qwen3, Gemma, Gemma2), in one
+/// place for their `CausalLm` impls.
+#[derive(Debug, Clone, Copy)]
+pub struct EmbedTokensHead {
+    /// config.json's `tie_word_embeddings`.
+    pub tied: bool,
+    /// Whether the model was built with an LM head.
+    pub has_head: bool,
+}
+
+impl EmbedTokensHead {
+    /// [`CausalLm::parameter_name`]: rotary buffers of old checkpoints hold no parameter; a tied
+    /// head reads the embedding, and a model without a head has no place for one.
+    pub fn parameter_name(self, key: &str) -> Option<String> {
+        let no_head_parameter = self.tied || !self.has_head;
+        if key.ends_with("rotary_emb.inv_freq") || (no_head_parameter && key == "lm_head.weight") {
+            return None;
+        }
+        Some(key.to_string())
+    }
+
+    /// [`CausalLm::tied_aliases`].
+    pub fn tied_aliases(self) -> Vec<(&'static str, &'static str)> {
+        if self.tied && self.has_head {
+            vec![("lm_head.weight", "model.embed_tokens.weight")]
+        } else {
+            vec![]
+        }
+    }
+
+    /// [`CausalLm::is_lookup_only`]: the input embedding, unless the head reads it.
+    pub fn is_lookup_only(self, name: &str) -> bool {
+        !(self.tied && self.has_head) && name == "model.embed_tokens.weight"
+    }
+}
+
 /// Where a parameter comes in PyTorch's `named_parameters()` order, at the granularity of the
 /// decoder layers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
