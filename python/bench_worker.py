@@ -41,6 +41,9 @@ import torch
 import transformers
 import trl
 from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
@@ -57,6 +60,23 @@ MODELS = {
     "t5-toy": ("t5", dict(vocab_size=1000, d_model=64, d_kv=16, d_ff=256, num_layers=2, num_heads=4, decoder_start_token_id=0)),
     "t5-small": ("t5", dict(decoder_start_token_id=0)),
 }
+# One toy per further architecture of the registry (forward and generate rows: the bench takes
+# every model_type the library does). Small shapes, HF's defaults otherwise.
+_LLAMA_LIKE = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
+MODELS.update({
+    "llama-toy": ("llama", dict(_LLAMA_LIKE)),
+    "qwen2-toy": ("qwen2", dict(_LLAMA_LIKE)),
+    "mistral-toy": ("mistral", dict(_LLAMA_LIKE, sliding_window=None)),
+    "qwen3-toy": ("qwen3", dict(_LLAMA_LIKE, head_dim=16)),
+    "gemma-toy": ("gemma", dict(_LLAMA_LIKE, head_dim=16)),
+    "gemma2-toy": ("gemma2", dict(_LLAMA_LIKE, head_dim=16, sliding_window=16)),
+    "gpt_neox-toy": ("gpt_neox", dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=512, bos_token_id=1, eos_token_id=2)),
+    "opt-toy": ("opt", dict(vocab_size=1000, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                            word_embed_proj_dim=64, max_position_embeddings=512, bos_token_id=2, eos_token_id=2, pad_token_id=1)),
+})
 
 
 def reply(obj):
@@ -84,9 +104,17 @@ def make(name, out_dir):
     if arch == "gpt2":
         base = GPT2LMHeadModel(GPT2Config(**overrides))
         model = AutoModelForCausalLMWithValueHead.from_pretrained(base)
-    else:
+    elif arch == "t5":
         base = T5ForConditionalGeneration(T5Config(**overrides))
         model = AutoModelForSeq2SeqLMWithValueHead.from_pretrained(base)
+    else:
+        config = AutoConfig.for_model(arch, **overrides)
+        if config.is_encoder_decoder:
+            base = AutoModelForSeq2SeqLM.from_config(config)
+            model = AutoModelForSeq2SeqLMWithValueHead.from_pretrained(base)
+        else:
+            base = AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLMWithValueHead.from_pretrained(base)
     tmp = out_dir + ".partial"
     model.save_pretrained(tmp)
     os.replace(tmp, out_dir)
@@ -102,7 +130,7 @@ class Worker:
         self.reward_model = None
         self.model_dir, self.dtype = model_dir, dtype
         config = json.load(open(os.path.join(model_dir, "config.json")))
-        self.seq2seq = config.get("model_type") == "t5"
+        self.seq2seq = bool(config.get("is_encoder_decoder"))
         cls = AutoModelForSeq2SeqLMWithValueHead if self.seq2seq else AutoModelForCausalLMWithValueHead
         model = cls.from_pretrained(model_dir)
         if dtype == "bf16":

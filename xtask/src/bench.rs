@@ -23,7 +23,9 @@ usage: cargo xtask bench [--quick] [--threads N] [--reps N] [--models a,b] [--dt
   --quick      a small subset (toy models, f32, few tokens): a smoke test of the bench itself
   --threads    intra-op threads on both sides (default 2)
   --reps       timed samples per side and workload (default 3; quick 2)
-  --models     gpt2-toy,t5-toy,gpt2-small,t5-small,smollm2 (smollm2 when installed by setup)
+  --models     gpt2-toy,t5-toy,gpt2-small,t5-small,smollm2 (smollm2 when installed by setup), and
+               one toy per further architecture: llama-toy, qwen2-toy, mistral-toy, qwen3-toy,
+               gemma-toy, gemma2-toy, gpt_neox-toy, opt-toy (forward; generate in the full run)
   --workloads  forward,generate,rollout,train,ppo (train: forward + backward + AdamW step, b8x128,
                on gpt2-small and smollm2; ppo: one PPO iteration, 8 prompts of 32 tokens + 64
                sampled, reference and reward forwards, one epoch of 2 mini-batches, f32)
@@ -134,6 +136,23 @@ impl Workload {
     }
 }
 
+/// One toy checkpoint per further `model_type` of the registry (python/bench_worker.py builds
+/// them): forward and greedy generate at batch 1 in f32, so the bench takes every architecture
+/// the library does. Seq2seq ones (with decoder inputs for the forward) are named in [`SEQ2SEQ`].
+const ARCH_TOYS: [&str; 8] = [
+    "llama-toy",
+    "qwen2-toy",
+    "mistral-toy",
+    "qwen3-toy",
+    "gemma-toy",
+    "gemma2-toy",
+    "gpt_neox-toy",
+    "opt-toy",
+];
+
+/// The bench models that are encoder-decoders.
+const SEQ2SEQ: [&str; 2] = ["t5-toy", "t5-small"];
+
 fn workloads(o: &Options, smollm2: bool) -> Vec<Workload> {
     let mut models: Vec<&str> = if o.quick {
         vec!["gpt2-toy", "t5-toy"]
@@ -193,6 +212,25 @@ fn workloads(o: &Options, smollm2: bool) -> Vec<Workload> {
                     });
                 }
             }
+        }
+    }
+    // The other architectures: forward everywhere, generate in the full run (f32, batch 1).
+    for model in ARCH_TOYS {
+        let tasks: &[&str] = if o.quick {
+            &["forward"]
+        } else {
+            &["forward", "generate"]
+        };
+        for task in tasks {
+            let (len, max_new) = if *task == "forward" { (scored, 0) } else { (prompt, new) };
+            out.push(Workload {
+                model: model.to_string(),
+                dtype: "f32".to_string(),
+                task: task.to_string(),
+                batch: 1,
+                len,
+                max_new,
+            });
         }
     }
     let keep = |filter: &[String], v: &str| filter.is_empty() || filter.iter().any(|f| f == v);
@@ -547,7 +585,7 @@ pub fn bench(args: &[String]) -> Result<()> {
             "input_ids": token_ids(w.batch, w.len, vocab, 1),
             "max_new_tokens": w.max_new,
         });
-        if w.model.starts_with("t5") && w.task == "forward" {
+        if SEQ2SEQ.contains(&w.model.as_str()) && w.task == "forward" {
             task["decoder_input_ids"] = json!(token_ids(w.batch, w.len, vocab, 2));
         }
         if w.task == "ppo" {
@@ -601,7 +639,7 @@ pub fn bench(args: &[String]) -> Result<()> {
             ours_check: rs_check,
         };
         eprintln!(
-            "bench: {:<10} {:<4} {:<22} python {:>9.2} ms  ours {:>9.2} ms  x{:.2}",
+            "bench: {:<12} {:<4} {:<22} python {:>9.2} ms  ours {:>9.2} ms  x{:.2}",
             w.model,
             w.dtype,
             w.name(),
@@ -756,7 +794,7 @@ fn render_numerics(numerics: &[Value]) -> String {
          train: first step's LM loss, ours - python; reward: summed scores of the batch, ours - python)\n"
             .to_string();
     s += &format!(
-        "{:<10} {:>14} {:>15} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14}\n",
+        "{:<12} {:>14} {:>15} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14}\n",
         "model",
         "f32 ours-py",
         "bf16 ours-py",
@@ -770,7 +808,7 @@ fn render_numerics(numerics: &[Value]) -> String {
     );
     for n in numerics {
         s += &format!(
-            "{:<10} {:>14} {:>15} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14}\n",
+            "{:<12} {:>14} {:>15} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14}\n",
             n["model"].as_str().unwrap_or(""),
             num(&n["f32_logits_ours_vs_python"]),
             num(&n["bf16_logits_ours_vs_python"]),
@@ -823,7 +861,7 @@ fn render_table(rows: &[Row], bandwidth: f64) -> String {
          memory bandwidth; others = most cores other processes used during a sample\n\n"
     );
     s += &format!(
-        "{:<10} {:<4} {:<22} {:>10} {:>10} {:>7} {:>6} {:>9} {:>9} {:>7} {:>7} {:>11} {:>6} {:>6}\n",
+        "{:<12} {:<4} {:<22} {:>10} {:>10} {:>7} {:>6} {:>9} {:>9} {:>7} {:>7} {:>11} {:>6} {:>6}\n",
         "model",
         "prec",
         "workload",
@@ -851,7 +889,7 @@ fn render_table(rows: &[Row], bandwidth: f64) -> String {
         });
         let agree = r.token_agreement.map_or("-".into(), |a| format!("{:.0}%", a * 100.0));
         s += &format!(
-            "{:<10} {:<4} {:<22} {:>10.2} {:>10.2} {:>6.2}x {:>6} {:>9.0} {:>9.0} {:>7.0} {:>7.0} {:>11} {:>6} {:>6.2}\n",
+            "{:<12} {:<4} {:<22} {:>10.2} {:>10.2} {:>6.2}x {:>6} {:>9.0} {:>9.0} {:>7.0} {:>7.0} {:>11} {:>6} {:>6.2}\n",
             w.model,
             w.dtype,
             w.name(),

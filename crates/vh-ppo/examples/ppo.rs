@@ -1,8 +1,10 @@
 //! PPO on SmolLM2-135M-Instruct with a reward anyone can read: +1 when the reply mentions a cat,
-//! minus 0.01 per reply token (so rambling costs), minus 1 when the reply never ends.
+//! minus 0.01 per reply token (so rambling costs; a reply cut at `response_length` pays for every
+//! token). No missing-eos penalty: SmolLM2's replies rarely end within a short response length,
+//! so a flat -1 on nearly every rollout would drown the signal (measured: see docs/ppo.md).
 //!
 //! ```sh
-//! cargo run --release --example ppo            # 10 iterations of 8 rollouts, out in target/ppo-example
+//! cargo run --release --example ppo            # 25 iterations of 8 rollouts, out in target/ppo-example
 //! cargo run --release --example ppo -- 40 DIR  # 40 iterations, out in DIR
 //! ```
 //!
@@ -24,6 +26,10 @@ const TARGET: &str = "cat";
 const PAD: i64 = 0;
 /// `<|im_end|>`: the end of a reply.
 const IM_END: i64 = 2;
+/// Tokens sampled per reply (TRL's `response_length`).
+const RESPONSE_LENGTH: usize = 48;
+/// Sampled replies per prompt in the before/after evaluation.
+const EVAL_ROUNDS: u64 = 4;
 
 const PROMPTS: [&str; 16] = [
     "Name an animal.",
@@ -81,6 +87,57 @@ fn greedy_replies(
         replies.push(reply);
     }
     Ok(replies)
+}
+
+/// Sampled replies to every prompt (`rounds` each, temperature 0.7 as the rollouts, fixed
+/// seeds) scored like the rollouts: (mean score, share mentioning the target). A fixed
+/// evaluation set before and after training measures the change with far less noise than the
+/// 8 rollouts of one iteration.
+fn sampled_eval(
+    model: &CausalLmWithValueHead,
+    tokenizer: &tokenizers::Tokenizer,
+    prompts: &[Vec<i64>],
+    rounds: u64,
+    response_length: usize,
+) -> Result<(f64, f64)> {
+    let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let mut ids = Vec::new();
+    let mut mask = Vec::new();
+    for p in prompts {
+        ids.extend(std::iter::repeat_n(PAD, width - p.len()));
+        ids.extend_from_slice(p);
+        mask.extend(std::iter::repeat_n(0i64, width - p.len()));
+        mask.extend(std::iter::repeat_n(1i64, p.len()));
+    }
+    let shape = [prompts.len() as i64, width as i64];
+    let ids = tch::Tensor::from_slice(&ids).view(shape);
+    let mask = tch::Tensor::from_slice(&mask).view(shape);
+    let (mut total, mut mentions, mut n) = (0.0, 0usize, 0usize);
+    for round in 0..rounds {
+        let config = GenerationConfig {
+            max_new_tokens: Some(response_length),
+            do_sample: true,
+            temperature: 0.7,
+            top_k: 0,
+            eos_token_id: vec![IM_END],
+            pad_token_id: Some(PAD),
+            seed: Some(1000 + round),
+            ..Default::default()
+        };
+        let out = tch::no_grad(|| model.generate(&ids, Some(&mask), &config))?;
+        for row in Vec::<Vec<i64>>::try_from(&out.new_tokens)? {
+            // As the trainer hands replies to the reward: up to and including <|im_end|>.
+            let reply = match row.iter().position(|&t| t == IM_END) {
+                Some(end) => &row[..=end],
+                None => &row[..],
+            };
+            let text = decode(tokenizer, reply)?;
+            total += f64::from(score(&text, reply.len()));
+            mentions += usize::from(mentions_target(&text));
+            n += 1;
+        }
+    }
+    Ok((total / n as f64, mentions as f64 / n as f64))
 }
 
 fn decode(tokenizer: &tokenizers::Tokenizer, ids: &[i64]) -> Result<String> {
@@ -151,7 +208,7 @@ fn main() -> Result<()> {
         .map(|s| s.parse())
         .transpose()
         .context("the number of iterations")?
-        .unwrap_or(10);
+        .unwrap_or(25);
     let out = PathBuf::from(args.next().unwrap_or_else(|| "target/ppo-example".into()));
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let model_dir = root.join(".models/smollm2-135m-instruct");
@@ -176,6 +233,13 @@ fn main() -> Result<()> {
     let policy = CausalLmWithValueHead::from_folder(&model_dir, &LoadOptions::default())?;
     let shown: Vec<Vec<i64>> = prompts.iter().take(4).cloned().collect();
     let before = greedy_replies(&policy, &tokenizer, &shown)?;
+    let eval_before = sampled_eval(&policy, &tokenizer, &prompts, EVAL_ROUNDS, RESPONSE_LENGTH)?;
+    println!(
+        "evaluation before training ({} sampled replies): mean reward {:+.3}, mentioning \"{TARGET}\" {:.0}%",
+        EVAL_ROUNDS as usize * prompts.len(),
+        eval_before.0,
+        100.0 * eval_before.1
+    );
 
     let reward_tokenizer = tokenizer.clone();
     let reward = Reward::function(move |_prompt, response| {
@@ -190,17 +254,20 @@ fn main() -> Result<()> {
         num_mini_batches: 2,
         num_ppo_epochs: 2,
         total_episodes: Some(steps * 8),
-        response_length: 24,
+        response_length: RESPONSE_LENGTH,
         stop_token_id: Some(IM_END),
-        missing_eos_penalty: Some(1.0),
+        missing_eos_penalty: None,
         pad_token_id: Some(PAD),
         eos_token_id: Some(IM_END),
         max_grad_norm: Some(1.0),
         seed: 42,
         ..Default::default()
     };
-    println!("== PPO on SmolLM2-135M-Instruct: reward = +1 if the reply mentions \"{TARGET}\", -0.01 per token, -1 without <|im_end|> ==");
+    println!(
+        "== PPO on SmolLM2-135M-Instruct: reward = +1 if the reply mentions \"{TARGET}\", -0.01 per reply token =="
+    );
     println!("config: {}", serde_json::to_string(&config)?);
+    let training = std::time::Instant::now();
     let mut trainer = PpoTrainer::new(policy, reward, prompts.clone(), config)?;
     let stats_path = out.join("stats.jsonl");
     let mut stats_file = std::io::BufWriter::new(std::fs::File::create(&stats_path)?);
@@ -230,8 +297,9 @@ fn main() -> Result<()> {
         scores.push(stats.objective_scores);
         kls.push(stats.objective_kl);
     }
-    let train_time = started.elapsed().as_secs_f64();
+    let train_time = training.elapsed().as_secs_f64();
     let after = greedy_replies(trainer.policy(), &tokenizer, &shown)?;
+    let eval_after = sampled_eval(trainer.policy(), &tokenizer, &prompts, EVAL_ROUNDS, RESPONSE_LENGTH)?;
     println!("\n== greedy replies, before -> after ==");
     for (i, (b, a)) in before.iter().zip(&after).enumerate() {
         println!("[{}] {}", i, PROMPTS[i]);
@@ -241,13 +309,34 @@ fn main() -> Result<()> {
     let k = (scores.len() / 4).max(1);
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     println!(
-        "\nmean reward: first {k} iterations {:+.3}, last {k} {:+.3}; objective/kl max {:.3}, last {:.3}; {:.0} s in all",
+        "\nmean reward: first {k} iterations {:+.3}, last {k} {:+.3}; objective/kl max {:.3}, last {:.3}; {:.0} s of training, {:.0} s in all",
         mean(&scores[..k]),
         mean(&scores[scores.len() - k..]),
         kls.iter().cloned().fold(f64::MIN, f64::max),
         kls.last().copied().unwrap_or(0.0),
-        train_time
+        train_time,
+        started.elapsed().as_secs_f64()
     );
+    println!(
+        "evaluation ({} sampled replies, same seeds): mean reward {:+.3} -> {:+.3}, mentioning \"{TARGET}\" {:.0}% -> {:.0}%",
+        EVAL_ROUNDS as usize * prompts.len(),
+        eval_before.0,
+        eval_after.0,
+        100.0 * eval_before.1,
+        100.0 * eval_after.1
+    );
+    let summary = serde_json::json!({
+        "iterations": scores.len(),
+        "train_seconds": train_time,
+        "total_seconds": started.elapsed().as_secs_f64(),
+        "eval_replies": EVAL_ROUNDS as usize * prompts.len(),
+        "eval_reward_before": eval_before.0,
+        "eval_reward_after": eval_after.0,
+        "eval_mentions_before": eval_before.1,
+        "eval_mentions_after": eval_after.1,
+        "objective_kl_max": kls.iter().cloned().fold(f64::MIN, f64::max),
+    });
+    std::fs::write(out.join("summary.json"), serde_json::to_vec_pretty(&summary)?)?;
 
     write_svg(&out.join("curve.svg"), &scores, &kls)?;
     let saved = out.join("model");

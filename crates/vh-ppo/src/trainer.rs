@@ -54,12 +54,40 @@ pub struct RolloutSample {
     pub scores: Vec<f32>,
 }
 
-/// A PPO trainer over a value-head policy, a frozen reference copy and a reward.
+/// Where the reference log-probabilities come from.
+enum ReferenceModel {
+    /// A frozen model of its own (TRL's `create_reference_model` copy).
+    Model(Box<CausalLmWithValueHead>),
+    /// The policy with its LoRA adapter switched off, as TRL does for a peft policy
+    /// (`disable_adapter()`): the frozen base is the reference, with no second copy in memory.
+    AdapterDisabled,
+}
+
+/// Switches a policy's adapter back on when dropped, so an error inside a reference forward
+/// cannot leave the policy without its adapter.
+struct AdapterOff<'a>(&'a CausalLmWithValueHead);
+
+impl<'a> AdapterOff<'a> {
+    fn new(model: &'a CausalLmWithValueHead) -> Result<Self> {
+        model.set_adapter_enabled(false)?;
+        Ok(Self(model))
+    }
+}
+
+impl Drop for AdapterOff<'_> {
+    fn drop(&mut self) {
+        // The model has an adapter (checked when switching it off), so this cannot fail.
+        let _ = self.0.set_adapter_enabled(true);
+    }
+}
+
+/// A PPO trainer over a value-head policy, a frozen reference (a copy, or the policy's base with
+/// its LoRA adapter off) and a reward.
 pub struct PpoTrainer {
     config: PpoConfig,
     sizes: BatchSizes,
     policy: CausalLmWithValueHead,
-    reference: CausalLmWithValueHead,
+    reference: ReferenceModel,
     reward: Reward,
     optimizer: StatefulAdamW,
     prompts: Vec<Vec<i64>>,
@@ -103,8 +131,10 @@ fn permutation(rng: &mut ChaCha8Rng, n: usize) -> Vec<usize> {
 }
 
 impl PpoTrainer {
-    /// A trainer for `policy` (its frozen copy becomes the reference) on `prompts` (token ids,
-    /// one prompt each) scored by `reward`. Everything is checked here, before any work: the
+    /// A trainer for `policy` on `prompts` (token ids, one prompt each) scored by `reward`. The
+    /// reference is the policy's frozen copy, or, for a policy with a LoRA adapter, the policy
+    /// itself with the adapter switched off (TRL's peft path: only the adapter and value head
+    /// train, and no second model is held). Everything is checked here, before any work: the
     /// configuration and batch sizes, empty prompts, ids outside the vocabulary, prompts too long
     /// for the model's positions with `response_length` new tokens, a reward model with another
     /// vocabulary, fewer prompts than one rollout batch.
@@ -114,26 +144,42 @@ impl PpoTrainer {
         prompts: Vec<Vec<i64>>,
         config: PpoConfig,
     ) -> Result<Self> {
-        let (reference, _) = valuehead::create_reference_model(&policy, None, None)?;
-        Self::with_reference(policy, reference, reward, prompts, config)
+        let reference = if policy.adapter_config().is_some() {
+            ReferenceModel::AdapterDisabled
+        } else {
+            ReferenceModel::Model(Box::new(valuehead::create_reference_model(&policy, None, None)?.0))
+        };
+        Self::build(policy, reference, reward, prompts, config)
     }
 
     /// [`PpoTrainer::new`] with a given reference model (a resumed run brings the original one).
     pub fn with_reference(
-        mut policy: CausalLmWithValueHead,
+        policy: CausalLmWithValueHead,
         reference: CausalLmWithValueHead,
+        reward: Reward,
+        prompts: Vec<Vec<i64>>,
+        config: PpoConfig,
+    ) -> Result<Self> {
+        if reference.vocab_size() != policy.vocab_size() {
+            return Err(PpoError::Input(format!(
+                "the reference model's vocabulary has {} tokens, the policy's {}",
+                reference.vocab_size(),
+                policy.vocab_size()
+            )));
+        }
+        Self::build(policy, ReferenceModel::Model(Box::new(reference)), reward, prompts, config)
+    }
+
+    /// The checks and set-up shared by the constructors.
+    fn build(
+        mut policy: CausalLmWithValueHead,
+        reference: ReferenceModel,
         reward: Reward,
         prompts: Vec<Vec<i64>>,
         config: PpoConfig,
     ) -> Result<Self> {
         let sizes = config.batch_sizes(prompts.len())?;
         let vocab = policy.vocab_size();
-        if reference.vocab_size() != vocab {
-            return Err(PpoError::Input(format!(
-                "the reference model's vocabulary has {} tokens, the policy's {vocab}",
-                reference.vocab_size()
-            )));
-        }
         reward.check_vocab(vocab)?;
         if prompts.len() < sizes.batch_size {
             return Err(PpoError::Input(format!(
@@ -236,9 +282,13 @@ impl PpoTrainer {
         &self.policy
     }
 
-    /// The frozen reference model.
-    pub fn reference(&self) -> &CausalLmWithValueHead {
-        &self.reference
+    /// The frozen reference model; `None` when the reference is the policy with its LoRA
+    /// adapter switched off.
+    pub fn reference(&self) -> Option<&CausalLmWithValueHead> {
+        match &self.reference {
+            ReferenceModel::Model(m) => Some(m),
+            ReferenceModel::AdapterDisabled => None,
+        }
     }
 
     /// The padding token in use.
@@ -355,7 +405,13 @@ impl PpoTrainer {
             // Rows that finished are continued with padding; TRL's responses hold the same.
             let responses = out.new_tokens.shallow_clone();
             let query_responses = Tensor::f_cat(&[&queries, &responses], 1)?;
-            let (ref_logits, _) = Self::response_forward(&self.reference, &query_responses, context_length, self.pad)?;
+            let (ref_logits, _) = match &self.reference {
+                ReferenceModel::Model(m) => Self::response_forward(m, &query_responses, context_length, self.pad)?,
+                ReferenceModel::AdapterDisabled => {
+                    let _off = AdapterOff::new(&self.policy)?;
+                    Self::response_forward(&self.policy, &query_responses, context_length, self.pad)?
+                }
+            };
             let (_, ref_logprobs) = vh_rl::tempered_logprobs(&ref_logits, &responses, cfg.temperature)?;
             drop(ref_logits);
             let postprocessed = match cfg.stop_token_id {
@@ -483,7 +539,8 @@ impl PpoTrainer {
     }
 
     /// Saves a resumable checkpoint into `dir` (created; files replaced): the policy
-    /// (`policy/`, as `save_pretrained`), the reference (`reference/`), the optimiser's moments
+    /// (`policy/`, as `save_pretrained`: an adapter folder for a LoRA policy, which names its
+    /// base), the reference (`reference/`, unless it is the policy's base), the optimiser's moments
     /// (`optimizer.safetensors`) and `trainer_state.json` (configuration, counters, generator,
     /// prompt order). `trainer_state.json` is written last, so a checkpoint without it is
     /// incomplete.
@@ -498,7 +555,16 @@ impl PpoTrainer {
             std::fs::remove_file(&state_path).map_err(io(&state_path))?;
         }
         self.policy.save_pretrained(dir.join("policy"), None)?;
-        self.reference.save_pretrained(dir.join("reference"), None)?;
+        match &self.reference {
+            ReferenceModel::Model(m) => m.save_pretrained(dir.join("reference"), None)?,
+            ReferenceModel::AdapterDisabled => {
+                // A stale reference of an earlier run in the same folder would be loaded on resume.
+                let stale = dir.join("reference");
+                if stale.exists() {
+                    std::fs::remove_dir_all(&stale).map_err(io(&stale))?;
+                }
+            }
+        }
         self.optimizer.save(&dir.join("optimizer.safetensors"))?;
         let json = serde_json::json!({
             "config": self.config,
@@ -531,14 +597,20 @@ impl PpoTrainer {
             serde_json::from_value(json["state"].clone()).map_err(|e| json_err(format!("state: {e}")))?;
         let prompts: Vec<Vec<i64>> =
             serde_json::from_value(json["prompts"].clone()).map_err(|e| json_err(format!("prompts: {e}")))?;
-        let policy = CausalLmWithValueHead::from_folder(dir.join("policy"), options)?;
-        let reference = CausalLmWithValueHead::from_folder(dir.join("reference"), options)?;
-        let mut frozen = reference;
-        frozen.set_train(false);
-        for (_, t) in frozen.var_store().variables() {
-            let _ = t.set_requires_grad(false);
-        }
-        let mut trainer = Self::with_reference(policy, frozen, reward, prompts, config)?;
+        let policy_dir = dir.join("policy");
+        let mut trainer = if policy_dir.join("adapter_config.json").exists() {
+            // A LoRA policy: its adapter folder names the base, which is also the reference.
+            let policy = CausalLmWithValueHead::from_adapter_folder(&policy_dir, options)?;
+            Self::build(policy, ReferenceModel::AdapterDisabled, reward, prompts, config)?
+        } else {
+            let policy = CausalLmWithValueHead::from_folder(&policy_dir, options)?;
+            let mut frozen = CausalLmWithValueHead::from_folder(dir.join("reference"), options)?;
+            frozen.set_train(false);
+            for (_, t) in frozen.var_store().variables() {
+                let _ = t.set_requires_grad(false);
+            }
+            Self::with_reference(policy, frozen, reward, prompts, config)?
+        };
         if state.order.len() != trainer.prompts.len() || state.cursor > state.order.len() {
             return Err(json_err("the prompt order does not match the prompts".into()));
         }

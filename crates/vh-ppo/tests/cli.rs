@@ -168,3 +168,60 @@ fn bad_input_fails_with_a_clear_message() {
     args[i + 1] = rm.to_str().unwrap().into();
     fails(args, "another vocabulary");
 }
+
+#[test]
+fn lora_flags_train_an_adapter_and_save_it_in_peft_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, prompts) = setup(tmp.path());
+    let out = tmp.path().join("lora");
+    let mut args = base_args(&model, &prompts, &out);
+    let at = args.iter().position(|a| a == "40").unwrap();
+    args[at] = "3".into();
+    args.extend(
+        [
+            "--lora-r",
+            "4",
+            "--lora-alpha",
+            "8",
+            "--lora-target-modules",
+            "c_attn,c_fc",
+        ]
+        .map(String::from),
+    );
+    let output = run(&args);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(steps(&String::from_utf8_lossy(&output.stdout)).len(), 3);
+    // The saved policy is a peft adapter folder (with TRL's value head beside it) naming its base.
+    let saved = out.join("model");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(saved.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["r"], 4);
+    let files: Vec<String> = std::fs::read_dir(&saved)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(files.contains(&"adapter_model.safetensors".to_string()), "{files:?}");
+    let loaded =
+        valuehead::CausalLmWithValueHead::from_adapter_folder(&saved, &valuehead::LoadOptions::default()).unwrap();
+    let mut adapted = loaded.adapted_modules();
+    adapted.sort();
+    assert!(
+        adapted.iter().all(|m| m.ends_with("c_attn") || m.ends_with("c_fc")),
+        "{adapted:?}"
+    );
+    assert!(!out.join("checkpoint/reference").exists());
+
+    // An existing adapter folder trains further with --adapter; rank 0 is refused clearly.
+    let mut again = base_args(&model, &prompts, &tmp.path().join("again"));
+    let at = again.iter().position(|a| a == "40").unwrap();
+    again[at] = "1".into();
+    again.extend(["--adapter".to_string(), saved.to_str().unwrap().to_string()]);
+    let output = run(&again);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let mut zero = base_args(&model, &prompts, &tmp.path().join("zero"));
+    zero.extend(["--lora-r", "0"].map(String::from));
+    let output = run(&zero);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("`r` must be positive"), "{stderr}");
+}

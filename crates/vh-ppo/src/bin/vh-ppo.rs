@@ -3,6 +3,7 @@
 //! ```sh
 //! vh ppo --model DIR --prompts FILE (--reward-model DIR | --reward-word W) --steps N --out DIR
 //! vh ppo --resume OUT/checkpoint (--reward-model DIR | --reward-word W) --steps N --out DIR
+//! vh ppo --model BASE --lora-r 16 ...       # train a fresh LoRA adapter (or --adapter DIR)
 //! ```
 //!
 //! One prompt per line of FILE (UTF-8; blank lines skipped), encoded with the model's
@@ -17,7 +18,7 @@ use clap::Parser;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use valuehead::{CausalLmWithValueHead, LoadOptions, Message, SequenceClassifier};
+use valuehead::{CausalLmWithValueHead, LoadOptions, LoraConfig, Message, SequenceClassifier};
 use vh_ppo::{PpoConfig, PpoTrainer, Reward};
 
 /// Set by SIGINT; checked between iterations.
@@ -91,6 +92,19 @@ struct Args {
     /// Seed of the prompt order, sampling and shuffles.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Train this peft LoRA adapter folder on `--model` (the base) instead of the whole model;
+    /// the base with the adapter off is the reference, as in TRL with a peft model.
+    #[arg(long, conflicts_with = "lora_r")]
+    adapter: Option<PathBuf>,
+    /// Train a fresh LoRA adapter of this rank (peft's initialisation) instead of the whole model.
+    #[arg(long)]
+    lora_r: Option<i64>,
+    /// The fresh adapter's `lora_alpha` (peft's default).
+    #[arg(long, default_value_t = 8.0)]
+    lora_alpha: f64,
+    /// The fresh adapter's `target_modules`: "all-linear" or comma-separated module names.
+    #[arg(long, default_value = "all-linear")]
+    lora_target_modules: String,
     /// Intra-op threads (0: libtorch's default).
     #[arg(long, default_value_t = 0)]
     threads: i32,
@@ -254,7 +268,25 @@ fn main() -> Result<()> {
             };
             // Checked before the model is loaded: a configuration error costs nothing.
             config.batch_sizes(prompts.len())?;
-            let policy = CausalLmWithValueHead::from_folder(model_dir, &LoadOptions::default())?;
+            let options = LoadOptions::default();
+            let policy = match (&args.adapter, args.lora_r) {
+                (Some(adapter), _) => CausalLmWithValueHead::from_folder_with_adapter(model_dir, adapter, &options)?,
+                (None, Some(r)) => {
+                    let targets = match args.lora_target_modules.as_str() {
+                        "all-linear" => serde_json::json!("all-linear"),
+                        list => serde_json::json!(list.split(',').map(str::trim).collect::<Vec<_>>()),
+                    };
+                    let lora = LoraConfig::from_json(&serde_json::json!({
+                        "peft_type": "LORA",
+                        "task_type": "CAUSAL_LM",
+                        "r": r,
+                        "lora_alpha": args.lora_alpha,
+                        "target_modules": targets,
+                    }))?;
+                    CausalLmWithValueHead::with_new_adapter(model_dir, &lora, &options)?
+                }
+                (None, None) => CausalLmWithValueHead::from_folder(model_dir, &options)?,
+            };
             PpoTrainer::new(policy, reward, prompts, config)?
         }
     };
