@@ -232,9 +232,14 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
         return Err(invalid("the loss needs sequences of at least 2 tokens"));
     }
     let labels = labels.f_to_device(logits.device())?.f_to_kind(Kind::Int64)?;
-    let shifted_labels = labels.f_narrow(1, 1, seq - 1)?.f_reshape([-1])?;
-    let shifted_logits = logits.f_narrow(1, 0, seq - 1)?.f_reshape([batch * (seq - 1), vocab])?;
-    mean_cross_entropy(&shifted_logits, &shifted_labels)
+    // As HF's ForCausalLMLoss: the labels move left by one and the last position gets
+    // IGNORE_INDEX, so the loss reads the logits as they are, [batch * seq, vocab], instead of
+    // copying all but the last position (and scattering the gradient back in backward): for
+    // GPT-2 at 8 x 128 tokens that copy is 200 MB each way.
+    let ignored = Tensor::f_full([batch, 1], IGNORE_INDEX, (Kind::Int64, labels.device()))?;
+    let shifted_labels = Tensor::f_cat(&[labels.f_narrow(1, 1, seq - 1)?, ignored], 1)?.f_reshape([-1])?;
+    let flat_logits = logits.f_reshape([batch * seq, vocab])?;
+    mean_cross_entropy(&flat_logits, &shifted_labels)
 }
 
 /// The sequence-to-sequence loss as HF's T5 computes it: logits at position t against the label
