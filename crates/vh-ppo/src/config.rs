@@ -152,10 +152,7 @@ impl PpoConfig {
         if num_prompts == 0 {
             return Err(PpoError::Input("there are no prompts to train on".into()));
         }
-        let total_episodes = match self.total_episodes {
-            Some(n) => n,
-            None => (self.num_train_epochs * num_prompts as f64) as usize,
-        };
+        let total_episodes = self.total_episodes_for(num_prompts);
         if total_episodes == 0 {
             return Err(PpoError::Config(
                 "total_episodes is 0: there is nothing to train".into(),
@@ -168,6 +165,15 @@ impl PpoConfig {
             micro_batches_per_mini_batch: mini_batch_size / self.per_device_train_batch_size,
             num_total_batches: total_episodes.div_ceil(batch_size),
         })
+    }
+
+    /// The episodes of the whole run: `total_episodes`, else `num_train_epochs` passes over the
+    /// prompts (TRL's `int(num_train_epochs * len(train_dataset))`).
+    pub fn total_episodes_for(&self, num_prompts: usize) -> usize {
+        match self.total_episodes {
+            Some(n) => n,
+            None => (self.num_train_epochs * num_prompts as f64) as usize,
+        }
     }
 
     /// Checks ranges and finiteness (see [`PpoConfig::batch_sizes`] for the sizes' divisibility).

@@ -27,6 +27,9 @@ pub enum PpoError {
     /// The optimiser or a loss check failed (a NaN loss or gradient norm, ...).
     #[error(transparent)]
     Train(#[from] vh_train::TrainError),
+    /// A collective of the data-parallel process group failed (a rank died, a timeout, ...).
+    #[error(transparent)]
+    Dist(#[from] vh_dist::DistError),
     /// libtorch reported an error.
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),

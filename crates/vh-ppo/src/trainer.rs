@@ -100,6 +100,8 @@ pub struct PpoTrainer {
     episode: u64,
     started: std::time::Instant,
     last_rollout: Option<RolloutSample>,
+    /// The data-parallel group, when this process is one rank of several.
+    group: Option<vh_dist::ProcessGroup>,
 }
 
 impl std::fmt::Debug for PpoTrainer {
@@ -167,7 +169,13 @@ impl PpoTrainer {
                 policy.vocab_size()
             )));
         }
-        Self::build(policy, ReferenceModel::Model(Box::new(reference)), reward, prompts, config)
+        Self::build(
+            policy,
+            ReferenceModel::Model(Box::new(reference)),
+            reward,
+            prompts,
+            config,
+        )
     }
 
     /// The checks and set-up shared by the constructors.
@@ -264,7 +272,49 @@ impl PpoTrainer {
             episode: 0,
             started: std::time::Instant::now(),
             last_rollout: None,
+            group: None,
         })
+    }
+
+    /// Makes this trainer one rank of a data-parallel run over `group`, as TRL under accelerate
+    /// (DDP): the policy (and a reference copy) start from rank 0's weights; each iteration every
+    /// rank takes its own `batch_size` prompts of one shared shuffle (rank r the r-th slice of a
+    /// global batch of `world_size * batch_size`) and samples with its own seed; gradients are
+    /// averaged over the ranks before clipping and each optimiser step, so the parameters stay
+    /// identical everywhere; statistics are averaged over the ranks (`val/num_eos_tokens` and
+    /// `eps` stay local, as in TRL); `episode` and the run's length (`total_episodes` /
+    /// `num_total_batches`) count the global batch, as TRL's `batch_size` does. Every rank must build
+    /// its trainer with the same prompts and configuration; a prompt set smaller than the global
+    /// batch is refused.
+    pub fn with_data_parallel(mut self, group: vh_dist::ProcessGroup) -> Result<Self> {
+        let global = self.sizes.batch_size * group.world_size();
+        if self.prompts.len() < global {
+            return Err(PpoError::Input(format!(
+                "{} prompt(s) cannot fill one global rollout batch of {global} ({} ranks x {})",
+                self.prompts.len(),
+                group.world_size(),
+                self.sizes.batch_size
+            )));
+        }
+        // TRL's `batch_size` is the global one: the run's iterations are counted in it.
+        let total = self.config.total_episodes_for(self.prompts.len());
+        self.sizes.num_total_batches = total.div_ceil(global);
+        vh_dist::broadcast_parameters(&group, self.policy.var_store(), 0)?;
+        if let ReferenceModel::Model(reference) = &self.reference {
+            vh_dist::broadcast_parameters(&group, reference.var_store(), 0)?;
+        }
+        self.group = Some(group);
+        Ok(self)
+    }
+
+    /// The data-parallel group, when there is one.
+    pub fn process_group(&self) -> Option<&vh_dist::ProcessGroup> {
+        self.group.as_ref()
+    }
+
+    /// Whether this process saves and reports: rank 0, or the only process.
+    pub fn is_main_process(&self) -> bool {
+        self.group.as_ref().is_none_or(vh_dist::ProcessGroup::is_main)
     }
 
     /// The configuration.
@@ -324,12 +374,17 @@ impl PpoTrainer {
     /// incomplete last batch is dropped, as TRL's `drop_last` dataloader).
     fn next_batch(&mut self) -> Vec<usize> {
         let b = self.sizes.batch_size;
-        if self.cursor + b > self.order.len() {
+        // Under data parallelism the shuffle is shared and each rank takes its slice of the
+        // global batch (accelerate's sharded dataloader).
+        let (rank, world) = self.group.as_ref().map_or((0, 1), |g| (g.rank(), g.world_size()));
+        let global = b * world;
+        if self.cursor + global > self.order.len() {
             self.order = permutation(&mut self.rng, self.prompts.len());
             self.cursor = 0;
         }
-        let batch = self.order[self.cursor..self.cursor + b].to_vec();
-        self.cursor += b;
+        let start = self.cursor + rank * b;
+        let batch = self.order[start..start + b].to_vec();
+        self.cursor += global;
         batch
     }
 
@@ -376,11 +431,14 @@ impl PpoTrainer {
         let cfg = self.config.clone();
         let rl = cfg.rl_config();
         let device = self.policy.var_store().device();
-        self.episode += self.sizes.batch_size as u64;
+        let (rank, world) = self.group.as_ref().map_or((0, 1), |g| (g.rank(), g.world_size()));
+        self.episode += (self.sizes.batch_size * world) as u64;
         let indices = self.next_batch();
         let queries = self.queries(&indices)?.f_to_device(device)?;
         let context_length = queries.size()[1];
-        let sample_seed: u64 = self.rng.gen();
+        // Each rank samples with its own seed (TRL's local seed: seed + rank * 100003); the
+        // shared generator keeps the shuffles the same on every rank.
+        let sample_seed = self.rng.gen::<u64>().wrapping_add(rank as u64 * 100_003);
 
         // Rollout, reference log-probabilities, scores: no gradients.
         let (query_responses, responses, postprocessed, targets, scores) = tch::no_grad(|| -> Result<_> {
@@ -477,6 +535,10 @@ impl PpoTrainer {
                     let entropy = tch::no_grad(|| vh_rl::ppo_entropy(&tempered))?;
                     updates.record(&loss, &entropy)?;
                 }
+                if let Some(group) = &self.group {
+                    // DDP's all-reduce: the mean of the ranks' gradients, before clipping.
+                    vh_dist::all_reduce_gradients(group, self.policy.var_store(), vh_dist::DEFAULT_BUCKET_BYTES)?;
+                }
                 let params: Vec<&Tensor> = self.optimizer.parameters().collect();
                 let norm = match cfg.max_grad_norm {
                     Some(max) => vh_train::clip_grad_norm(params, max)?,
@@ -498,6 +560,29 @@ impl PpoTrainer {
             Some(eos) => vh_rl::num_eos_tokens(&responses, eos)? as f64,
             None => 0.0,
         };
+        if let Some(group) = &self.group {
+            // TRL gathers these over the processes and takes the mean.
+            let fields = [
+                &mut stats.objective_kl,
+                &mut stats.objective_entropy,
+                &mut stats.objective_non_score_reward,
+                &mut stats.objective_rlhf_reward,
+                &mut stats.objective_scores,
+                &mut stats.policy_approxkl_avg,
+                &mut stats.policy_clipfrac_avg,
+                &mut stats.loss_policy_avg,
+                &mut stats.loss_value_avg,
+                &mut stats.val_clipfrac_avg,
+                &mut stats.policy_entropy_avg,
+                &mut stats.val_ratio,
+                &mut stats.val_ratio_var,
+            ];
+            let local: Vec<f64> = fields.iter().map(|v| **v).collect();
+            let mean = vh_dist::reduce_mean_scalars(group, &local)?;
+            for (field, value) in fields.into_iter().zip(mean) {
+                *field = value;
+            }
+        }
         stats.lr = lr;
         stats.episode = self.episode as f64;
         let elapsed = self.started.elapsed().as_secs_f64();
@@ -545,6 +630,22 @@ impl PpoTrainer {
     /// prompt order). `trainer_state.json` is written last, so a checkpoint without it is
     /// incomplete.
     pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
+        // Under data parallelism every rank holds the same state: rank 0 writes it, and the
+        // barrier makes the checkpoint complete on return everywhere.
+        if let Some(group) = &self.group {
+            if !group.is_main() {
+                group.barrier()?;
+                return Ok(());
+            }
+            // The barrier even when writing failed, so the other ranks are not left waiting.
+            let written = self.write_checkpoint(dir);
+            group.barrier()?;
+            return written;
+        }
+        self.write_checkpoint(dir)
+    }
+
+    fn write_checkpoint(&self, dir: &Path) -> Result<()> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| PpoError::Io { path, source }

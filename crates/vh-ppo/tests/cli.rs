@@ -225,3 +225,54 @@ fn lora_flags_train_an_adapter_and_save_it_in_peft_layout() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("`r` must be positive"), "{stderr}");
 }
+
+#[test]
+fn two_ranks_under_torchrun_variables_train_one_model_and_rank_0_reports_and_saves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, prompts) = setup(tmp.path());
+    let out = tmp.path().join("dp");
+    let mut args = base_args(&model, &prompts, &out);
+    let at = args.iter().position(|a| a == "40").unwrap();
+    args[at] = "3".into();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let ranks: Vec<std::process::Child> = (0..2)
+        .map(|rank| {
+            Command::new(EXE)
+                .args(&args)
+                .env("RANK", rank.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .env("VH_DIST_TIMEOUT_S", "60")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outputs: Vec<Output> = ranks.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    for (rank, o) in outputs.iter().enumerate() {
+        assert!(
+            o.status.success(),
+            "rank {rank}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    // Rank 0 reports each iteration; the episodes count both ranks' 4 rollouts.
+    let lines = steps(&String::from_utf8_lossy(&outputs[0].stdout));
+    assert_eq!(lines.len(), 3);
+    let episodes: Vec<f64> = lines.iter().map(|l| l["episode"].as_f64().unwrap()).collect();
+    assert_eq!(episodes, [8.0, 16.0, 24.0]);
+    assert!(
+        outputs[1].stdout.is_empty(),
+        "rank 1 printed: {}",
+        String::from_utf8_lossy(&outputs[1].stdout)
+    );
+    assert!(out.join("model/config.json").exists());
+    assert!(out.join("checkpoint/trainer_state.json").exists());
+}

@@ -12,6 +12,9 @@
 //! otherwise. Ctrl-C finishes the iteration in flight, saves `OUT/checkpoint` (model, reference,
 //! optimiser state, step, generator) and exits; `--resume OUT/checkpoint` continues exactly where
 //! it stopped. At the end the trained model is saved to `OUT/model`.
+//!
+//! Under torchrun's variables with `WORLD_SIZE` > 1 (torchrun, or `cargo xtask launch --nproc N
+//! -- vh ppo ...`) each process is one rank of a data-parallel run: rank 0 prints and saves.
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -46,7 +49,7 @@ struct Args {
     /// Reward +1 when the decoded reply contains this word, -0.01 per reply token.
     #[arg(long)]
     reward_word: Option<String>,
-    /// PPO iterations (each rolls out `--batch-size` prompts).
+    /// PPO iterations (each rolls out `--batch-size` prompts on every rank).
     #[arg(long)]
     steps: usize,
     /// Output folder: `model/` at the end, `checkpoint/` on Ctrl-C and at the end.
@@ -221,12 +224,29 @@ fn reward(args: &Args, tokenizer: &tokenizers::Tokenizer) -> Result<Reward> {
     }))
 }
 
+/// Whether Ctrl-C reached this process or, under data parallelism, any rank: every rank must
+/// stop at the same iteration, or the others would wait in the next collective.
+fn interrupted_anywhere(trainer: &PpoTrainer) -> Result<bool> {
+    let here = INTERRUPTED.load(Ordering::SeqCst);
+    let Some(group) = trainer.process_group() else {
+        return Ok(here);
+    };
+    let mut flag = tch::Tensor::from_slice(&[f32::from(u8::from(here))]);
+    group.all_reduce_sum(&mut flag)?;
+    Ok(flag.double_value(&[0]) > 0.0)
+}
+
 fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("error")).init();
     let args = Args::parse();
     if args.threads > 0 {
         tch::set_num_threads(args.threads);
     }
+    // Under torchrun (or `cargo xtask launch`), WORLD_SIZE > 1: one rank of a data-parallel run.
+    let world: usize = match std::env::var("WORLD_SIZE") {
+        Ok(v) => v.parse().with_context(|| format!("WORLD_SIZE={v:?} is not a number"))?,
+        Err(_) => 1,
+    };
     let mut trainer = match &args.resume {
         Some(ckpt) => {
             let tokenizer = match &args.model {
@@ -256,7 +276,8 @@ fn main() -> Result<()> {
                 gradient_accumulation_steps: accumulation,
                 num_mini_batches: args.num_mini_batches,
                 num_ppo_epochs: args.num_ppo_epochs,
-                total_episodes: Some(args.steps * args.batch_size),
+                // `--steps` iterations of the global batch (every rank's `--batch-size`).
+                total_episodes: Some(args.steps * args.batch_size * world.max(1)),
                 response_length: args.response_length,
                 temperature: args.temperature,
                 kl_coef: args.kl_coef,
@@ -290,6 +311,11 @@ fn main() -> Result<()> {
             PpoTrainer::new(policy, reward, prompts, config)?
         }
     };
+    if world > 1 {
+        let group = vh_dist::ProcessGroup::from_env()?;
+        trainer = trainer.with_data_parallel(group)?;
+    }
+    let main_process = trainer.is_main_process();
     // Keep the tokenizer files with the saved model so it is a complete folder.
     let tokenizer_dir = args
         .model
@@ -304,9 +330,11 @@ fn main() -> Result<()> {
     let checkpoint = args.out.join("checkpoint");
     let mut stdout = std::io::stdout().lock();
     while !trainer.is_done() {
-        if INTERRUPTED.load(Ordering::SeqCst) {
+        if interrupted_anywhere(&trainer)? {
             trainer.save_checkpoint(&checkpoint)?;
-            copy_tokenizer(tokenizer_dir.as_deref(), &checkpoint.join("policy"))?;
+            if main_process {
+                copy_tokenizer(tokenizer_dir.as_deref(), &checkpoint.join("policy"))?;
+            }
             if terminal {
                 writeln!(stdout)?;
             }
@@ -320,6 +348,9 @@ fn main() -> Result<()> {
         }
         let stats = trainer.step()?;
         let step = trainer.steps_done();
+        if !main_process {
+            continue;
+        }
         if terminal {
             let width = 30;
             let done = step as usize * width / total.max(1);
@@ -344,10 +375,14 @@ fn main() -> Result<()> {
         writeln!(stdout)?;
     }
     let model_out = args.out.join("model");
-    trainer.policy().save_pretrained(&model_out, None)?;
-    copy_tokenizer(tokenizer_dir.as_deref(), &model_out)?;
+    if main_process {
+        trainer.policy().save_pretrained(&model_out, None)?;
+        copy_tokenizer(tokenizer_dir.as_deref(), &model_out)?;
+    }
     trainer.save_checkpoint(&checkpoint)?;
-    copy_tokenizer(tokenizer_dir.as_deref(), &checkpoint.join("policy"))?;
-    eprintln!("saved {} and {}", model_out.display(), checkpoint.display());
+    if main_process {
+        copy_tokenizer(tokenizer_dir.as_deref(), &checkpoint.join("policy"))?;
+        eprintln!("saved {} and {}", model_out.display(), checkpoint.display());
+    }
     Ok(())
 }
