@@ -14,6 +14,7 @@ value-head folder (our merged save).
 
 usage: python parity_lora.py OUT_DIR
        python parity_lora.py check ADAPTER_DIR INPUTS.safetensors OUT.safetensors
+       python parity_lora.py check_seq2seq|plain_seq2seq FOLDER INPUTS.safetensors OUT.safetensors
        python parity_lora.py plain FOLDER INPUTS.safetensors OUT.safetensors
 """
 
@@ -24,8 +25,8 @@ import sys
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
-from trl import AutoModelForCausalLMWithValueHead
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, GPT2Config, LlamaConfig, Qwen2Config, T5Config
+from trl import AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead
 
 GPT2 = GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4, pad_token_id=0)
 LLAMA = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -47,6 +48,17 @@ CASES = [
 ]
 
 SEQ = 10
+
+# Encoder-decoder cases: T5 v1.0 (ReLU) and v1.1 (gated GELU), name, base config, LoraConfig kwargs.
+T5 = T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4,
+              decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.1)
+T5_GATED = T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=1, num_heads=4,
+                    feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0,
+                    pad_token_id=0, eos_token_id=1)
+SEQ2SEQ_CASES = [
+    ("t5_all_linear", T5, dict(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.1)),
+    ("t5_gated_qv_rslora", T5_GATED, dict(r=2, lora_alpha=8, target_modules=["q", "v", "wi_0"], use_rslora=True)),
+]
 
 
 def inputs(seed):
@@ -104,6 +116,8 @@ def make(out_dir):
         trainable = sorted(trainable)
         manifest.append({"name": name, "dtype": str(dtype).replace("torch.", ""), "trainable": trainable})
     make_reward_adapter(os.path.join(out_dir, "reward_adapter"))
+    for seed, (name, config, lora) in enumerate(SEQ2SEQ_CASES, start=50):
+        manifest.append(make_seq2seq(os.path.join(out_dir, name), name, seed, config, lora))
     with open(os.path.join(out_dir, "cases.json"), "w") as f:
         json.dump(manifest, f, indent=1)
     print(f"wrote {len(manifest)} LoRA cases to {out_dir}")
@@ -149,6 +163,46 @@ def make_reward_adapter(case):
                "values": values.float().contiguous()}, os.path.join(case, "expected.safetensors"))
 
 
+def make_seq2seq(case, name, seed, config, lora):
+    """As the causal cases, for TRL's AutoModelForSeq2SeqLMWithValueHead over a peft T5: padded
+    encoder inputs, labels (decoder inputs shifted from them), logits, values, loss, gradients."""
+    base_dir, adapter_dir = os.path.join(case, "base"), os.path.join(case, "adapter")
+    torch.manual_seed(seed)
+    base = AutoModelForSeq2SeqLM.from_config(config)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.normal_(0, 0.2)
+    base.save_pretrained(base_dir)
+    base = AutoModelForSeq2SeqLM.from_pretrained(base_dir)
+    peft_model = get_peft_model(base, LoraConfig(init_lora_weights=False, task_type="SEQ_2_SEQ_LM", **lora))
+    torch.manual_seed(100 + seed)
+    model = AutoModelForSeq2SeqLMWithValueHead.from_pretrained(peft_model)
+    with torch.no_grad():
+        model.v_head.summary.weight.normal_(0, 0.3)
+        model.v_head.summary.bias.fill_(0.05)
+    os.makedirs(adapter_dir, exist_ok=True)
+    model.save_pretrained(adapter_dir)
+    model.eval()
+    ids, mask = inputs(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    labels = torch.randint(2, 97, (3, 7), generator=g)
+    labels[1, 5:] = -100
+    logits, loss, values = model(input_ids=ids, attention_mask=mask, labels=labels)
+    loss.backward()
+    grads, trainable = {}, []
+    for n, p in model.named_parameters():
+        ours = n.replace("pretrained_model.base_model.model.", "").replace(".default", "")
+        ours = ours.replace(".base_layer", "").replace(".modules_to_save", "")
+        if p.requires_grad:
+            trainable.append(ours)
+            grads[ours] = (p.grad if p.grad is not None else torch.zeros_like(p)).float().contiguous()
+    save_file({"input_ids": ids, "attention_mask": mask, "labels": labels}, os.path.join(case, "inputs.safetensors"))
+    save_file({"logits": logits.float().contiguous(), "values": values.float().contiguous(),
+               "loss": loss.detach().float()}, os.path.join(case, "expected.safetensors"))
+    save_file(grads, os.path.join(case, "grads.safetensors"))
+    return {"name": name, "dtype": "float32", "trainable": sorted(trainable), "seq2seq": True}
+
+
 def run(model, inputs_path, out_path):
     model.eval()
     inputs = load_file(inputs_path)
@@ -159,7 +213,9 @@ def run(model, inputs_path, out_path):
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    if sys.argv[1] == "check":
+    if sys.argv[1] in ("check_seq2seq", "plain_seq2seq"):
+        run(AutoModelForSeq2SeqLMWithValueHead.from_pretrained(sys.argv[2]), *sys.argv[3:5])
+    elif sys.argv[1] == "check":
         run(AutoModelForCausalLMWithValueHead.from_pretrained(sys.argv[2], attn_implementation="eager"), *sys.argv[3:5])
     elif sys.argv[1] == "plain":
         run(AutoModelForCausalLMWithValueHead.from_pretrained(sys.argv[2], attn_implementation="eager"), *sys.argv[3:5])

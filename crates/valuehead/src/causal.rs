@@ -160,18 +160,8 @@ impl CausalLmWithValueHead {
                 }
                 let (backbone, built) = vh_core::lora::with_adapters(&named, build_backbone)?;
                 if spec.fresh {
-                    let have: std::collections::HashSet<String> = tensors.iter().map(|(n, _)| n.clone()).collect();
-                    // In name order: the draws from the global generator then follow a fixed
-                    // order, so a seeded fresh adapter is reproducible (the var store's map
-                    // iterates in a different order in each process and each model).
-                    let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-                    variables.sort_by(|a, b| a.0.cmp(&b.0));
-                    for (name, t) in variables {
-                        if vh_core::lora::is_default_lora_parameter(&name) && !have.contains(&name) {
-                            let init = vh_core::lora::fresh_parameter(&name, &t.size(), options.device)?;
-                            tensors.push((name, init));
-                        }
-                    }
+                    let fresh = crate::lora::fresh_adapter_tensors(&vs, &tensors, options.device)?;
+                    tensors.extend(fresh);
                 }
                 (backbone, Some((spec, built)))
             }

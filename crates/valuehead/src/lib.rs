@@ -129,16 +129,36 @@ impl ValueHeadModel {
 
     /// Loads a local checkpoint folder as the wrapper its `model_type` calls for.
     pub fn from_folder(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
-        let config = vh_hub::ModelFolder::open(dir.as_ref())?.config()?;
-        let seq2seq = config
-            .get("model_type")
-            .and_then(serde_json::Value::as_str)
-            .is_some_and(is_seq2seq_model_type);
-        Ok(if seq2seq {
+        Ok(if Self::is_seq2seq_folder(dir.as_ref())? {
             Self::Seq2Seq(Seq2SeqLmWithValueHead::from_folder(dir, options)?)
         } else {
             Self::Causal(CausalLmWithValueHead::from_folder(dir, options)?)
         })
+    }
+
+    /// Loads the base folder `base` with the peft LoRA adapter folder `adapter`, as the wrapper
+    /// the base's `model_type` calls for (see the wrappers' `from_folder_with_adapter`).
+    pub fn from_folder_with_adapter(
+        base: impl AsRef<Path>,
+        adapter: impl AsRef<Path>,
+        options: &LoadOptions,
+    ) -> Result<Self> {
+        Ok(if Self::is_seq2seq_folder(base.as_ref())? {
+            Self::Seq2Seq(Seq2SeqLmWithValueHead::from_folder_with_adapter(
+                base, adapter, options,
+            )?)
+        } else {
+            Self::Causal(CausalLmWithValueHead::from_folder_with_adapter(base, adapter, options)?)
+        })
+    }
+
+    /// Whether the folder's config.json names an encoder-decoder `model_type`.
+    fn is_seq2seq_folder(dir: &Path) -> Result<bool> {
+        let config = vh_hub::ModelFolder::open(dir)?.config()?;
+        Ok(config
+            .get("model_type")
+            .and_then(serde_json::Value::as_str)
+            .is_some_and(is_seq2seq_model_type))
     }
 }
 

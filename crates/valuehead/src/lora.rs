@@ -12,6 +12,7 @@
 use crate::causal::CausalLmWithValueHead;
 use crate::error::{Error, Result};
 use crate::options::LoadOptions;
+use crate::seq2seq::Seq2SeqLmWithValueHead;
 use crate::wrapper::{read_folder, Wrapped, V_HEAD_PREFIX};
 use serde_json::Value;
 use std::collections::BTreeSet;
@@ -138,6 +139,33 @@ impl Adapter {
             });
         }
         None
+    }
+
+    /// The state dict of `vs` with this adapter merged into the base weights (see
+    /// `merged_state_dict` on the wrappers).
+    fn merged_state_dict(&self, vs: &VarStore) -> Result<Vec<(String, Tensor)>> {
+        let variables = vs.variables();
+        let mut out = Vec::new();
+        for (name, t) in vh_core::state::state_dict(vs) {
+            if is_lora_parameter(&name) {
+                continue;
+            }
+            let module = Adapter::module_of(&name);
+            if name.ends_with(".weight") && self.adapted.contains(module) {
+                let a = &variables[&format!("{module}.lora_A.weight")];
+                let b = &variables[&format!("{module}.lora_B.weight")];
+                let delta = tch::no_grad(|| -> Result<Tensor> {
+                    let d = b.f_matmul(a)?.f_mul_scalar(self.config.scaling())?;
+                    // The base weight is [out, in], or [in, out] for Conv1D (peft's fan_in_fan_out).
+                    let d = if self.transposed.contains(module) { d.f_tr()? } else { d };
+                    Ok(t.detach().f_to_kind(tch::Kind::Float)?.f_add(&d)?.f_to_kind(t.kind())?)
+                })?;
+                out.push((name, delta));
+            } else {
+                out.push((name, t.detach()));
+            }
+        }
+        Ok(out)
     }
 
     /// Writes the adapter as peft's `save_pretrained` does and the value head beside it, as
@@ -267,75 +295,176 @@ fn read_adapter_folder(dir: &Path) -> Result<AdapterFolder> {
     })
 }
 
-impl CausalLmWithValueHead {
-    /// Loads the base model folder `base` with the peft LoRA adapter folder `adapter` built
-    /// in, as `PeftModel.from_pretrained(base_model, adapter)` under TRL's wrapper: the value
-    /// head from the adapter folder when TRL saved one there, else from the base folder, else
-    /// fresh. The base is frozen; the adapter, value head, `modules_to_save` and the biases
-    /// `bias` selects train.
-    pub fn from_folder_with_adapter(
-        base: impl AsRef<Path>,
-        adapter: impl AsRef<Path>,
-        options: &LoadOptions,
-    ) -> Result<Self> {
-        let folder = read_adapter_folder(adapter.as_ref())?;
-        let contents = read_folder(base.as_ref())?;
-        let replaced: BTreeSet<String> = folder
-            .tensors
-            .iter()
-            .chain(&folder.v_head)
-            .map(|(n, _)| n.clone())
-            .collect();
-        let mut tensors: Vec<(String, Tensor)> = contents
-            .tensors
-            .into_iter()
-            .filter(|(n, _)| !replaced.contains(n))
-            .collect();
-        tensors.extend(folder.tensors);
-        tensors.extend(folder.v_head);
-        let spec = AdapterSpec {
-            policy: &folder.config,
-            fresh: false,
-            reward: None,
-        };
-        let mut model = Self::from_parts_with(contents.config, tensors, options, Some(spec))?;
-        // Every adapted layer must have found its adapter tensors (a missing one is a
-        // placeholder the loader reports), so nothing more to check here.
-        model.wrapped.generation_config = contents.generation_config;
-        model.wrapped.source_dir = Some(base.as_ref().to_path_buf());
-        if let Some(a) = model.wrapped.adapter.as_mut() {
-            a.config.base_model_name_or_path = folder.config.base_model_name_or_path.clone();
+/// The base checkpoint's tensors with the adapter folder's (LoRA tensors, trained biases,
+/// `modules_to_save`, TRL's value head) in place of the base's of the same names.
+fn with_adapter_tensors(base: Vec<(String, Tensor)>, folder: AdapterFolder) -> (LoraConfig, Vec<(String, Tensor)>) {
+    let replaced: BTreeSet<String> = folder
+        .tensors
+        .iter()
+        .chain(&folder.v_head)
+        .map(|(n, _)| n.clone())
+        .collect();
+    let mut tensors: Vec<(String, Tensor)> = base.into_iter().filter(|(n, _)| !replaced.contains(n)).collect();
+    tensors.extend(folder.tensors);
+    tensors.extend(folder.v_head);
+    (folder.config, tensors)
+}
+
+/// Peft's initialisation of the policy adapter's parameters that `tensors` lacks, in name
+/// order: the draws from libtorch's global generator then follow a fixed order, so a seeded fresh
+/// adapter is reproducible (the var store's map iterates in another order in each process).
+pub(crate) fn fresh_adapter_tensors(
+    vs: &VarStore,
+    tensors: &[(String, Tensor)],
+    device: tch::Device,
+) -> Result<Vec<(String, Tensor)>> {
+    let have: BTreeSet<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
+    let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    variables.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut fresh = Vec::new();
+    for (name, t) in variables {
+        if is_lora_parameter(&name) && !have.contains(name.as_str()) {
+            let init = vh_core::lora::fresh_parameter(&name, &t.size(), device)?;
+            fresh.push((name, init));
         }
-        Ok(model)
     }
+    Ok(fresh)
+}
 
-    /// Loads an adapter folder whose `base_model_name_or_path` names the base (a folder or a
-    /// Hub repo id), as TRL's `from_pretrained(adapter_folder)`.
-    pub fn from_adapter_folder(adapter: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
-        let folder = read_adapter_folder(adapter.as_ref())?;
-        let base = folder.config.base_model_name_or_path.clone().ok_or_else(|| {
-            Error::InvalidOption("adapter_config.json has no base_model_name_or_path: pass the base folder".into())
-        })?;
-        let base_dir = vh_hub::resolve_model(&base, &options.hub)?;
-        Self::from_folder_with_adapter(base_dir, adapter, options)
+/// The adapter constructors of a value-head wrapper with a `from_parts_with(config, tensors,
+/// options, Option<AdapterSpec>)`: the same for decoder-only and encoder-decoder models.
+macro_rules! adapter_constructors {
+    ($ty:ty) => {
+        impl $ty {
+            /// Loads the base model folder `base` with the peft LoRA adapter folder `adapter`
+            /// built in, as `PeftModel.from_pretrained(base_model, adapter)` under TRL's wrapper:
+            /// the value head from the adapter folder when TRL saved one there, else from the
+            /// base folder, else fresh. The base is frozen; the adapter, value head,
+            /// `modules_to_save` and the biases `bias` selects train.
+            pub fn from_folder_with_adapter(
+                base: impl AsRef<Path>,
+                adapter: impl AsRef<Path>,
+                options: &LoadOptions,
+            ) -> Result<Self> {
+                let folder = read_adapter_folder(adapter.as_ref())?;
+                let contents = read_folder(base.as_ref())?;
+                let (config, tensors) = with_adapter_tensors(contents.tensors, folder);
+                let spec = AdapterSpec {
+                    policy: &config,
+                    fresh: false,
+                    reward: None,
+                };
+                // Every adapted layer must find its adapter tensors (a missing one is a
+                // placeholder the loader reports).
+                let mut model = Self::from_parts_with(contents.config, tensors, options, Some(spec))?;
+                model.wrapped.generation_config = contents.generation_config;
+                model.wrapped.source_dir = Some(base.as_ref().to_path_buf());
+                if let Some(a) = model.wrapped.adapter.as_mut() {
+                    a.config.base_model_name_or_path = config.base_model_name_or_path.clone();
+                }
+                Ok(model)
+            }
+
+            /// Loads an adapter folder whose `base_model_name_or_path` names the base (a folder
+            /// or a Hub repo id), as TRL's `from_pretrained(adapter_folder)`.
+            pub fn from_adapter_folder(adapter: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
+                let folder = read_adapter_folder(adapter.as_ref())?;
+                let base = folder.config.base_model_name_or_path.clone().ok_or_else(|| {
+                    Error::InvalidOption(
+                        "adapter_config.json has no base_model_name_or_path: pass the base folder".into(),
+                    )
+                })?;
+                let base_dir = vh_hub::resolve_model(&base, &options.hub)?;
+                Self::from_folder_with_adapter(base_dir, adapter, options)
+            }
+
+            /// Loads `base` with a new adapter of `config` (peft's initialisation: `lora_A`
+            /// Kaiming-uniform, `lora_B` zero, so outputs start unchanged), as TRL's
+            /// `from_pretrained(base, peft_config=config)` / peft's `get_peft_model`.
+            pub fn with_new_adapter(
+                base: impl AsRef<Path>,
+                config: &LoraConfig,
+                options: &LoadOptions,
+            ) -> Result<Self> {
+                let contents = read_folder(base.as_ref())?;
+                let spec = AdapterSpec {
+                    policy: config,
+                    fresh: true,
+                    reward: None,
+                };
+                let mut model = Self::from_parts_with(contents.config, contents.tensors, options, Some(spec))?;
+                model.wrapped.generation_config = contents.generation_config;
+                model.wrapped.source_dir = Some(base.as_ref().to_path_buf());
+                Ok(model)
+            }
+
+            /// The adapter's config, when the model has one.
+            pub fn adapter_config(&self) -> Option<&LoraConfig> {
+                self.wrapped.adapter.as_ref().map(|a| &a.config)
+            }
+
+            /// The modules (full HF names) that carry the adapter.
+            pub fn adapted_modules(&self) -> Vec<String> {
+                self.wrapped
+                    .adapter
+                    .as_ref()
+                    .map(|a| a.adapted.iter().cloned().collect())
+                    .unwrap_or_default()
+            }
+
+            /// Switches the adapter on or off (off: the base model's outputs, as peft's
+            /// `disable_adapter()`, which TRL's PPO uses as the reference model). An error
+            /// without an adapter.
+            pub fn set_adapter_enabled(&self, enabled: bool) -> Result<()> {
+                self.wrapped.adapter()?.switches.set_enabled(enabled);
+                Ok(())
+            }
+
+            /// Writes the adapter as peft and TRL do (what `save_pretrained` writes for a model
+            /// with an adapter); an error without one.
+            pub fn save_adapter(&self, dir: impl AsRef<Path>) -> Result<()> {
+                self.wrapped.adapter()?.save(dir.as_ref(), &self.wrapped)
+            }
+
+            /// The state dict with the adapter merged into the base weights (peft's
+            /// `merge_and_unload`): `W + scaling * B @ A` (transposed for `fan_in_fan_out`
+            /// layers such as GPT-2's Conv1D), without adapter tensors; the model itself is
+            /// unchanged.
+            pub fn merged_state_dict(&self) -> Result<Vec<(String, Tensor)>> {
+                self.wrapped.adapter()?.merged_state_dict(&self.wrapped.vs)
+            }
+
+            /// Saves the merged model as a plain TRL/HF folder (peft's `merge_and_unload()` then
+            /// `save_pretrained`): config.json, generation_config.json, weights with the value
+            /// head.
+            pub fn save_merged(&self, dir: impl AsRef<Path>, max_shard_size: Option<u64>) -> Result<()> {
+                let tensors = self.merged_state_dict()?;
+                vh_hub::write_checkpoint(
+                    dir.as_ref(),
+                    &self.wrapped.config,
+                    self.wrapped.generation_config.as_ref(),
+                    &tensors,
+                    max_shard_size,
+                )?;
+                Ok(())
+            }
+        }
+    };
+}
+
+adapter_constructors!(CausalLmWithValueHead);
+adapter_constructors!(Seq2SeqLmWithValueHead);
+
+impl Wrapped {
+    /// The adapter, or the error every adapter operation gives a model without one.
+    fn adapter(&self) -> Result<&Adapter> {
+        self.adapter
+            .as_ref()
+            .ok_or_else(|| Error::InvalidOption("this model has no adapter".into()))
     }
+}
 
-    /// Loads `base` with a new adapter of `config` (peft's initialisation: `lora_A`
-    /// Kaiming-uniform, `lora_B` zero, so outputs start unchanged), as TRL's
-    /// `from_pretrained(base, peft_config=config)` / peft's `get_peft_model`.
-    pub fn with_new_adapter(base: impl AsRef<Path>, config: &LoraConfig, options: &LoadOptions) -> Result<Self> {
-        let contents = read_folder(base.as_ref())?;
-        let spec = AdapterSpec {
-            policy: config,
-            fresh: true,
-            reward: None,
-        };
-        let mut model = Self::from_parts_with(contents.config, contents.tensors, options, Some(spec))?;
-        model.wrapped.generation_config = contents.generation_config;
-        model.wrapped.source_dir = Some(base.as_ref().to_path_buf());
-        Ok(model)
-    }
-
+impl CausalLmWithValueHead {
     /// Loads `base` with a policy adapter and TRL's reward adapter, as TRL's
     /// `from_pretrained(..., peft_config=... or an adapter folder, reward_adapter=DIR)`: the
     /// policy adapter from the folder `policy` or fresh from a config; the reward adapter (a
@@ -440,95 +569,6 @@ impl CausalLmWithValueHead {
             let scores = hidden.f_linear(&reward.head.weight, reward.head.bias.as_ref())?;
             Ok(scores.f_to_kind(tch::Kind::Float)?)
         })
-    }
-
-    /// The adapter's config, when the model has one.
-    pub fn adapter_config(&self) -> Option<&LoraConfig> {
-        self.wrapped.adapter.as_ref().map(|a| &a.config)
-    }
-
-    /// The modules (full HF names) that carry the adapter.
-    pub fn adapted_modules(&self) -> Vec<String> {
-        self.wrapped
-            .adapter
-            .as_ref()
-            .map(|a| a.adapted.iter().cloned().collect())
-            .unwrap_or_default()
-    }
-
-    /// Switches the adapter on or off (off: the base model's outputs, as peft's
-    /// `disable_adapter()`, which TRL's PPO uses as the reference model). An error without an
-    /// adapter.
-    pub fn set_adapter_enabled(&self, enabled: bool) -> Result<()> {
-        let adapter = self
-            .wrapped
-            .adapter
-            .as_ref()
-            .ok_or_else(|| Error::InvalidOption("this model has no adapter".into()))?;
-        adapter.switches.set_enabled(enabled);
-        Ok(())
-    }
-
-    /// Writes the adapter as peft and TRL do (what `save_pretrained` writes for a model with an
-    /// adapter); an error without one.
-    pub fn save_adapter(&self, dir: impl AsRef<Path>) -> Result<()> {
-        let adapter = self
-            .wrapped
-            .adapter
-            .as_ref()
-            .ok_or_else(|| Error::InvalidOption("this model has no adapter".into()))?;
-        adapter.save(dir.as_ref(), &self.wrapped)
-    }
-
-    /// The state dict with the adapter merged into the base weights (peft's
-    /// `merge_and_unload`): `W + scaling * B @ A` (transposed for `fan_in_fan_out` layers such
-    /// as GPT-2's Conv1D), without adapter tensors; the model itself is unchanged.
-    pub fn merged_state_dict(&self) -> Result<Vec<(String, Tensor)>> {
-        let adapter = self
-            .wrapped
-            .adapter
-            .as_ref()
-            .ok_or_else(|| Error::InvalidOption("this model has no adapter".into()))?;
-        let variables = self.wrapped.vs.variables();
-        let mut out = Vec::new();
-        for (name, t) in vh_core::state::state_dict(&self.wrapped.vs) {
-            if is_lora_parameter(&name) {
-                continue;
-            }
-            let module = Adapter::module_of(&name);
-            if name.ends_with(".weight") && adapter.adapted.contains(module) {
-                let a = &variables[&format!("{module}.lora_A.weight")];
-                let b = &variables[&format!("{module}.lora_B.weight")];
-                let delta = tch::no_grad(|| -> Result<Tensor> {
-                    let d = b.f_matmul(a)?.f_mul_scalar(adapter.config.scaling())?;
-                    // The base weight is [out, in], or [in, out] for Conv1D (peft's fan_in_fan_out).
-                    let d = if adapter.transposed.contains(module) {
-                        d.f_tr()?
-                    } else {
-                        d
-                    };
-                    Ok(t.detach().f_to_kind(tch::Kind::Float)?.f_add(&d)?.f_to_kind(t.kind())?)
-                })?;
-                out.push((name, delta));
-            } else {
-                out.push((name, t.detach()));
-            }
-        }
-        Ok(out)
-    }
-
-    /// Saves the merged model as a plain TRL/HF folder (peft's `merge_and_unload()` then
-    /// `save_pretrained`): config.json, generation_config.json, weights with the value head.
-    pub fn save_merged(&self, dir: impl AsRef<Path>, max_shard_size: Option<u64>) -> Result<()> {
-        let tensors = self.merged_state_dict()?;
-        vh_hub::write_checkpoint(
-            dir.as_ref(),
-            &self.wrapped.config,
-            self.wrapped.generation_config.as_ref(),
-            &tensors,
-            max_shard_size,
-        )?;
-        Ok(())
     }
 }
 

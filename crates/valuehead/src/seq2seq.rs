@@ -77,20 +77,63 @@ impl Seq2SeqLmWithValueHead {
     /// afterwards). Every tensor's shape is checked against the config before anything of the
     /// config's size is allocated.
     pub fn from_parts(config: Value, tensors: Vec<(String, Tensor)>, options: &LoadOptions) -> Result<Self> {
+        Self::from_parts_with(config, tensors, options, None)
+    }
+
+    /// [`Self::from_parts`] with a LoRA adapter built into the targeted layers: its tensors
+    /// among `tensors` (our names), or fresh ones (peft's initialisation) when `fresh`.
+    pub(crate) fn from_parts_with(
+        config: Value,
+        mut tensors: Vec<(String, Tensor)>,
+        options: &LoadOptions,
+        adapter: Option<crate::lora::AdapterSpec<'_>>,
+    ) -> Result<Self> {
         check_before_load(&config, options)?;
         let vs = VarStore::new(options.device);
         let build = BuildOptions {
             attn_implementation: options.attn_implementation,
             ..Default::default()
         };
-        // Placeholders until the checkpoint fills them (see `vh_core::param`).
-        let model = vh_core::param::deferred_for_checkpoint(tensors.len(), || {
-            vh_models::registry::build_seq2seq(vs.root(), &config, &build)
-        })?;
+        // Placeholders until the checkpoint fills them (see `vh_core::param`); an adapter adds
+        // up to two parameters per adapted layer.
+        let cap = if adapter.is_some() {
+            tensors.len() * 4
+        } else {
+            tensors.len()
+        };
+        let build_model = || {
+            vh_core::param::deferred_for_checkpoint(cap, || {
+                vh_models::registry::build_seq2seq(vs.root(), &config, &build)
+            })
+        };
+        let (model, built) = match adapter {
+            None => (build_model()?, None),
+            Some(spec) => {
+                if spec.reward.is_some() {
+                    return Err(crate::Error::InvalidOption(
+                        "TRL's reward adapter is for decoder-only models".into(),
+                    ));
+                }
+                let named = [(vh_core::lora::DEFAULT_ADAPTER, spec.policy)];
+                let (model, built) = vh_core::lora::with_adapters(&named, build_model)?;
+                if spec.fresh {
+                    let fresh = crate::lora::fresh_adapter_tensors(&vs, &tensors, options.device)?;
+                    tensors.extend(fresh);
+                }
+                (model, Some((spec, built)))
+            }
+        };
         let hidden_size = model.hidden_size();
-        let wrapped = Wrapped::load(vs, config, tensors, options, hidden_size, |key| {
-            model.parameter_name(key)
+        let mut wrapped = Wrapped::load(vs, config, tensors, options, hidden_size, |key| {
+            if vh_core::lora::is_lora_parameter(key) {
+                Some(key.to_string())
+            } else {
+                model.parameter_name(key)
+            }
         })?;
+        if let Some((spec, built)) = built {
+            wrapped.adapter = Some(crate::lora::Adapter::new(spec, built, &wrapped.vs)?);
+        }
         Ok(Self { wrapped, model })
     }
 

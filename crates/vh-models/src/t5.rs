@@ -5,7 +5,7 @@
 use crate::activation::Activation;
 use crate::attention::{AttentionSpec, AttnImplementation, MaskSpec, SoftmaxPrecision};
 use crate::cache::{Cache, LayerCache, Seq2SeqCache};
-use crate::layers::{merge_heads, split_heads, RmsNorm, RmsNormStyle};
+use crate::layers::{merge_heads, split_heads, Linear, RmsNorm, RmsNormStyle};
 use crate::registry::EncoderOutput;
 use crate::registry::{Architecture, BuildOptions, Family, Seq2SeqLm, Seq2SeqLmOutput};
 use serde::Deserialize;
@@ -182,15 +182,16 @@ impl T5Config {
     }
 }
 
-fn linear(vs: &nn::Path, name: &str, in_dim: i64, out_dim: i64) -> Result<Tensor> {
-    vh_core::param::var(&vs.sub(name), "weight", &[out_dim, in_dim], nn::Init::Const(0.0))
+/// A bias-free projection (T5 has no biases), the shared [`Linear`] so LoRA adapters reach it.
+fn linear(vs: &nn::Path, name: &str, in_dim: i64, out_dim: i64) -> Result<Linear> {
+    Linear::new(vs.sub(name), in_dim, out_dim, false)
 }
 
 /// The feed-forward network: `wi`, activation, `wo`, or the gated form `act(wi_0) * wi_1`, `wo`.
 #[derive(Debug)]
 pub struct DenseReluDense {
-    wi: Vec<Tensor>,
-    wo: Tensor,
+    wi: Vec<Linear>,
+    wo: Linear,
     act: Activation,
     dropout: f64,
 }
@@ -217,15 +218,15 @@ impl DenseReluDense {
 
     /// [B, T, d_model] -> [B, T, d_model].
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut h = self.act.forward(&x.f_linear::<Tensor>(&self.wi[0], None)?)?;
+        let mut h = self.act.forward(&self.wi[0].forward(x)?)?;
         if let Some(wi_1) = self.wi.get(1) {
-            h = h.f_mul(&x.f_linear::<Tensor>(wi_1, None)?)?;
+            h = h.f_mul(&wi_1.forward(x)?)?;
         }
         let mut h = h.train_dropout(self.dropout, train)?;
-        if h.kind() != self.wo.kind() {
-            h = h.f_to_kind(self.wo.kind())?;
+        if h.kind() != self.wo.weight.kind() {
+            h = h.f_to_kind(self.wo.weight.kind())?;
         }
-        Ok(h.f_linear::<Tensor>(&self.wo, None)?)
+        self.wo.forward(&h)
     }
 }
 
@@ -270,10 +271,10 @@ pub fn relative_position_bucket(
 /// in block 0 of each stack also owns the relative position bias table.
 #[derive(Debug)]
 pub struct T5Attention {
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    o: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
     /// `relative_attention_bias.weight` [num_buckets, heads], block 0's self-attention only.
     relative_attention_bias: Option<Tensor>,
     n_heads: i64,
@@ -334,8 +335,8 @@ impl T5Attention {
     /// Keys and values of `states` [B, S, d_model], [B, heads, S, d_kv] each.
     pub fn project_kv(&self, states: &Tensor) -> Result<LayerCache> {
         Ok(LayerCache::new(
-            self.heads(&states.f_linear::<Tensor>(&self.k, None)?)?,
-            self.heads(&states.f_linear::<Tensor>(&self.v, None)?)?,
+            self.heads(&self.k.forward(states)?)?,
+            self.heads(&self.v.forward(states)?)?,
         ))
     }
 
@@ -343,7 +344,7 @@ impl T5Attention {
     /// scaling (T5 folds it into the weights), softmax in f32, always eager as in HF (the
     /// position bias rides on every score); causality and padding are in the bias.
     fn attend(&self, x: &Tensor, kv: &LayerCache, bias: Option<&Tensor>, train: bool) -> Result<Tensor> {
-        let q = self.heads(&x.f_linear::<Tensor>(&self.q, None)?)?;
+        let q = self.heads(&self.q.forward(x)?)?;
         let spec = AttentionSpec {
             implementation: AttnImplementation::Eager,
             score_ops: Vec::new(),
@@ -353,7 +354,7 @@ impl T5Attention {
             causal: false,
         };
         let attended = spec.attend(&q, &kv.keys, &kv.values, bias, train)?;
-        Ok(merge_heads(&attended)?.f_linear::<Tensor>(&self.o, None)?)
+        self.o.forward(&merge_heads(&attended)?)
     }
 
     /// Self-attention over the cached and new positions; returns the output and the grown cache.

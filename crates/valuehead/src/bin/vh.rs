@@ -178,8 +178,7 @@ fn load(args: &ModelArgs) -> Result<(ValueHeadModel, PathBuf)> {
     let folder = vh_hub::resolve_model(&args.model, &options.hub).with_context(|| format!("finding {}", args.model))?;
     let model = match &args.adapter {
         None => ValueHeadModel::from_folder(&folder, &options),
-        Some(adapter) => valuehead::CausalLmWithValueHead::from_folder_with_adapter(&folder, adapter, &options)
-            .map(ValueHeadModel::Causal),
+        Some(adapter) => ValueHeadModel::from_folder_with_adapter(&folder, adapter, &options),
     }
     .with_context(|| format!("loading the model from {}", folder.display()))?;
     Ok((model, folder))
