@@ -42,6 +42,8 @@ import transformers
 import trl
 from transformers import (
     AutoModelForSequenceClassification,
+    BartConfig,
+    BartForConditionalGeneration,
     GPT2Config,
     GPT2LMHeadModel,
     T5Config,
@@ -56,7 +58,12 @@ MODELS = {
     "gpt2-small": ("gpt2", dict()),
     "t5-toy": ("t5", dict(vocab_size=1000, d_model=64, d_kv=16, d_ff=256, num_layers=2, num_heads=4, decoder_start_token_id=0)),
     "t5-small": ("t5", dict(decoder_start_token_id=0)),
+    "bart-toy": ("bart", dict(vocab_size=1000, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                              decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256,
+                              max_position_embeddings=512)),
 }
+
+SEQ2SEQ_CONFIGS = {"t5": (T5Config, T5ForConditionalGeneration), "bart": (BartConfig, BartForConditionalGeneration)}
 
 
 def reply(obj):
@@ -85,7 +92,8 @@ def make(name, out_dir):
         base = GPT2LMHeadModel(GPT2Config(**overrides))
         model = AutoModelForCausalLMWithValueHead.from_pretrained(base)
     else:
-        base = T5ForConditionalGeneration(T5Config(**overrides))
+        config_class, model_class = SEQ2SEQ_CONFIGS[arch]
+        base = model_class(config_class(**overrides))
         model = AutoModelForSeq2SeqLMWithValueHead.from_pretrained(base)
     tmp = out_dir + ".partial"
     model.save_pretrained(tmp)
@@ -102,7 +110,8 @@ class Worker:
         self.reward_model = None
         self.model_dir, self.dtype = model_dir, dtype
         config = json.load(open(os.path.join(model_dir, "config.json")))
-        self.seq2seq = config.get("model_type") == "t5"
+        # As transformers decides: the config's is_encoder_decoder (T5, Bart).
+        self.seq2seq = bool(config.get("is_encoder_decoder"))
         cls = AutoModelForSeq2SeqLMWithValueHead if self.seq2seq else AutoModelForCausalLMWithValueHead
         model = cls.from_pretrained(model_dir)
         if dtype == "bf16":
