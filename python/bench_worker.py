@@ -59,6 +59,9 @@ MODELS = {
     "gpt2-small": ("gpt2", dict()),
     "t5-toy": ("t5", dict(vocab_size=1000, d_model=64, d_kv=16, d_ff=256, num_layers=2, num_heads=4, decoder_start_token_id=0)),
     "t5-small": ("t5", dict(decoder_start_token_id=0)),
+    "bart-toy": ("bart", dict(vocab_size=1000, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                              decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256,
+                              max_position_embeddings=512)),
 }
 # One toy per further architecture of the registry (forward and generate rows: the bench takes
 # every model_type the library does). Small shapes, HF's defaults otherwise.

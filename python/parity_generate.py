@@ -1,10 +1,12 @@
 """Reference outputs for greedy generation parity.
 
 Builds seeded random GPT-2, Llama, Qwen2, Mistral (sliding window), Qwen3 (a sliding layer), GPT-NeoX,
-OPT, Gemma, Gemma2 (soft caps, a sliding layer) and T5 models (as the forward parity suites do), wraps each in TRL's value-head class, saves it
+OPT, Gemma, Gemma2 (soft caps, a sliding layer), T5 and Bart models (as the forward parity suites do), wraps each in TRL's value-head class, saves it
 with TRL's save_pretrained, and records the token sequences that TRL's `generate` (which is
 transformers' `generate`) returns with do_sample=False on padded batches: plain, with a repetition
-penalty, and with eos tokens that end some rows early after min_new_tokens.
+penalty, and with eos tokens that end some rows early after min_new_tokens. Bart's generation
+config forces a first token (forced_bos_token_id, as facebook/bart-large) and the last one
+(forced_eos_token_id, BartConfig's default 2); the manifest records both for the Rust side.
 
 usage: python parity_generate.py OUT_DIR
 """
@@ -19,6 +21,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditional
 from trl import AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import parity_bart  # noqa: E402
 import parity_causal  # noqa: E402
 import parity_gemma  # noqa: E402
 import parity_gemma2  # noqa: E402
@@ -102,6 +105,16 @@ def t5_model(seed):
     return AutoModelForSeq2SeqLMWithValueHead.from_pretrained(base).eval(), cfg["vocab_size"]
 
 
+def bart_model(seed):
+    # Tied, gelu, embeddings scaled by sqrt(d_model), a random final_logits_bias; forced BOS 0
+    # and forced EOS 2 in its generation config.
+    base, cfg = parity_bart.build({"scale_embedding": True, "forced_bos_token_id": 0}, seed)
+    return AutoModelForSeq2SeqLMWithValueHead.from_pretrained(base).eval(), cfg["vocab_size"]
+
+
+SEQ2SEQ = ("t5", "bart")
+
+
 def causal_prompts(vocab):
     g = torch.Generator().manual_seed(7)
     input_ids = torch.randint(1, vocab - 1, (3, 8), generator=g)
@@ -167,6 +180,7 @@ def main(out_dir):
         ("gemma", gemma_model, causal_prompts),
         ("gemma2", gemma2_model, causal_prompts),
         ("t5", t5_model, seq2seq_prompts),
+        ("bart", bart_model, seq2seq_prompts),
     ]
     for kind, build, prompts in kinds:
         model, vocab = build(100)
@@ -174,7 +188,10 @@ def main(out_dir):
         model.save_pretrained(folder)
         input_ids, attention_mask = prompts(vocab)
         save_file({"input_ids": input_ids, "attention_mask": attention_mask}, os.path.join(folder, "prompts.safetensors"))
-        start = 1 if kind == "t5" else input_ids.shape[1]
+        start = 1 if kind in SEQ2SEQ else input_ids.shape[1]
+        generation_config = model.pretrained_model.generation_config
+        forced = dict(forced_bos_token_id=generation_config.forced_bos_token_id,
+                      forced_eos_token_id=generation_config.forced_eos_token_id)
         base = dict(max_new_tokens=MAX_NEW, min_new_tokens=0, repetition_penalty=1.0, eos_token_id=[], pad_token_id=0)
         plain = generate(model, input_ids, attention_mask, base)
         runs = [
@@ -187,7 +204,7 @@ def main(out_dir):
             sequences = generate(model, input_ids, attention_mask, settings)
             case = f"{kind}_{name}"
             save_file({"sequences": sequences.contiguous()}, os.path.join(folder, f"{case}.safetensors"))
-            manifest.append(dict(settings, name=case, model=kind, length=sequences.shape[1]))
+            manifest.append(dict(settings, **forced, name=case, model=kind, length=sequences.shape[1]))
     with open(os.path.join(out_dir, "cases.json"), "w") as f:
         json.dump(manifest, f, indent=1)
     print(f"wrote {len(manifest)} generation reference cases to {out_dir}")

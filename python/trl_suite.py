@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
+    BartConfig,
     Gemma2Config,
     GemmaConfig,
     GenerationConfig,
@@ -104,6 +105,15 @@ ARCHS = {
              num_key_value_heads=2, head_dim=16, max_position_embeddings=64, sliding_window=4,
              query_pre_attn_scalar=16, attn_logit_softcapping=None, final_logit_softcapping=3.0),
         False,
+    ),
+    # BartConfig's token ids (pad 1, eos 2, decoder start 2, forced eos 2), embeddings scaled by
+    # sqrt(d_model), more encoder than decoder layers.
+    "bart": (
+        BartConfig,
+        dict(vocab_size=100, d_model=32, encoder_layers=3, decoder_layers=2, encoder_attention_heads=4,
+             decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64,
+             scale_embedding=True),
+        True,
     ),
 }
 

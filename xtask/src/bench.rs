@@ -25,7 +25,8 @@ usage: cargo xtask bench [--quick] [--threads N] [--reps N] [--models a,b] [--dt
   --reps       timed samples per side and workload (default 3; quick 2)
   --models     gpt2-toy,t5-toy,gpt2-small,t5-small,smollm2 (smollm2 when installed by setup), and
                one toy per further architecture: llama-toy, qwen2-toy, mistral-toy, qwen3-toy,
-               gemma-toy, gemma2-toy, gpt_neox-toy, opt-toy (forward; generate in the full run)
+               gemma-toy, gemma2-toy, gpt_neox-toy, opt-toy, bart-toy (forward; generate in the
+               full run)
   --workloads  forward,generate,rollout,train,ppo (train: forward + backward + AdamW step, b8x128,
                on gpt2-small and smollm2; ppo: one PPO iteration, 8 prompts of 32 tokens + 64
                sampled, reference and reward forwards, one epoch of 2 mini-batches, f32)
@@ -121,6 +122,10 @@ impl Workload {
 
     /// The least speedup (Python time / ours) the issue asks for, if any.
     fn target(&self) -> Option<f64> {
+        // The further architectures' toys: only the forward target (no slower than Python).
+        if ARCH_TOYS.contains(&self.model.as_str()) && self.task != "forward" {
+            return None;
+        }
         let toy = self.model.ends_with("-toy");
         match (self.task.as_str(), self.model.as_str(), self.batch) {
             ("forward", _, _) => Some(1.0),
@@ -138,8 +143,8 @@ impl Workload {
 
 /// One toy checkpoint per further `model_type` of the registry (python/bench_worker.py builds
 /// them): forward and greedy generate at batch 1 in f32, so the bench takes every architecture
-/// the library does. Seq2seq ones (with decoder inputs for the forward) are named in [`SEQ2SEQ`].
-const ARCH_TOYS: [&str; 8] = [
+/// the library does (encoder-decoders get decoder inputs for the forward, as config.json says).
+const ARCH_TOYS: [&str; 9] = [
     "llama-toy",
     "qwen2-toy",
     "mistral-toy",
@@ -148,10 +153,8 @@ const ARCH_TOYS: [&str; 8] = [
     "gemma2-toy",
     "gpt_neox-toy",
     "opt-toy",
+    "bart-toy",
 ];
-
-/// The bench models that are encoder-decoders.
-const SEQ2SEQ: [&str; 2] = ["t5-toy", "t5-small"];
 
 fn workloads(o: &Options, smollm2: bool) -> Vec<Workload> {
     let mut models: Vec<&str> = if o.quick {
@@ -443,6 +446,13 @@ fn model_dir(cache: &Path, name: &str, key: &str) -> PathBuf {
     cache.join("bench-models").join(format!("{name}-{key}"))
 }
 
+/// Whether the bench model in `dir` is an encoder-decoder model (config.json's
+/// `is_encoder_decoder`, as transformers decides: T5, Bart), whose forward needs decoder ids.
+fn is_encoder_decoder(dir: &Path) -> Result<bool> {
+    let config: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
+    Ok(config["is_encoder_decoder"].as_bool().unwrap_or(false))
+}
+
 fn vocab_of(dir: &Path) -> Result<u64> {
     let config: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
     config["vocab_size"].as_u64().context("config.json has no vocab_size")
@@ -585,7 +595,7 @@ pub fn bench(args: &[String]) -> Result<()> {
             "input_ids": token_ids(w.batch, w.len, vocab, 1),
             "max_new_tokens": w.max_new,
         });
-        if SEQ2SEQ.contains(&w.model.as_str()) && w.task == "forward" {
+        if is_encoder_decoder(&dir)? && w.task == "forward" {
             task["decoder_input_ids"] = json!(token_ids(w.batch, w.len, vocab, 2));
         }
         if w.task == "ppo" {

@@ -400,6 +400,8 @@ impl CausalLmWithValueHead {
             Some("sampling")
         } else if config.repetition_penalty != 1.0 {
             Some("the repetition penalty")
+        } else if config.forced_bos_token_id.is_some() || !config.forced_eos_token_id.is_empty() {
+            Some("forced BOS/EOS tokens")
         } else if self.wrapped.train {
             Some("train mode (dropout)")
         } else if !self.backbone.supports_static_decode() {
@@ -538,6 +540,11 @@ impl CausalLmWithValueHead {
 
     fn tied_aliases(&self) -> Vec<(&'static str, &'static str)> {
         self.backbone.tied_aliases()
+    }
+
+    /// Tied names a saved checkpoint stores (none: transformers reties decoder-only models).
+    fn saved_aliases(&self) -> Vec<(&'static str, &'static str)> {
+        Vec::new()
     }
 }
 

@@ -77,7 +77,7 @@ pub fn run_forward(model: &ValueHeadModel, inputs: &HashMap<String, Tensor>) -> 
         }
         ValueHeadModel::Seq2Seq(m) => {
             if get("position_ids").is_some() {
-                return Err(invalid("`position_ids` is for decoder-only models; T5's positions are relative").into());
+                return Err(invalid("`position_ids` is for decoder-only models; encoder-decoder models number their positions themselves").into());
             }
             let out = m.forward(
                 Some(input_ids),

@@ -38,6 +38,12 @@ pub struct GenerationConfig {
     pub pad_token_id: Option<i64>,
     /// The first decoder token of seq2seq models.
     pub decoder_start_token_id: Option<i64>,
+    /// HF's `forced_bos_token_id`: the token generated first when the sequence so far is one
+    /// token long (a seq2seq decoder start; Bart's configs set it for some checkpoints).
+    pub forced_bos_token_id: Option<i64>,
+    /// HF's `forced_eos_token_id`: the last new token (at `max_length - 1`) is one of these
+    /// (Bart's configs set 2). Empty: none forced.
+    pub forced_eos_token_id: Vec<i64>,
     /// Seeds the sampler; the same seed gives the same output. `None` draws a random seed.
     pub seed: Option<u64>,
     /// How often the loop reads back from the device whether every row has finished, once an
@@ -92,6 +98,8 @@ impl Default for GenerationConfig {
             eos_token_id: Vec::new(),
             pad_token_id: None,
             decoder_start_token_id: None,
+            forced_bos_token_id: None,
+            forced_eos_token_id: Vec::new(),
             seed: None,
             stop_check_interval: 1,
             decoding: Decoding::Eager,
@@ -243,6 +251,20 @@ impl GenerationConfig {
             {
                 out.decoder_start_token_id = ids.first().copied();
             }
+            if let Some(ids) = get("forced_bos_token_id")
+                .map(|v| token_ids(v, "forced_bos_token_id"))
+                .transpose()?
+                .flatten()
+            {
+                out.forced_bos_token_id = ids.first().copied();
+            }
+            if let Some(ids) = get("forced_eos_token_id")
+                .map(|v| token_ids(v, "forced_eos_token_id"))
+                .transpose()?
+                .flatten()
+            {
+                out.forced_eos_token_id = ids;
+            }
         }
         Ok(out)
     }
@@ -274,10 +296,13 @@ impl GenerationConfig {
         }
         let in_vocab = |id: i64| (0..vocab_size).contains(&id);
         let can_finish = self.eos_token_id.iter().any(|&id| in_vocab(id));
+        // Forced tokens index the scores (HF fails on ids outside them), and are fed back.
         let fed = self
             .decoder_start_token_id
             .iter()
             .map(|id| ("decoder_start_token_id", *id))
+            .chain(self.forced_bos_token_id.iter().map(|id| ("forced_bos_token_id", *id)))
+            .chain(self.forced_eos_token_id.iter().map(|id| ("forced_eos_token_id", *id)))
             .chain(self.pad().filter(|_| can_finish).map(|id| ("pad_token_id", id)));
         for (name, id) in fed {
             if !in_vocab(id) {
@@ -449,15 +474,30 @@ pub(crate) fn top_p_filter(scores: &Tensor, top_p: f64) -> Result<Tensor> {
     Ok(scores.s_masked_fill(&remove, f64::NEG_INFINITY)?)
 }
 
+/// The tokens HF's `ForcedBOSTokenLogitsProcessor` and `ForcedEOSTokenLogitsProcessor` force
+/// at a step, if any: the BOS id when the sequence so far (`cur_len`, prompt or decoder start
+/// included) is one token long, the forced eos ids when this is the last new token
+/// (`cur_len == max_length - 1`). HF runs the BOS processor first, so eos wins when both apply.
+pub(crate) fn forced_tokens(config: &GenerationConfig, cur_len: usize, last: bool) -> Option<Vec<i64>> {
+    if last && !config.forced_eos_token_id.is_empty() {
+        return Some(config.forced_eos_token_id.clone());
+    }
+    match config.forced_bos_token_id {
+        Some(bos) if cur_len == 1 => Some(vec![bos]),
+        _ => None,
+    }
+}
+
 /// The processed scores from which the next token is chosen: repetition penalty, min-new-tokens
-/// eos suppression (`eos` [n] on the scores' device), then (sampling only) temperature, top-k
-/// and top-p, in HF's order.
+/// eos suppression (`eos` [n] on the scores' device), forced tokens (every other score -inf,
+/// see [`forced_tokens`]), then (sampling only) temperature, top-k and top-p, in HF's order.
 pub(crate) fn process_scores(
     logits: &Tensor,
     seen: &Tensor,
     generated: usize,
     config: &GenerationConfig,
     eos: Option<&Tensor>,
+    forced: Option<&[i64]>,
 ) -> Result<Tensor> {
     let mut scores = logits.shallow_clone();
     if config.repetition_penalty != 1.0 {
@@ -465,6 +505,10 @@ pub(crate) fn process_scores(
     }
     if let Some(eos) = eos.filter(|_| generated < config.min_new_tokens) {
         scores = scores.s_index_fill(1, eos, f64::NEG_INFINITY)?;
+    }
+    if let Some(ids) = forced {
+        let ids = Tensor::f_from_slice(ids)?.f_to_device(scores.device())?;
+        scores = scores.f_full_like(f64::NEG_INFINITY)?.s_index_fill(1, &ids, 0.0)?;
     }
     if config.do_sample {
         if config.temperature != 1.0 {
@@ -574,8 +618,10 @@ pub(crate) fn decode_loop(
     let mut unfinished = Tensor::f_ones([batch], (Kind::Bool, device))?;
     let (mut tokens, mut values, mut logprobs, mut generated_mask) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut sample_logprobs = Vec::new();
+    let start_len = prompt.size()[1] as usize;
     for n in 0..max_new {
-        let scores = process_scores(&out.logits, &seen, n, config, eos.as_ref())?;
+        let forced = forced_tokens(config, start_len + n, n + 1 == max_new);
+        let scores = process_scores(&out.logits, &seen, n, config, eos.as_ref(), forced.as_deref())?;
         let mut next = if config.do_sample {
             sample(&scores, &mut rng)?
         } else {
@@ -765,6 +811,44 @@ mod tests {
         }
         .validate(10)
         .is_ok());
+    }
+
+    #[test]
+    fn forced_tokens_follow_hf_processors() {
+        let config = GenerationConfig::from_model(
+            &json!({"forced_bos_token_id": 0, "forced_eos_token_id": 2}),
+            Some(&json!({"forced_eos_token_id": [2, 3]})),
+        )
+        .unwrap();
+        assert_eq!(
+            (config.forced_bos_token_id, config.forced_eos_token_id.clone()),
+            (Some(0), vec![2, 3])
+        );
+        // BOS only when the sequence so far is one token; eos only at the last new token, and
+        // eos wins when both apply (HF runs the BOS processor first).
+        assert_eq!(forced_tokens(&config, 1, false), Some(vec![0]));
+        assert_eq!(forced_tokens(&config, 2, false), None);
+        assert_eq!(forced_tokens(&config, 5, true), Some(vec![2, 3]));
+        assert_eq!(forced_tokens(&config, 1, true), Some(vec![2, 3]));
+        let logits = Tensor::from_slice(&[1.0f32, 3.0, 2.0, 0.5, -1.0]).unsqueeze(0);
+        let seen = Tensor::from_slice2(&[[1i64]]);
+        let forced = process_scores(&logits, &seen, 0, &config, None, Some(&[2, 3])).unwrap();
+        assert_eq!(
+            Vec::<f32>::try_from(forced.reshape([-1])).unwrap(),
+            vec![f32::NEG_INFINITY, f32::NEG_INFINITY, 0.0, 0.0, f32::NEG_INFINITY]
+        );
+        assert!(GenerationConfig {
+            forced_eos_token_id: vec![5],
+            ..Default::default()
+        }
+        .validate(5)
+        .is_err());
+        assert!(GenerationConfig {
+            forced_bos_token_id: Some(-1),
+            ..Default::default()
+        }
+        .validate(5)
+        .is_err());
     }
 
     #[test]

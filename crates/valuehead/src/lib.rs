@@ -2,7 +2,7 @@
 //!
 //! [`CausalLmWithValueHead`] wraps any decoder-only model of the registry
 //! ([`vh_models::ARCHITECTURES`]: GPT-2, Llama, Qwen2, ...) and [`Seq2SeqLmWithValueHead`] any
-//! encoder-decoder (T5, ...) with TRL's `ValueHead`, giving logits, the LM loss and one value per
+//! encoder-decoder (T5, Bart) with TRL's `ValueHead`, giving logits, the LM loss and one value per
 //! token, and both load the checkpoints that Python TRL saves.
 //!
 //! ```no_run
@@ -112,7 +112,7 @@ use std::path::Path;
 pub enum ValueHeadModel {
     /// A decoder-only model (GPT-2, Llama, Qwen2, ...).
     Causal(CausalLmWithValueHead),
-    /// An encoder-decoder model (T5, ...).
+    /// An encoder-decoder model (T5, Bart).
     Seq2Seq(Seq2SeqLmWithValueHead),
 }
 

@@ -20,7 +20,8 @@ pub struct LoadOptions {
     /// device (`Architecture::default_attention_on`): sdpa on CUDA for every causal model; on
     /// CPU each architecture's measured default (`Architecture::default_attention`, the faster
     /// one with `cargo xtask bench`: eager for GPT-2, sdpa for the Llama family). An explicit
-    /// choice always wins. T5 always runs eager, as in HF.
+    /// choice always wins. T5 always runs eager, as in HF; Bart takes the choice (sdpa by
+    /// default, as HF).
     pub attn_implementation: Option<AttnImplementation>,
     /// How to reach the Hub when loading by repo id (endpoint, token, cache, revision, offline).
     pub hub: vh_hub::HubOptions,

@@ -123,6 +123,20 @@ impl Seq2SeqLmWithValueHead {
                 (model, Some((spec, built)))
             }
         };
+        // Buffers HF fills with zeros when a checkpoint lacks them (Bart's final_logits_bias):
+        // one zero expanded to the buffer's shape, so nothing of the config's size is allocated
+        // before the checkpoint's shapes are checked; made real once they are.
+        let mut defaulted = Vec::new();
+        for (name, shape) in model.zero_default_buffers() {
+            if !tensors
+                .iter()
+                .any(|(key, _)| model.parameter_name(key).as_deref() == Some(name))
+            {
+                let zero = Tensor::f_zeros([] as [i64; 0], (Kind::Float, tch::Device::Cpu))?;
+                tensors.push((name.to_string(), zero.f_expand(shape.as_slice(), false)?));
+                defaulted.push(name);
+            }
+        }
         let hidden_size = model.hidden_size();
         let mut wrapped = Wrapped::load(vs, config, tensors, options, hidden_size, |key| {
             if vh_core::lora::is_lora_parameter(key) {
@@ -131,6 +145,13 @@ impl Seq2SeqLmWithValueHead {
                 model.parameter_name(key)
             }
         })?;
+        let variables = wrapped.vs.variables();
+        for name in defaulted {
+            if let Some(buffer) = variables.get(name) {
+                let real = buffer.f_contiguous()?;
+                tch::no_grad(|| buffer.shallow_clone().f_set_data(&real))?;
+            }
+        }
         if let Some((spec, built)) = built {
             wrapped.adapter = Some(crate::lora::Adapter::new(spec, built, &wrapped.vs)?);
         }
@@ -205,7 +226,16 @@ impl Seq2SeqLmWithValueHead {
                 shifted = self.model.shift_right(labels)?;
                 &shifted
             }
-            (None, None) => return Err(invalid("`decoder_input_ids` or `labels` is required").into()),
+            (None, None) => {
+                // Bart's HF forward shifts the encoder ids right when given no decoder inputs;
+                // T5's requires them.
+                let derived = match input.input_ids {
+                    Some(ids) => self.model.decoder_inputs_from_input_ids(ids)?,
+                    None => None,
+                };
+                shifted = derived.ok_or_else(|| invalid("`decoder_input_ids` or `labels` is required"))?;
+                &shifted
+            }
         };
         expect_rank(decoder_input_ids, "decoder_input_ids", 2)?;
         if let Some(labels) = input.labels {
@@ -356,5 +386,9 @@ impl Seq2SeqLmWithValueHead {
 
     fn tied_aliases(&self) -> Vec<(&'static str, &'static str)> {
         self.model.tied_aliases()
+    }
+
+    fn saved_aliases(&self) -> Vec<(&'static str, &'static str)> {
+        self.model.saved_aliases()
     }
 }

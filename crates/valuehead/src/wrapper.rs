@@ -252,8 +252,8 @@ impl Wrapped {
     }
 }
 
-/// The accessors both wrappers expose; each has a `wrapped: Wrapped` field and a
-/// `tied_aliases()` method.
+/// The accessors both wrappers expose; each has a `wrapped: Wrapped` field and
+/// `tied_aliases()` and `saved_aliases()` methods.
 macro_rules! wrapper_accessors {
     ($ty:ty) => {
         impl $ty {
@@ -308,7 +308,9 @@ macro_rules! wrapper_accessors {
                     // TRL with a peft model: the adapter in peft's files, the value head beside it.
                     return adapter.save(dir.as_ref(), &self.wrapped);
                 }
-                let tensors = vh_core::state::state_dict(&self.wrapped.vs);
+                // Parameters once each, plus the tied names transformers needs in the file to
+                // load the model back (Bart untied: the stacks' embed_tokens).
+                let tensors = self.wrapped.state_dict(&self.saved_aliases());
                 vh_hub::write_checkpoint(
                     dir.as_ref(),
                     &self.wrapped.config,

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{write_tiny_gpt2, write_tiny_t5};
+use common::{write_tiny, write_tiny_gpt2, write_tiny_t5};
 use serde_json::json;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -651,4 +651,112 @@ fn seq2seq_dropout_acts_only_in_train_mode() {
     assert!(a.logits.equal(&b.logits) && a.values.equal(&b.values));
     model.set_train(true);
     assert!(!run(&model).logits.equal(&a.logits));
+}
+
+/// Bart: broken configs are config errors at load (heads not dividing d_model on either side,
+/// sizes null or of the wrong type, an unknown activation, no model_type), a checkpoint short of
+/// a parameter is `MissingTensor`, but one without `final_logits_bias` loads with zeros there (HF
+/// ignores it when missing); shifting labels without `decoder_start_token_id` or `pad_token_id`
+/// is a config error; encoder ids alone are a complete call (Bart derives the decoder inputs);
+/// sequences past the position tables are invalid input.
+#[test]
+fn bart_bad_configs_checkpoints_and_inputs_are_typed_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let load = || Seq2SeqLmWithValueHead::from_folder(dir.path(), &LoadOptions::default());
+    let patch = |changes: serde_json::Value| {
+        write_tiny("bart", dir.path(), json!({}));
+        let path = dir.path().join("config.json");
+        let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        for (k, v) in changes.as_object().unwrap() {
+            if v == &json!("<remove>") {
+                config.as_object_mut().unwrap().remove(k);
+            } else {
+                config[k] = v.clone();
+            }
+        }
+        std::fs::write(&path, config.to_string()).unwrap();
+    };
+    for changes in [
+        json!({"encoder_attention_heads": 3}),
+        json!({"decoder_attention_heads": 5}),
+        json!({"d_model": null}),
+        json!({"decoder_ffn_dim": "wide"}),
+        json!({"activation_function": "fancy"}),
+        json!({"model_type": "<remove>"}),
+    ] {
+        patch(changes.clone());
+        assert!(
+            matches!(load(), Err(Error::Model(vh_core::Error::Config(_)))),
+            "{changes}: {:?}",
+            load().err()
+        );
+    }
+
+    // A missing parameter is an error; a missing final_logits_bias is zeros, as in HF.
+    let src = Tensor::from_slice2(&[[3i64, 4, 5], [6, 7, 8]]);
+    let tgt = Tensor::from_slice2(&[[2i64, 9], [2, 10]]);
+    let weights = dir.path().join("model.safetensors");
+    let without = |name: &str| {
+        write_tiny("bart", dir.path(), json!({}));
+        let tensors: Vec<_> = vh_hub::read_safetensors(&weights)
+            .unwrap()
+            .into_iter()
+            .filter(|(n, _)| n != name)
+            .collect();
+        vh_hub::write_safetensors(&weights, &tensors).unwrap();
+    };
+    without("model.encoder.layers.0.fc1.weight");
+    assert!(matches!(load(), Err(Error::Model(vh_core::Error::MissingTensor(_)))));
+    without("final_logits_bias");
+    let defaulted = load().unwrap();
+    let run = |m: &Seq2SeqLmWithValueHead| m.forward(Some(&src), None, Some(&tgt), None, None, None, None).unwrap();
+    let vars = defaulted.var_store().variables();
+    assert_eq!(vars["final_logits_bias"].abs().sum(Kind::Float).double_value(&[]), 0.0);
+    assert!(!vars["final_logits_bias"].requires_grad(), "a buffer, not trained");
+    write_tiny("bart", dir.path(), json!({}));
+    let tensors: Vec<_> = vh_hub::read_safetensors(&weights)
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| {
+            if n == "final_logits_bias" {
+                (n, t.zeros_like())
+            } else {
+                (n, t)
+            }
+        })
+        .collect();
+    vh_hub::write_safetensors(&weights, &tensors).unwrap();
+    assert!(run(&defaulted).logits.equal(&run(&load().unwrap()).logits));
+
+    // Encoder ids alone: the decoder reads them shifted right behind the start token.
+    let model = load().unwrap();
+    let bare = model.forward(Some(&src), None, None, None, None, None, None).unwrap();
+    let shifted = Tensor::from_slice2(&[[2i64, 3, 4], [2, 6, 7]]);
+    let explicit = model
+        .forward(Some(&src), None, Some(&shifted), None, None, None, None)
+        .unwrap();
+    assert!(bare.logits.equal(&explicit.logits));
+    let long = Tensor::ones([1, 33], (Kind::Int64, Device::Cpu));
+    assert!(is_invalid_input(model.forward(
+        Some(&long),
+        None,
+        Some(&tgt.narrow(0, 0, 1)),
+        None,
+        None,
+        None,
+        None
+    )));
+
+    let labels = Tensor::from_slice2(&[[5i64, 6], [7, -100]]);
+    for changes in [json!({"decoder_start_token_id": null}), json!({"pad_token_id": null})] {
+        patch(changes.clone());
+        let model = load().unwrap();
+        assert!(
+            matches!(
+                model.forward(Some(&src), None, None, None, None, None, Some(&labels)),
+                Err(Error::Model(vh_core::Error::Config(_)))
+            ),
+            "{changes}"
+        );
+    }
 }

@@ -1,6 +1,7 @@
 //! Generation against Python: greedy token sequences identical to transformers' `generate`
-//! through TRL's wrappers (GPT-2, Llama, Qwen2, Mistral, Qwen3, GPT-NeoX, OPT, Gemma, Gemma2 and T5, padded batches; plain,
-//! repetition penalty, eos ending rows early after min_new_tokens); rollout values and log-probs
+//! through TRL's wrappers (GPT-2, Llama, Qwen2, Mistral, Qwen3, GPT-NeoX, OPT, Gemma, Gemma2, T5 and Bart, padded batches; plain,
+//! repetition penalty, eos ending rows early after min_new_tokens; Bart with its forced first and
+//! last tokens); rollout values and log-probs
 //! equal to a separate full forward; sampling distributions checked statistically.
 
 mod common;
@@ -45,6 +46,12 @@ fn runs() -> Vec<Run> {
                     .map(|v| v.as_i64().unwrap())
                     .collect(),
                 pad_token_id: c["pad_token_id"].as_i64(),
+                // What the model's generation config forces (Bart's forced_bos/eos_token_id).
+                forced_bos_token_id: c["forced_bos_token_id"].as_i64(),
+                forced_eos_token_id: match &c["forced_eos_token_id"] {
+                    serde_json::Value::Array(ids) => ids.iter().map(|v| v.as_i64().unwrap()).collect(),
+                    v => v.as_i64().into_iter().collect(),
+                },
                 ..Default::default()
             },
         })
@@ -96,9 +103,16 @@ fn check_seq2seq_rollout(model: &Seq2SeqLmWithValueHead, ids: &Tensor, mask: &Te
 fn greedy_generation_matches_transformers_and_rollout_matches_full_forward() {
     let root = reference();
     let mut causal_models = std::collections::HashMap::new();
+    let mut seq2seq_models = std::collections::HashMap::new();
     for run in runs() {
-        if run.model != "t5" && !causal_models.contains_key(&run.model) {
-            let model = CausalLmWithValueHead::from_folder(root.join(&run.model), &LoadOptions::default()).unwrap();
+        let folder = root.join(&run.model);
+        if valuehead::is_seq2seq_model_type(&run.model) {
+            if !seq2seq_models.contains_key(&run.model) {
+                let model = Seq2SeqLmWithValueHead::from_folder(folder, &LoadOptions::default()).unwrap();
+                seq2seq_models.insert(run.model.clone(), model);
+            }
+        } else if !causal_models.contains_key(&run.model) {
+            let model = CausalLmWithValueHead::from_folder(folder, &LoadOptions::default()).unwrap();
             causal_models.insert(run.model.clone(), model);
         }
     }
@@ -107,21 +121,23 @@ fn greedy_generation_matches_transformers_and_rollout_matches_full_forward() {
     ] {
         assert!(causal_models.contains_key(kind), "the reference has no {kind} runs");
     }
-    let seq2seq = Seq2SeqLmWithValueHead::from_folder(root.join("t5"), &LoadOptions::default()).unwrap();
+    for kind in ["t5", "bart"] {
+        assert!(seq2seq_models.contains_key(kind), "the reference has no {kind} runs");
+    }
     let mut rows = Vec::new();
     for run in runs() {
         let folder = root.join(&run.model);
         let prompts = read_tensors(&folder.join("prompts.safetensors"));
         let (ids, mask) = (&prompts["input_ids"], &prompts["attention_mask"]);
         let expected = &read_tensors(&folder.join(format!("{}.safetensors", run.name)))["sequences"];
-        let (out, rollout_err) = if run.model != "t5" {
-            let causal = &causal_models[&run.model];
+        let (out, rollout_err) = if let Some(causal) = causal_models.get(&run.model) {
             let out = tch::no_grad(|| causal.generate(ids, Some(mask), &run.config)).unwrap();
             let err = check_causal_rollout(causal, mask, &out);
             (out, err)
         } else {
+            let seq2seq = &seq2seq_models[&run.model];
             let out = tch::no_grad(|| seq2seq.generate(ids, Some(mask), &run.config)).unwrap();
-            let err = check_seq2seq_rollout(&seq2seq, ids, mask, &out);
+            let err = check_seq2seq_rollout(seq2seq, ids, mask, &out);
             (out, err)
         };
         assert!(
@@ -131,6 +147,27 @@ fn greedy_generation_matches_transformers_and_rollout_matches_full_forward() {
             Vec::<Vec<i64>>::try_from(&out.sequences).unwrap(),
             Vec::<Vec<i64>>::try_from(expected).unwrap()
         );
+        // Forced tokens (Bart): the first new token is the forced BOS, and every row still
+        // running at max_new_tokens ends with the forced eos (checked on transformers' own output, so
+        // the runs do exercise the forcing).
+        if let Some(bos) = run.config.forced_bos_token_id {
+            assert!(
+                out.new_tokens.select(1, 0).eq(bos).all().int64_value(&[]) != 0,
+                "{}",
+                run.name
+            );
+        }
+        let full_length = out.new_tokens.size()[1] as usize == run.config.max_new_tokens.unwrap();
+        if let (Some(&eos), true) = (run.config.forced_eos_token_id.first(), full_length) {
+            let last = out.new_tokens.size()[1] - 1;
+            let running = out.generated_mask.select(1, last);
+            let ends = out
+                .new_tokens
+                .select(1, last)
+                .eq(eos)
+                .logical_or(&running.logical_not());
+            assert!(ends.all().int64_value(&[]) != 0, "{}", run.name);
+        }
         assert!(
             rollout_err <= TOLERANCE,
             "{}: rollout differs from a full forward by {rollout_err:e}",

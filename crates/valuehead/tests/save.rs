@@ -1,6 +1,6 @@
 //! save_pretrained: folders saved here load back here with the same outputs (one file and
 //! sharded), and load in Python through TRL's from_pretrained with the same outputs (GPT-2,
-//! Llama, Qwen2, Mistral, Qwen3, GPT-NeoX, OPT, Gemma, Gemma2, T5).
+//! Llama, Qwen2, Mistral, Qwen3, GPT-NeoX, OPT, Gemma, Gemma2, T5, Bart).
 
 mod common;
 
@@ -142,40 +142,86 @@ fn causal_models_round_trip_and_load_in_trl() {
 #[test]
 fn seq2seq_models_round_trip_and_load_in_trl() {
     tch::set_num_threads(1);
-    let source = tempfile::tempdir().unwrap();
-    write_tiny_t5(source.path(), json!({}));
-    let model = Seq2SeqLmWithValueHead::from_folder(source.path(), &LoadOptions::default()).unwrap();
     let ids = Tensor::from_slice2(&[[3i64, 4, 5, 0], [6, 7, 8, 9]]);
     let mask = Tensor::from_slice2(&[[1i64, 1, 1, 0], [1, 1, 1, 1]]);
-    let decoder = Tensor::from_slice2(&[[0i64, 9, 10], [0, 11, 12]]);
-    let run = |m: &Seq2SeqLmWithValueHead| {
-        tch::no_grad(|| m.forward(Some(&ids), Some(&mask), Some(&decoder), None, None, None, None)).unwrap()
-    };
-    let reference = run(&model);
-    let saved = tempfile::tempdir().unwrap();
-    for shard in [None, Some(2048)] {
-        let dir = saved.path().join(format!("{shard:?}"));
-        model.save_pretrained(&dir, shard).unwrap();
-        let back = run(&Seq2SeqLmWithValueHead::from_folder(&dir, &LoadOptions::default()).unwrap());
-        assert!(back.logits.equal(&reference.logits) && back.values.equal(&reference.values));
+    // (label, model_type, config overrides, the decoder start, tensors the file must not store
+    // (tied), tensors it must store)
+    for (kind, model_type, config, start, absent, present) in [
+        (
+            "t5",
+            "t5",
+            json!({}),
+            0i64,
+            vec!["lm_head.weight"],
+            vec!["shared.weight"],
+        ),
+        // A random final_logits_bias (write_tiny fills every variable): saved and read back by
+        // both sides.
+        (
+            "bart tied",
+            "bart",
+            json!({}),
+            2,
+            vec!["lm_head.weight"],
+            vec!["model.shared.weight", "final_logits_bias"],
+        ),
+        (
+            "bart untied, scaled embeddings, relu, 3 decoder layers",
+            "bart",
+            json!({"tie_word_embeddings": false, "scale_embedding": true, "activation_function": "relu",
+                   "decoder_layers": 3}),
+            2,
+            vec![],
+            vec!["lm_head.weight", "model.shared.weight", "final_logits_bias"],
+        ),
+    ] {
+        let source = tempfile::tempdir().unwrap();
+        write_tiny(model_type, source.path(), config);
+        let model = Seq2SeqLmWithValueHead::from_folder(source.path(), &LoadOptions::default()).unwrap();
+        let decoder = Tensor::from_slice2(&[[start, 9, 10], [start, 11, 12]]);
+        let run = |m: &Seq2SeqLmWithValueHead| {
+            tch::no_grad(|| m.forward(Some(&ids), Some(&mask), Some(&decoder), None, None, None, None)).unwrap()
+        };
+        let reference = run(&model);
+        let saved = tempfile::tempdir().unwrap();
+        for shard in [None, Some(2048)] {
+            let dir = saved.path().join(format!("{shard:?}"));
+            model.save_pretrained(&dir, shard).unwrap();
+            let back = run(&Seq2SeqLmWithValueHead::from_folder(&dir, &LoadOptions::default()).unwrap());
+            assert!(
+                back.logits.equal(&reference.logits) && back.values.equal(&reference.values),
+                "{kind}: reloaded outputs differ"
+            );
+        }
+        let names: Vec<String> = vh_hub::read_safetensors(&saved.path().join("None").join("model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        for name in absent {
+            assert!(!names.iter().any(|n| n == name), "{kind}: {name} stored");
+        }
+        for name in present {
+            assert!(names.iter().any(|n| n == name), "{kind}: {name} missing from {names:?}");
+        }
+        let inputs = [
+            ("input_ids".to_string(), ids.shallow_clone()),
+            ("attention_mask".to_string(), mask.shallow_clone()),
+            ("decoder_input_ids".to_string(), decoder.shallow_clone()),
+        ];
+        let (pl, pv) = python_outputs("seq2seq", &saved.path().join("None"), &inputs);
+        let (le, ve) = (
+            max_abs_diff(&pl, &reference.logits),
+            max_abs_diff(&pv, &reference.values),
+        );
+        assert!(
+            le <= TOLERANCE && ve <= TOLERANCE,
+            "{kind}: TRL loads the saved folder with logits {le:e}, values {ve:e}"
+        );
+        println!(
+            "{kind}: saved (single and sharded) -> reloaded identically; TRL from_pretrained: logits {le:.1e}, values {ve:.1e}"
+        );
     }
-    let inputs = [
-        ("input_ids".to_string(), ids.shallow_clone()),
-        ("attention_mask".to_string(), mask.shallow_clone()),
-        ("decoder_input_ids".to_string(), decoder.shallow_clone()),
-    ];
-    let (pl, pv) = python_outputs("seq2seq", &saved.path().join("None"), &inputs);
-    let (le, ve) = (
-        max_abs_diff(&pl, &reference.logits),
-        max_abs_diff(&pv, &reference.values),
-    );
-    assert!(
-        le <= TOLERANCE && ve <= TOLERANCE,
-        "TRL loads the saved T5 with logits {le:e}, values {ve:e}"
-    );
-    println!(
-        "t5: saved (single and sharded) -> reloaded identically; TRL from_pretrained: logits {le:.1e}, values {ve:.1e}"
-    );
 }
 
 #[test]
@@ -203,15 +249,16 @@ fn folders_saved_by_python_in_every_format_load_with_the_same_outputs() {
     let ids = Tensor::from_slice2(&[[0i64, 3, 4, 5, 6], [7, 8, 9, 10, 11]]);
     let mask = Tensor::from_slice2(&[[0i64, 1, 1, 1, 1], [1, 1, 1, 1, 1]]);
     for kind in [
-        "gpt2", "llama", "mistral", "qwen3", "gpt_neox", "opt", "gemma", "gemma2", "t5",
+        "gpt2", "llama", "mistral", "qwen3", "gpt_neox", "opt", "gemma", "gemma2", "t5", "bart",
     ] {
         let source = tempfile::tempdir().unwrap();
         write_tiny(kind, source.path(), json!({}));
         let resaved = tempfile::tempdir().unwrap();
-        let role = if kind == "t5" { "seq2seq" } else { "causal" };
+        let seq2seq = valuehead::is_seq2seq_model_type(kind);
+        let role = if seq2seq { "seq2seq" } else { "causal" };
         run_reference("resave.py", &[Path::new(role), source.path(), resaved.path()]);
         let outputs = |dir: &Path| -> (Tensor, Tensor) {
-            if kind == "t5" {
+            if seq2seq {
                 let m = Seq2SeqLmWithValueHead::from_folder(dir, &LoadOptions::default()).unwrap();
                 let dec = Tensor::from_slice2(&[[0i64, 9], [0, 10]]);
                 let out =

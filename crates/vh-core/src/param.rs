@@ -72,7 +72,20 @@ pub fn checked_numel(name: &str, dims: &[i64]) -> Result<i64> {
 /// Creates the trainable parameter `name` of shape `dims` under `path`, initialised with `init`,
 /// or (inside [`deferred`]) a placeholder of that shape.
 pub fn var(path: &nn::Path, name: &str, dims: &[i64], init: nn::Init) -> Result<Tensor> {
+    create(path, name, dims, Some(init))
+}
+
+/// Creates the zero-filled buffer `name` of shape `dims` under `path` (PyTorch's
+/// `register_buffer`: saved and loaded with the parameters, never trained, so it gets no
+/// gradient), or (inside [`deferred`]) a placeholder of that shape.
+pub fn buffer(path: &nn::Path, name: &str, dims: &[i64]) -> Result<Tensor> {
+    create(path, name, dims, None)
+}
+
+/// [`var`] with `init`, or [`buffer`] without.
+fn create(path: &nn::Path, name: &str, dims: &[i64], init: Option<nn::Init>) -> Result<Tensor> {
     checked_numel(name, dims)?;
+    let trainable = init.is_some();
     if is_deferred() {
         if let Some(left) = PLACEHOLDERS_LEFT.with(Cell::get) {
             if left == 0 {
@@ -85,9 +98,12 @@ pub fn var(path: &nn::Path, name: &str, dims: &[i64], init: nn::Init) -> Result<
             PLACEHOLDERS_LEFT.with(|c| c.set(Some(left - 1)));
         }
         let one = Tensor::f_zeros([] as [i64; 0], (path.kind(), path.device()))?;
-        return Ok(path.add(name, one.f_expand(dims, false)?, true));
+        return Ok(path.add(name, one.f_expand(dims, false)?, trainable));
     }
-    Ok(path.f_var(name, dims, init)?)
+    Ok(match init {
+        Some(init) => path.f_var(name, dims, init)?,
+        None => path.f_zeros_no_train(name, dims)?,
+    })
 }
 
 /// Whether `t` is a placeholder that no checkpoint tensor has replaced yet.
@@ -129,6 +145,20 @@ mod tests {
         assert!(!is_placeholder(&huge));
         assert!(checked_numel("w", &[i64::MAX, 2]).is_err());
         assert!(checked_numel("w", &[-1, 2]).is_err());
+    }
+
+    #[test]
+    fn buffers_are_named_variables_without_gradients() {
+        let vs = VarStore::new(Device::Cpu);
+        let root = vs.root();
+        let real = buffer(&root, "final_logits_bias", &[1, 5]).unwrap();
+        assert!(!real.requires_grad());
+        assert_eq!(real.sum(Kind::Float).double_value(&[]), 0.0);
+        let placeholder = deferred(|| buffer(&root.sub("m"), "b", &[1_000_000, 1_000_000])).unwrap();
+        assert!(is_placeholder(&placeholder) && !placeholder.requires_grad());
+        let names = vs.variables();
+        assert!(names.contains_key("final_logits_bias") && names.contains_key("m.b"));
+        assert!(var(&root, "w", &[2], nn::Init::Const(0.0)).unwrap().requires_grad());
     }
 
     #[test]

@@ -41,6 +41,17 @@ impl std::str::FromStr for AttnImplementation {
     }
 }
 
+/// The additive padding bias [B, 1, 1, S] of a bool key mask [B, S] (true = attend): 0 for
+/// attended keys, the kind's minimum for padding, as HF's `_prepare_4d_attention_mask` (the
+/// encoders' and cross-attention's masks, which hide no future).
+pub fn padding_bias(mask: &Tensor, kind: Kind) -> Result<Tensor> {
+    let size = mask.size();
+    Tensor::f_zeros([size[0], 1, 1, size[1]], (kind, mask.device()))?.s_masked_fill(
+        &mask.f_logical_not()?.f_view([size[0], 1, 1, size[1]])?,
+        min_value(kind),
+    )
+}
+
 /// The causal bias [1, 1, T, S] (`future` on keys after each query) that attention needs when
 /// the model passes none (no padding mask) for T > 1 new positions over S keys, unless the fused
 /// kernel can apply the causal rule itself (no cache: T == S).

@@ -9,6 +9,26 @@ use vh_core::ops::ScalarOps;
 use vh_core::tensor::{attention_mask_to_bool, check_input_ids, expect_integer, expect_shape, int_range, min_value};
 use vh_core::{Error, Result};
 
+/// Decoder inputs from labels (or, for Bart, from encoder ids) [B, T], as HF's
+/// `shift_tokens_right` / T5's `_shift_right`: `decoder_start_token_id`, then the ids but the
+/// last, with -100 replaced by `pad_token_id`. Either id unset is a config error (HF raises too).
+pub fn shift_tokens_right(
+    labels: &Tensor,
+    pad_token_id: Option<i64>,
+    decoder_start_token_id: Option<i64>,
+) -> Result<Tensor> {
+    let start = decoder_start_token_id.ok_or_else(|| {
+        Error::Config("decoder_start_token_id must be set to derive decoder inputs from labels".into())
+    })?;
+    let pad = pad_token_id.ok_or_else(|| Error::Config("pad_token_id must be set to shift labels".into()))?;
+    vh_core::tensor::expect_rank(labels, "labels", 2)?;
+    let (b, t) = (labels.size()[0], labels.size()[1]);
+    let first = Tensor::f_full([b, 1], start, (Kind::Int64, labels.device()))?;
+    let rest = labels.f_to_kind(Kind::Int64)?.f_narrow(1, 0, t - 1)?;
+    let shifted = Tensor::f_cat(&[&first, &rest], 1)?;
+    shifted.s_masked_fill(&shifted.s_eq(vh_core::tensor::IGNORE_INDEX)?, pad)
+}
+
 /// What an architecture allows: its vocabulary, its layers and, for learned absolute position
 /// embeddings, the number of positions.
 #[derive(Debug, Clone, Copy)]

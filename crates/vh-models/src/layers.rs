@@ -234,6 +234,17 @@ impl RmsNorm {
     }
 }
 
+/// Whether LayerDrop skips a layer, as HF's `torch.rand([]) < layerdrop`: in train mode HF draws
+/// once per layer from the CPU generator whatever the probability (so the dropout masks that
+/// follow come from the same point of the generator's stream as in HF), and never in eval mode.
+pub fn layer_dropped(layerdrop: f64, train: bool) -> Result<bool> {
+    if !train {
+        return Ok(false);
+    }
+    let draw = Tensor::f_rand([] as [i64; 0], (Kind::Float, tch::Device::Cpu))?.f_double_value(&[])?;
+    Ok(draw < layerdrop)
+}
+
 /// Splits [B, T, heads * head_dim] into heads: [B, heads, T, head_dim].
 pub fn split_heads(x: &Tensor, heads: i64, head_dim: i64) -> Result<Tensor> {
     let (b, t) = (x.size()[0], x.size()[1]);

@@ -8,7 +8,7 @@ use crate::activation::Activation;
 use crate::attention::{AttentionSpec, AttnImplementation, MaskSpec, SoftmaxPrecision};
 use crate::cache::{Cache, LayerCache};
 use crate::inputs::{prepare_causal, CausalInputs, CausalLimits};
-use crate::layers::{merge_heads, split_heads, Linear, MaybeAffineLayerNorm};
+use crate::layers::{layer_dropped, merge_heads, split_heads, Linear, MaybeAffineLayerNorm};
 use crate::registry::{Architecture, BuildOptions, CausalLm, CausalLmOutput, Family};
 use serde::Deserialize;
 use serde_json::Value;
@@ -470,15 +470,6 @@ pub fn mask_positions(mask: &Tensor, new_len: i64) -> Result<Tensor> {
     Ok(positions.f_narrow(1, total - new_len, new_len)?)
 }
 
-/// The LayerDrop draw of one layer in train mode, as HF's `torch.rand([]) < layerdrop`.
-fn drop_layer(layerdrop: f64, train: bool) -> Result<bool> {
-    if !train || layerdrop <= 0.0 {
-        return Ok(false);
-    }
-    let draw = Tensor::f_rand([] as [i64; 0], (Kind::Float, tch::Device::Cpu))?.f_double_value(&[])?;
-    Ok(draw < layerdrop)
-}
-
 impl CausalLm for OptForCausalLM {
     fn model_type(&self) -> &'static str {
         "opt"
@@ -550,7 +541,7 @@ impl CausalLm for OptForCausalLM {
             let (out, cache) = layer.forward(&h, bias.as_ref(), past, train)?;
             // LayerDrop skips the layer's output, as HF; its keys and values still enter the
             // cache so that the cache keeps one entry per layer.
-            if !drop_layer(self.cfg.layerdrop, train)? {
+            if !layer_dropped(self.cfg.layerdrop, train)? {
                 h = out;
             }
             layers.push(cache);

@@ -212,12 +212,29 @@ pub trait Seq2SeqLm: std::fmt::Debug + Send {
     ) -> Result<Seq2SeqLmOutput>;
     /// Decoder inputs from labels, as HF's `_shift_right`.
     fn shift_right(&self, labels: &Tensor) -> Result<Tensor>;
+    /// Decoder inputs for a pass given neither decoder inputs nor labels: HF's Bart shifts the
+    /// encoder's `input_ids` right (its denoising pre-training setup); `None` where HF requires
+    /// decoder inputs (T5).
+    fn decoder_inputs_from_input_ids(&self, _input_ids: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    /// Buffers HF creates as zeros and does not require from a checkpoint
+    /// (`_keys_to_ignore_on_load_missing`, e.g. Bart's `final_logits_bias`), with their shapes: a
+    /// checkpoint without them loads them as zeros.
+    fn zero_default_buffers(&self) -> Vec<(&'static str, Vec<i64>)> {
+        Vec::new()
+    }
     /// The parameter a checkpoint tensor fills, or `None` for tensors that hold no parameter.
     fn parameter_name(&self, key: &str) -> Option<String>;
     /// Aliases HF's state dict lists besides the parameters (alias, parameter).
     fn tied_aliases(&self) -> Vec<(&'static str, &'static str)>;
     /// Whether a parameter is not streamed by a decode step (the encoder, lookup-only tables).
     fn is_lookup_only(&self, name: &str) -> bool;
+    /// Tied aliases (alias, parameter) a saved checkpoint must store besides the parameters for
+    /// transformers to load it back; none by default (transformers reties them itself).
+    fn saved_aliases(&self) -> Vec<(&'static str, &'static str)> {
+        Vec::new()
+    }
 }
 
 /// Choices made when building a model that are not part of config.json.
@@ -291,6 +308,7 @@ pub const ARCHITECTURES: &[Architecture] = &[
     crate::gemma::ARCHITECTURE,
     crate::gemma2::ARCHITECTURE,
     crate::t5::ARCHITECTURE,
+    crate::bart::ARCHITECTURE,
 ];
 
 /// The registry entry of a `model_type`, if implemented.

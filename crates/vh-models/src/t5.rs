@@ -3,8 +3,9 @@
 //! parameters named like HF's state dict (`encoder.block.0.layer.0.SelfAttention.q.weight`, ...).
 
 use crate::activation::Activation;
-use crate::attention::{AttentionSpec, AttnImplementation, MaskSpec, SoftmaxPrecision};
+use crate::attention::{padding_bias, AttentionSpec, AttnImplementation, MaskSpec, SoftmaxPrecision};
 use crate::cache::{Cache, LayerCache, Seq2SeqCache};
+use crate::inputs::shift_tokens_right;
 use crate::layers::{merge_heads, split_heads, Linear, RmsNorm, RmsNormStyle};
 use crate::registry::EncoderOutput;
 use crate::registry::{Architecture, BuildOptions, Family, Seq2SeqLm, Seq2SeqLmOutput};
@@ -471,16 +472,6 @@ impl T5Block {
     }
 }
 
-/// The additive padding bias [B, 1, 1, S]: 0 for attended keys, the dtype's minimum for padding,
-/// as HF's extended attention masks.
-fn padding_bias(mask: &Tensor, kind: Kind) -> Result<Tensor> {
-    let size = mask.size();
-    Tensor::f_zeros([size[0], 1, 1, size[1]], (kind, mask.device()))?.s_masked_fill(
-        &mask.f_logical_not()?.f_view([size[0], 1, 1, size[1]])?,
-        min_value(kind),
-    )
-}
-
 /// An encoder or decoder stack: blocks and a final RMS norm.
 #[derive(Debug)]
 pub struct T5Stack {
@@ -736,19 +727,7 @@ impl T5ForConditionalGeneration {
     /// Decoder inputs from labels, as HF's `_shift_right`: the decoder start token, then the
     /// labels but the last, with -100 replaced by the pad token.
     pub fn shift_right(&self, labels: &Tensor) -> Result<Tensor> {
-        let start = self.cfg.decoder_start_token_id.ok_or_else(|| {
-            Error::Config("decoder_start_token_id must be set to derive decoder inputs from labels".into())
-        })?;
-        let pad = self
-            .cfg
-            .pad_token_id
-            .ok_or_else(|| Error::Config("pad_token_id must be set to shift labels".into()))?;
-        expect_rank(labels, "labels", 2)?;
-        let (b, t) = (labels.size()[0], labels.size()[1]);
-        let first = Tensor::f_full([b, 1], start, (Kind::Int64, labels.device()))?;
-        let rest = labels.f_to_kind(Kind::Int64)?.f_narrow(1, 0, t - 1)?;
-        let shifted = Tensor::f_cat(&[&first, &rest], 1)?;
-        shifted.s_masked_fill(&shifted.s_eq(vh_core::tensor::IGNORE_INDEX)?, pad)
+        shift_tokens_right(labels, self.cfg.pad_token_id, self.cfg.decoder_start_token_id)
     }
 }
 
