@@ -1,6 +1,7 @@
 //! Generation against Python: greedy token sequences identical to transformers' `generate`
-//! through TRL's wrappers (GPT-2, Llama, Qwen2, Mistral, Qwen3, GPT-NeoX, OPT, Gemma, Gemma2 and T5, padded batches; plain,
-//! repetition penalty, eos ending rows early after min_new_tokens); rollout values and log-probs
+//! through TRL's wrappers (GPT-2, Llama, Qwen2, Mistral, Qwen3, GPT-NeoX, OPT, Gemma, Gemma2, Phi3 and T5, padded batches; plain,
+//! repetition penalty, eos ending rows early after min_new_tokens; a Phi3 whose LongRoPE switches
+//! factors during decoding, where HF reruns the whole sequence); rollout values and log-probs
 //! equal to a separate full forward; sampling distributions checked statistically.
 
 mod common;
@@ -22,6 +23,9 @@ struct Run {
     name: String,
     model: String,
     config: GenerationConfig,
+    /// The first generated column whose pass saw the whole sequence with the factors a full
+    /// forward uses (0; for a Phi3 whose LongRoPE switches mid-way, the column after the rerun).
+    rollout_from: i64,
 }
 
 fn runs() -> Vec<Run> {
@@ -47,13 +51,20 @@ fn runs() -> Vec<Run> {
                 pad_token_id: c["pad_token_id"].as_i64(),
                 ..Default::default()
             },
+            rollout_from: c.get("rollout_from").and_then(serde_json::Value::as_i64).unwrap_or(0),
         })
         .collect()
 }
 
-/// Checks that the rollout's values and log-probs equal a full causal forward over the
-/// generated sequence: token i's value and log-prob come from the position before it.
-fn check_causal_rollout(model: &CausalLmWithValueHead, prompt_mask: &Tensor, out: &GenerateOutput) -> f64 {
+/// How far the rollout's values and log-probs are from a full causal forward over the generated
+/// sequence (token i's value and log-prob come from the position before it), over the generated
+/// columns `from..` and, separately, `..from`.
+fn check_causal_rollout(
+    model: &CausalLmWithValueHead,
+    prompt_mask: &Tensor,
+    out: &GenerateOutput,
+    from: i64,
+) -> (f64, Option<f64>) {
     let (batch, new) = (out.new_tokens.size()[0], out.new_tokens.size()[1]);
     let prompt = prompt_mask.size()[1];
     let mask = Tensor::cat(
@@ -76,7 +87,16 @@ fn check_causal_rollout(model: &CausalLmWithValueHead, prompt_mask: &Tensor, out
         .log_softmax(-1, Kind::Float)
         .gather(2, &out.new_tokens.unsqueeze(2), false)
         .squeeze_dim(2);
-    max_abs_diff(&values, &out.values).max(max_abs_diff(&logprobs, &out.logprobs))
+    let gap = |start: i64, len: i64| {
+        max_abs_diff(&values.narrow(1, start, len), &out.values.narrow(1, start, len)).max(max_abs_diff(
+            &logprobs.narrow(1, start, len),
+            &out.logprobs.narrow(1, start, len),
+        ))
+    };
+    // Rows may all have ended before the switch: then every column is from before it.
+    let from = from.min(new);
+    let after = if from < new { gap(from, new - from) } else { 0.0 };
+    (after, (from > 0).then(|| gap(0, from)))
 }
 
 fn check_seq2seq_rollout(model: &Seq2SeqLmWithValueHead, ids: &Tensor, mask: &Tensor, out: &GenerateOutput) -> f64 {
@@ -103,7 +123,17 @@ fn greedy_generation_matches_transformers_and_rollout_matches_full_forward() {
         }
     }
     for kind in [
-        "gpt2", "llama", "qwen2", "mistral", "qwen3", "gpt_neox", "opt", "gemma", "gemma2",
+        "gpt2",
+        "llama",
+        "qwen2",
+        "mistral",
+        "qwen3",
+        "gpt_neox",
+        "opt",
+        "gemma",
+        "gemma2",
+        "phi3",
+        "phi3_switch",
     ] {
         assert!(causal_models.contains_key(kind), "the reference has no {kind} runs");
     }
@@ -117,7 +147,16 @@ fn greedy_generation_matches_transformers_and_rollout_matches_full_forward() {
         let (out, rollout_err) = if run.model != "t5" {
             let causal = &causal_models[&run.model];
             let out = tch::no_grad(|| causal.generate(ids, Some(mask), &run.config)).unwrap();
-            let err = check_causal_rollout(causal, mask, &out);
+            let (err, before) = check_causal_rollout(causal, mask, &out, run.rollout_from);
+            // Before LongRoPE's switch the steps ran on the short factors, the full forward runs
+            // on the long ones: that part must differ, or the run tests no switch.
+            if let Some(before) = before {
+                assert!(
+                    before > 1e-3,
+                    "{}: the columns before the switch match the full forward ({before:e})",
+                    run.name
+                );
+            }
             (out, err)
         } else {
             let out = tch::no_grad(|| seq2seq.generate(ids, Some(mask), &run.config)).unwrap();
