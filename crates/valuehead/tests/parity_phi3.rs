@@ -85,14 +85,22 @@ fn phi3_incremental_decoding_matches_hf_incremental_across_the_longrope_switch()
         let expected = read_tensors(&case.dir.join("extra.safetensors"));
         let (ids, mask) = (&inputs["input_ids"], &inputs["attention_mask"]);
         let seq = ids.size()[1];
-        let first =
-            tch::no_grad(|| model.forward(&ids.narrow(1, 0, PROMPT_LEN), Some(&mask.narrow(1, 0, PROMPT_LEN)), None, None))
-                .unwrap();
+        let first = tch::no_grad(|| {
+            model.forward(
+                &ids.narrow(1, 0, PROMPT_LEN),
+                Some(&mask.narrow(1, 0, PROMPT_LEN)),
+                None,
+                None,
+            )
+        })
+        .unwrap();
         let (mut logits, mut values) = (vec![first.logits], vec![first.values]);
         let mut past = first.past;
         for t in PROMPT_LEN..seq {
-            let step = tch::no_grad(|| model.forward(&ids.narrow(1, t, 1), Some(&mask.narrow(1, 0, t + 1)), Some(&past), None))
-                .unwrap();
+            let step = tch::no_grad(|| {
+                model.forward(&ids.narrow(1, t, 1), Some(&mask.narrow(1, 0, t + 1)), Some(&past), None)
+            })
+            .unwrap();
             logits.push(step.logits);
             values.push(step.values);
             past = step.past;
@@ -106,7 +114,11 @@ fn phi3_incremental_decoding_matches_hf_incremental_across_the_longrope_switch()
         let hf_gap = hf_incremental_vs_full(&case);
         // Where the case expects the switch, HF's own passes disagree, or the case tests nothing.
         if !case.incremental {
-            assert!(hf_gap > 1e-3, "{}: LongRoPE's switch changes nothing ({hf_gap:e})", case.name);
+            assert!(
+                hf_gap > 1e-3,
+                "{}: LongRoPE's switch changes nothing ({hf_gap:e})",
+                case.name
+            );
             switched += 1;
         }
         assert!(err <= TOLERANCE, "{}: {err:e}", case.name);
@@ -114,7 +126,10 @@ fn phi3_incremental_decoding_matches_hf_incremental_across_the_longrope_switch()
     }
     assert!(switched >= 1, "no case switches LongRoPE's factors inside the rows");
     println!("\nPhi3 incremental decoding against HF's incremental decoding (every position):");
-    print_table(&["case", "ours vs HF incremental", "HF incremental vs HF full (attended)"], &rows);
+    print_table(
+        &["case", "ours vs HF incremental", "HF incremental vs HF full (attended)"],
+        &rows,
+    );
 }
 
 /// The backbone in bf16 (TRL's value head and logits in f32) against TRL loaded with

@@ -202,10 +202,7 @@ fn phi3_rope_scaling(raw: &Phi3Json, rotary_dim: i64) -> Result<RopeScaling> {
             value.get("type").map_or("(none)".to_string(), Value::to_string)
         )));
     }
-    let config_rotary = rotary_dim_of(
-        raw.hidden_size / raw.num_attention_heads,
-        raw.partial_rotary_factor,
-    );
+    let config_rotary = rotary_dim_of(raw.hidden_size / raw.num_attention_heads, raw.partial_rotary_factor);
     for key in ["short_factor", "long_factor"] {
         let len = value.get(key).and_then(Value::as_array).map(Vec::len);
         match len {
@@ -355,9 +352,7 @@ impl Phi3Config {
             )));
         }
         if !matches!(self.rope_scaling, RopeScaling::Default | RopeScaling::LongRope { .. }) {
-            return Err(Error::Config(
-                "Phi3 supports no rope scaling or longrope only".into(),
-            ));
+            return Err(Error::Config("Phi3 supports no rope scaling or longrope only".into()));
         }
         self.activation()?;
         Ok(())
@@ -808,8 +803,16 @@ mod tests {
         assert_eq!(cfg.rope_scaling, RopeScaling::Default);
         assert_eq!(cfg.hidden_act, "silu");
         // Null key/value heads: as many as the query heads; an explicit head_dim wins.
-        assert_eq!(config(json!({"num_key_value_heads": null})).unwrap().num_key_value_heads, 4);
-        assert_eq!(config(json!({"head_dim": 12, "rope_scaling": null})).unwrap().head_dim, 12);
+        assert_eq!(
+            config(json!({"num_key_value_heads": null}))
+                .unwrap()
+                .num_key_value_heads,
+            4
+        );
+        assert_eq!(
+            config(json!({"head_dim": 12, "rope_scaling": null})).unwrap().head_dim,
+            12
+        );
         // Without rope scaling a null original length is never read.
         assert!(config(json!({"rope_scaling": null, "original_max_position_embeddings": null})).is_ok());
         // hidden_size not a multiple of the heads: HF floors the head width and runs.
@@ -830,12 +833,17 @@ mod tests {
         else {
             panic!("not longrope: {:?}", cfg.rope_scaling);
         };
-        assert_eq!((short_factor.as_slice(), long_factor.as_slice()), (&[1.0, 1.5][..], &[2.0, 5.0][..]));
+        assert_eq!(
+            (short_factor.as_slice(), long_factor.as_slice()),
+            (&[1.0, 1.5][..], &[2.0, 5.0][..])
+        );
         assert_eq!(*original_max_position_embeddings, 4);
         assert_eq!(*attention_factor, (1.0 + 16f64.ln() / 4f64.ln()).sqrt());
         // A factor of at most 1 (max <= original) leaves cos and sin unscaled.
         let unscaled = config(json!({"max_position_embeddings": 4})).unwrap();
-        assert!(matches!(unscaled.rope_scaling, RopeScaling::LongRope { attention_factor, .. } if attention_factor == 1.0));
+        assert!(
+            matches!(unscaled.rope_scaling, RopeScaling::LongRope { attention_factor, .. } if attention_factor == 1.0)
+        );
         // The legacy names `su` and `yarn` are LongRoPE (Phi3Config renames them).
         for legacy in ["su", "yarn"] {
             let renamed = config(json!({"rope_scaling": {"type": legacy, "short_factor": [1.0, 1.5],
@@ -865,10 +873,19 @@ mod tests {
         bad(json!({"vocab_size": null}), "null vocabulary");
         bad(json!({"hidden_size": "32"}), "width of the wrong type");
         bad(json!({"intermediate_size": i64::MAX}), "overflowing MLP");
-        bad(json!({"num_attention_heads": 1, "hidden_size": i64::MAX, "rope_scaling": null}), "overflowing qkv");
+        bad(
+            json!({"num_attention_heads": 1, "hidden_size": i64::MAX, "rope_scaling": null}),
+            "overflowing qkv",
+        );
         bad(json!({"partial_rotary_factor": 1.5}), "partial rotary above 1");
-        bad(json!({"partial_rotary_factor": -0.5, "rope_scaling": null}), "negative partial rotary");
-        bad(json!({"hidden_size": 28, "partial_rotary_factor": 1.0, "rope_scaling": null}), "odd head, full rotary");
+        bad(
+            json!({"partial_rotary_factor": -0.5, "rope_scaling": null}),
+            "negative partial rotary",
+        );
+        bad(
+            json!({"hidden_size": 28, "partial_rotary_factor": 1.0, "rope_scaling": null}),
+            "odd head, full rotary",
+        );
         bad(json!({"sliding_window": 0}), "zero window");
         bad(json!({"rms_norm_eps": -1.0}), "negative epsilon");
         bad(json!({"resid_pdrop": 1.5}), "residual dropout above 1");
@@ -891,19 +908,43 @@ mod tests {
                                     "factor": 2.0}}),
             "a fourth field",
         );
-        bad(json!({"rope_scaling": {"type": "longrope", "short_factor": [1.0, 1.5]}}), "missing long_factor");
+        bad(
+            json!({"rope_scaling": {"type": "longrope", "short_factor": [1.0, 1.5]}}),
+            "missing long_factor",
+        );
         bad(
             json!({"rope_scaling": {"type": "longrope", "short_factor": [1.0, 1.5], "factor": [2.0, 5.0]}}),
             "missing long_factor, three fields",
         );
-        bad(json!({"rope_scaling": longrope(&[1.0], &[2.0, 5.0])}), "short factors too few");
-        bad(json!({"rope_scaling": longrope(&[1.0, 1.5], &[2.0, 5.0, 1.0])}), "long factors too many");
-        bad(json!({"rope_scaling": {"type": "longrope", "short_factor": [1.0, "x"], "long_factor": [2.0, 5.0]}}), "text");
-        bad(json!({"rope_scaling": longrope(&[1.0, 0.0], &[2.0, 5.0])}), "a zero factor");
+        bad(
+            json!({"rope_scaling": longrope(&[1.0], &[2.0, 5.0])}),
+            "short factors too few",
+        );
+        bad(
+            json!({"rope_scaling": longrope(&[1.0, 1.5], &[2.0, 5.0, 1.0])}),
+            "long factors too many",
+        );
+        bad(
+            json!({"rope_scaling": {"type": "longrope", "short_factor": [1.0, "x"], "long_factor": [2.0, 5.0]}}),
+            "text",
+        );
+        bad(
+            json!({"rope_scaling": longrope(&[1.0, 0.0], &[2.0, 5.0])}),
+            "a zero factor",
+        );
         bad(json!({"rope_scaling": "longrope"}), "not a dictionary");
-        bad(json!({"original_max_position_embeddings": null}), "longrope without an original length");
-        bad(json!({"original_max_position_embeddings": 0}), "longrope with an original length of 0");
-        bad(json!({"original_max_position_embeddings": 1}), "ln(1) = 0 in the attention factor");
+        bad(
+            json!({"original_max_position_embeddings": null}),
+            "longrope without an original length",
+        );
+        bad(
+            json!({"original_max_position_embeddings": 0}),
+            "longrope with an original length of 0",
+        );
+        bad(
+            json!({"original_max_position_embeddings": 1}),
+            "ln(1) = 0 in the attention factor",
+        );
         // HF checks the factor count against hidden_size // heads, the rotary embedding against
         // the real head_dim: an explicit head_dim of 12 rotates 6 with 3 frequencies.
         bad(json!({"head_dim": 12}), "factors for hidden // heads, not head_dim");
@@ -959,7 +1000,10 @@ mod tests {
 
     #[test]
     fn longrope_switches_factors_per_pass_and_incremental_decoding_matches_within_a_regime() {
-        let ids = Tensor::from_slice2(&[[0i64, 0, 5, 7, 9, 11, 3, 8, 13, 4], [2, 4, 6, 8, 10, 12, 14, 16, 18, 20]]);
+        let ids = Tensor::from_slice2(&[
+            [0i64, 0, 5, 7, 9, 11, 3, 8, 13, 4],
+            [2, 4, 6, 8, 10, 12, 14, 16, 18, 20],
+        ]);
         let mask = Tensor::from_slice2(&[[0i64, 0, 1, 1, 1, 1, 1, 1, 1, 1], [1; 10]]);
         for (original, window) in [(2, None), (16, None), (6, None), (2, Some(3))] {
             for implementation in [AttnImplementation::Eager, AttnImplementation::Sdpa] {
@@ -969,10 +1013,23 @@ mod tests {
                 let (_vs, model) = random_model(&cfg);
                 let full = run(&model, &ids, Some(&mask), None, None);
                 let prompt = 4;
-                let mut past = run(&model, &ids.narrow(1, 0, prompt), Some(&mask.narrow(1, 0, prompt)), None, None).cache;
+                let mut past = run(
+                    &model,
+                    &ids.narrow(1, 0, prompt),
+                    Some(&mask.narrow(1, 0, prompt)),
+                    None,
+                    None,
+                )
+                .cache;
                 let mut worst: f64 = 0.0;
                 for t in prompt..10 {
-                    let step = run(&model, &ids.narrow(1, t, 1), Some(&mask.narrow(1, 0, t + 1)), None, Some(&past));
+                    let step = run(
+                        &model,
+                        &ids.narrow(1, t, 1),
+                        Some(&mask.narrow(1, 0, t + 1)),
+                        None,
+                        Some(&past),
+                    );
                     worst = worst.max(max_diff(&step.logits.squeeze_dim(1), &full.logits.select(1, t)));
                     past = step.cache;
                 }
@@ -1032,14 +1089,23 @@ mod tests {
         let tied = config(json!({"tie_word_embeddings": true})).unwrap();
         let (vs, model) = random_model(&tied);
         assert!(!vs.variables().contains_key("lm_head.weight"));
-        assert_eq!(model.tied_aliases(), vec![("lm_head.weight", "model.embed_tokens.weight")]);
+        assert_eq!(
+            model.tied_aliases(),
+            vec![("lm_head.weight", "model.embed_tokens.weight")]
+        );
         assert_eq!(model.parameter_name("lm_head.weight"), None);
         let (vs, model) = random_model(&config(json!({})).unwrap());
         assert!(vs.variables().contains_key("lm_head.weight"));
         assert!(vs.variables().contains_key("model.layers.1.self_attn.qkv_proj.weight"));
         assert!(vs.variables().contains_key("model.layers.1.mlp.gate_up_proj.weight"));
-        assert_eq!(vs.variables()["model.layers.0.self_attn.qkv_proj.weight"].size(), vec![64, 32]);
-        assert_eq!(vs.variables()["model.layers.0.mlp.gate_up_proj.weight"].size(), vec![48, 32]);
+        assert_eq!(
+            vs.variables()["model.layers.0.self_attn.qkv_proj.weight"].size(),
+            vec![64, 32]
+        );
+        assert_eq!(
+            vs.variables()["model.layers.0.mlp.gate_up_proj.weight"].size(),
+            vec![48, 32]
+        );
         assert!(model.tied_aliases().is_empty());
         assert!(model.is_lookup_only("model.embed_tokens.weight"));
     }

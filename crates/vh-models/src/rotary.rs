@@ -129,13 +129,11 @@ impl RopeScaling {
             let values = list
                 .iter()
                 .map(|v| {
-                    v.as_f64()
-                        .filter(|f| f.is_finite() && *f != 0.0)
-                        .ok_or_else(|| {
-                            Error::Config(format!(
-                                "rope_scaling `{key}` must hold finite, non-zero numbers, got {v}"
-                            ))
-                        })
+                    v.as_f64().filter(|f| f.is_finite() && *f != 0.0).ok_or_else(|| {
+                        Error::Config(format!(
+                            "rope_scaling `{key}` must hold finite, non-zero numbers, got {v}"
+                        ))
+                    })
                 })
                 .collect::<Result<Vec<f64>>>()?;
             if values.len() as i64 != frequencies {
@@ -268,7 +266,10 @@ impl RotaryEmbedding {
                 ..
             } => {
                 let frequencies = inv_freq.size()[0];
-                if [short_factor, long_factor].iter().any(|f| f.len() as i64 != frequencies) {
+                if [short_factor, long_factor]
+                    .iter()
+                    .any(|f| f.len() as i64 != frequencies)
+                {
                     return Err(Error::Config(format!(
                         "longrope factors must have one entry per rotary frequency ({frequencies})"
                     )));
@@ -454,7 +455,13 @@ mod tests {
         bad(&ok, 4, 32, Some(-3), "negative original length");
         bad(&ok, 6, 32, Some(8), "two factors for three frequencies");
         bad(&factors(&[1.0, 0.0], &[3.0, 4.0]), 4, 32, Some(8), "a zero factor");
-        bad(&json!({"type": "longrope", "long_factor": [3.0, 4.0]}), 4, 32, Some(8), "no short factors");
+        bad(
+            &json!({"type": "longrope", "long_factor": [3.0, 4.0]}),
+            4,
+            32,
+            Some(8),
+            "no short factors",
+        );
         // The generic parser leaves LongRoPE to the models that know their context lengths.
         assert!(RopeScaling::from_json(Some(&ok)).is_err());
         assert!(RopeScaling::LongRope {
@@ -492,8 +499,14 @@ mod tests {
                     let i = j % 3;
                     let angle = p as f64 / (in_use[i] * 100f64.powf(2.0 * i as f64 / 6.0));
                     let (c, s) = (cos.double_value(&[0, p, j as i64]), sin.double_value(&[0, p, j as i64]));
-                    assert!((c - angle.cos() * attention).abs() < 1e-5, "max {max_position} p {p} j {j}");
-                    assert!((s - angle.sin() * attention).abs() < 1e-5, "max {max_position} p {p} j {j}");
+                    assert!(
+                        (c - angle.cos() * attention).abs() < 1e-5,
+                        "max {max_position} p {p} j {j}"
+                    );
+                    assert!(
+                        (s - angle.sin() * attention).abs() < 1e-5,
+                        "max {max_position} p {p} j {j}"
+                    );
                 }
             }
         }
