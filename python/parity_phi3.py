@@ -12,7 +12,8 @@ For every case it also writes extra.safetensors, from the saved folder loaded ba
 - `*_nomask`: the default call with no attention mask at all (labels = the ids);
 - `*_hf_incremental`: HF's own incremental decoding through its cache, the first 6 tokens and then
   one at a time with the growing mask and default positions, at every position; across LongRoPE's
-  switch this differs from HF's full pass, because the cached keys keep the short factors;
+  switch this differs from HF's full pass, because the cached keys keep the short factors (and with
+  a window of 1 it differs everywhere: see `hf_window_1_cache` below);
 - `*_bf16`: the default call with the backbone loaded in bf16 (TRL's f32 value head and logits).
 and phi3_extras.json with how far HF's incremental pass is from its full pass, per case.
 
@@ -139,6 +140,11 @@ def extras(out_dir):
         attended = mask.bool()
         report[name] = {
             "hf_incremental_vs_full": (logits_inc - expected["logits"]).abs()[attended].max().item(),
+            # transformers 4.57.6's sliding-window cache layer keeps `[-window + 1:]` keys, which for
+            # a window of 1 is `[0:]`, every key, while its mask for a decode step covers one key and
+            # is broadcast over all of them: HF's own incremental decoding then attends to every
+            # cached key, unlike its full pass (and ours, which follows the full pass).
+            "hf_window_1_cache": model.pretrained_model.config.sliding_window == 1,
             "hf_bf16_vs_f32": (logits_bf16.float() - expected["logits"]).abs().max().item(),
         }
     with open(os.path.join(out_dir, "phi3_extras.json"), "w") as f:

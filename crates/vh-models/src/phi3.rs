@@ -953,49 +953,55 @@ mod tests {
     #[test]
     fn fused_projections_split_as_separate_ones() {
         // Phi3 without LongRoPE, full rotary and no window is Mistral (no window) with q/k/v and
-        // gate/up fused: the same weights, split, give the same outputs.
+        // gate/up fused: the same weights, split in HF's order, give the same outputs (up to the
+        // order a wider matmul accumulates in); split in another order, they do not.
         let phi3 = config(json!({"rope_scaling": null, "partial_rotary_factor": 1.0})).unwrap();
         let (vs, model) = random_model(&phi3);
-        let mistral_cfg = MistralConfig::from_json(&json!({
-            "vocab_size": 50, "hidden_size": 32, "intermediate_size": 24, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "sliding_window": null,
-            "pad_token_id": 0
-        }))
-        .unwrap();
-        let mistral_vs = VarStore::new(Device::Cpu);
-        let mistral = MistralForCausalLM::new(mistral_vs.root(), &mistral_cfg).unwrap();
-        let ours = vs.variables();
-        // Mistral's parameter -> (Phi3's fused parameter, first row, rows): queries, keys and
-        // values in that order in qkv_proj (4 heads and 2 + 2 key/value heads of 8), the gate
-        // then the up projection in gate_up_proj (24 rows each).
-        let split = |name: &str| -> Option<(String, i64, i64)> {
-            [
-                ("q_proj", "qkv_proj", 0, 32),
-                ("k_proj", "qkv_proj", 32, 16),
-                ("v_proj", "qkv_proj", 48, 16),
-                ("gate_proj", "gate_up_proj", 0, 24),
-                ("up_proj", "gate_up_proj", 24, 24),
-            ]
-            .iter()
-            .find(|(part, ..)| name.contains(&format!(".{part}.")))
-            .map(|(part, fused, start, len)| (name.replace(part, fused), *start, *len))
-        };
-        tch::no_grad(|| {
-            for (name, mut var) in mistral_vs.variables() {
-                let value = match split(&name) {
-                    Some((fused, start, len)) => ours[&fused].narrow(0, start, len),
-                    None => ours[&name].shallow_clone(),
-                };
-                var.copy_(&value);
-            }
-        });
         let ids = Tensor::from_slice2(&[[0i64, 0, 5, 7, 9, 11, 3], [2, 4, 6, 8, 10, 12, 14]]);
         let mask = Tensor::from_slice2(&[[0i64, 0, 1, 1, 1, 1, 1], [1; 7]]);
-        let a = run(&model, &ids, Some(&mask), None, None);
-        let inputs = prepare_causal(&ids, Some(&mask), None, None, mistral.limits(), Device::Cpu).unwrap();
-        let b = CausalLm::forward(&mistral, &inputs, false, 0).unwrap();
-        assert_eq!(max_diff(&a.logits, &b.logits), 0.0);
-        assert_eq!(max_diff(&a.last_hidden_state, &b.last_hidden_state), 0.0);
+        let ours = run(&model, &ids, Some(&mask), None, None);
+        let weights = vs.variables();
+        let mistral_with = |swap_gate_up: bool| {
+            let cfg = MistralConfig::from_json(&json!({
+                "vocab_size": 50, "hidden_size": 32, "intermediate_size": 24, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "sliding_window": null,
+                "pad_token_id": 0
+            }))
+            .unwrap();
+            let mistral_vs = VarStore::new(Device::Cpu);
+            let mistral = MistralForCausalLM::new(mistral_vs.root(), &cfg).unwrap();
+            let (gate, up) = if swap_gate_up { (24, 0) } else { (0, 24) };
+            // Mistral's parameter -> (Phi3's fused parameter, first row, rows): queries, keys and
+            // values in that order in qkv_proj (4 heads and 2 + 2 key/value heads of 8), the gate
+            // then the up projection in gate_up_proj (24 rows each).
+            let split = |name: &str| -> Option<(String, i64, i64)> {
+                [
+                    ("q_proj", "qkv_proj", 0, 32),
+                    ("k_proj", "qkv_proj", 32, 16),
+                    ("v_proj", "qkv_proj", 48, 16),
+                    ("gate_proj", "gate_up_proj", gate, 24),
+                    ("up_proj", "gate_up_proj", up, 24),
+                ]
+                .iter()
+                .find(|(part, ..)| name.contains(&format!(".{part}.")))
+                .map(|(part, fused, start, len)| (name.replace(part, fused), *start, *len))
+            };
+            tch::no_grad(|| {
+                for (name, mut var) in mistral_vs.variables() {
+                    let value = match split(&name) {
+                        Some((fused, start, len)) => weights[&fused].narrow(0, start, len),
+                        None => weights[&name].shallow_clone(),
+                    };
+                    var.copy_(&value);
+                }
+            });
+            let inputs = prepare_causal(&ids, Some(&mask), None, None, mistral.limits(), Device::Cpu).unwrap();
+            CausalLm::forward(&mistral, &inputs, false, 0).unwrap()
+        };
+        let same = mistral_with(false);
+        assert!(max_diff(&ours.logits, &same.logits) < 1e-5);
+        assert!(max_diff(&ours.last_hidden_state, &same.last_hidden_state) < 1e-5);
+        assert!(max_diff(&ours.logits, &mistral_with(true).logits) > 1e-3);
     }
 
     #[test]
@@ -1051,11 +1057,12 @@ mod tests {
 
     #[test]
     fn partial_rotary_leaves_the_other_dimensions_unrotated() {
-        // With no rotary dimensions at all, positions do not matter: shifting them changes nothing.
+        // With no rotary dimensions at all, positions do not matter: moving them changes nothing.
         let none = config(json!({"partial_rotary_factor": 0.0, "rope_scaling": null})).unwrap();
         let (_vs, model) = random_model(&none);
         let ids = Tensor::from_slice2(&[[3i64, 5, 7, 9]]);
-        let shifted = Tensor::from_slice2(&[[10i64, 11, 12, 13]]);
+        // Rotary attention depends on distances between positions, so these are spread out.
+        let shifted = Tensor::from_slice2(&[[0i64, 3, 7, 12]]);
         let a = run(&model, &ids, None, None, None);
         let b = run(&model, &ids, None, Some(&shifted), None);
         assert!(max_diff(&a.logits, &b.logits) < 1e-6);
