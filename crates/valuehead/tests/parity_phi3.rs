@@ -72,7 +72,7 @@ fn phi3_default_call_without_a_mask_matches_trl() {
 }
 
 /// Incremental decoding (the first 6 tokens, then one at a time with the growing mask and default
-/// positions) against HF's own incremental decoding, at every position, padding included: equal
+/// positions) against HF's own incremental decoding, at attended positions: equal
 /// where LongRoPE switches inside the rows too (keys cached before the switch keep the short
 /// factors on both sides), where the full pass differs from both.
 #[test]
@@ -107,9 +107,11 @@ fn phi3_incremental_decoding_matches_hf_incremental_across_the_longrope_switch()
         }
         let logits = tch::Tensor::cat(&logits, 1);
         let values = tch::Tensor::cat(&values, 1);
-        let mut err = max_abs_diff(&logits, &expected["logits_hf_incremental"]);
+        // At attended positions: a padded query attends uniformly to the keys it can see, and
+        // HF's sliding-window cache holds fewer of them than ours (which masks the older ones).
+        let mut err = masked_max_abs_diff(&logits, &expected["logits_hf_incremental"], mask);
         if !case.fresh_v_head {
-            err = err.max(max_abs_diff(&values, &expected["values_hf_incremental"]));
+            err = err.max(masked_max_abs_diff(&values, &expected["values_hf_incremental"], mask));
         }
         let facts = hf_facts(&case);
         let hf_gap = facts["hf_incremental_vs_full"].as_f64().unwrap();
@@ -142,7 +144,7 @@ fn phi3_incremental_decoding_matches_hf_incremental_across_the_longrope_switch()
         rows.push(vec![case.name.clone(), fmt_err(err), fmt_err(hf_gap)]);
     }
     assert!(switched >= 1, "no case switches LongRoPE's factors inside the rows");
-    println!("\nPhi3 incremental decoding against HF's incremental decoding (every position):");
+    println!("\nPhi3 incremental decoding against HF's incremental decoding (attended positions):");
     print_table(
         &["case", "ours vs HF incremental", "HF incremental vs HF full (attended)"],
         &rows,
