@@ -75,6 +75,7 @@ MODELS.update({
     "qwen3-toy": ("qwen3", dict(_LLAMA_LIKE, head_dim=16)),
     "gemma-toy": ("gemma", dict(_LLAMA_LIKE, head_dim=16)),
     "gemma2-toy": ("gemma2", dict(_LLAMA_LIKE, head_dim=16, sliding_window=16)),
+    "phi3-toy": ("phi3", dict(_LLAMA_LIKE)),
     "gpt_neox-toy": ("gpt_neox", dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, max_position_embeddings=512, bos_token_id=1, eos_token_id=2)),
     "opt-toy": ("opt", dict(vocab_size=1000, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,

@@ -1,12 +1,15 @@
 """Reference outputs for greedy generation parity.
 
 Builds seeded random GPT-2, Llama, Qwen2, Mistral (sliding window), Qwen3 (a sliding layer), GPT-NeoX,
-OPT, Gemma, Gemma2 (soft caps, a sliding layer), T5 and Bart models (as the forward parity suites do), wraps each in TRL's value-head class, saves it
+OPT, Gemma, Gemma2 (soft caps, a sliding layer), Phi3 (LongRoPE, partial rotary, a window), T5 and Bart models (as the forward parity suites do), wraps each in TRL's value-head class, saves it
 with TRL's save_pretrained, and records the token sequences that TRL's `generate` (which is
 transformers' `generate`) returns with do_sample=False on padded batches: plain, with a repetition
 penalty, and with eos tokens that end some rows early after min_new_tokens. Bart's generation
 config forces a first token (forced_bos_token_id, as facebook/bart-large) and the last one
 (forced_eos_token_id, BartConfig's default 2); the manifest records both for the Rust side.
+
+`phi3_switch` is a Phi3 whose LongRoPE switches from its short to its long factors during decoding,
+where HF's Phi3 drops the cache and runs the whole sequence again (see phi3_switch_model).
 
 usage: python parity_generate.py OUT_DIR
 """
@@ -31,6 +34,7 @@ import parity_llama  # noqa: E402
 import parity_mistral  # noqa: E402
 import parity_qwen3  # noqa: E402
 import parity_opt  # noqa: E402
+import parity_phi3  # noqa: E402
 import parity_t5  # noqa: E402
 
 MAX_NEW = 12
@@ -97,6 +101,31 @@ def gemma2_model(seed):
     return AutoModelForCausalLMWithValueHead.from_pretrained(base).eval(), cfg["vocab_size"]
 
 
+def phi3_model(seed):
+    # LongRoPE on its long factors throughout (original length 4, below the 8-token prompts), three
+    # quarters of each head rotating, a window of 6 past which decoding runs, through left padding.
+    config, cfg = parity_phi3.make_config({"partial_rotary_factor": 0.75, "rope_scaling": parity_phi3.longrope(3),
+                                           "original_max_position_embeddings": 4, "sliding_window": 6})
+    base = parity_causal.build(config, seed)
+    return AutoModelForCausalLMWithValueHead.from_pretrained(base).eval(), cfg["vocab_size"]
+
+
+# Where phi3_switch's LongRoPE switches: a pass over more than 12 positions takes the long factors.
+PHI3_SWITCH_ORIGINAL = 12
+
+
+def phi3_switch_model(seed, attn_implementation="sdpa"):
+    # The prompts (8 tokens) and the first 4 new tokens run on the short factors; once the cache
+    # holds 12 positions, HF's Phi3 drops it and reruns the whole sequence on the long ones. That
+    # rerun passes `cache_position` of the new token alone, so transformers builds a one-key mask:
+    # under sdpa without padding it builds none and the kernel's causal flag applies (the rerun is
+    # the full causal pass), which is the reference here.
+    config, cfg = parity_phi3.make_config({"rope_scaling": parity_phi3.longrope(4),
+                                           "original_max_position_embeddings": PHI3_SWITCH_ORIGINAL})
+    base = parity_causal.build(config, seed, attn_implementation)
+    return AutoModelForCausalLMWithValueHead.from_pretrained(base).eval(), cfg["vocab_size"]
+
+
 def t5_model(seed):
     cfg = dict(parity_t5.BASE, feed_forward_proj="gated-gelu")
     torch.manual_seed(seed)
@@ -123,6 +152,12 @@ def causal_prompts(vocab):
         attention_mask[row, :pad] = 0
         input_ids[row, :pad] = 0
     return input_ids, attention_mask
+
+
+def unpadded_prompts(vocab):
+    input_ids, attention_mask = causal_prompts(vocab)
+    g = torch.Generator().manual_seed(9)
+    return torch.randint(1, vocab - 1, input_ids.shape, generator=g), torch.ones_like(attention_mask)
 
 
 def seq2seq_prompts(vocab):
@@ -179,6 +214,8 @@ def main(out_dir):
         ("opt", opt_model, causal_prompts),
         ("gemma", gemma_model, causal_prompts),
         ("gemma2", gemma2_model, causal_prompts),
+        ("phi3", phi3_model, causal_prompts),
+        ("phi3_switch", phi3_switch_model, unpadded_prompts),
         ("t5", t5_model, seq2seq_prompts),
         ("bart", bart_model, seq2seq_prompts),
     ]
@@ -204,7 +241,11 @@ def main(out_dir):
             sequences = generate(model, input_ids, attention_mask, settings)
             case = f"{kind}_{name}"
             save_file({"sequences": sequences.contiguous()}, os.path.join(folder, f"{case}.safetensors"))
-            manifest.append(dict(settings, **forced, name=case, model=kind, length=sequences.shape[1]))
+            record = dict(settings, **forced, name=case, model=kind, length=sequences.shape[1])
+            if kind == "phi3_switch":
+                # The first new token predicted by a pass on the long factors: the rerun's.
+                record["rollout_from"] = PHI3_SWITCH_ORIGINAL + 1 - input_ids.shape[1]
+            manifest.append(record)
     with open(os.path.join(out_dir, "cases.json"), "w") as f:
         json.dump(manifest, f, indent=1)
     print(f"wrote {len(manifest)} generation reference cases to {out_dir}")

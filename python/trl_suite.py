@@ -34,6 +34,7 @@ from transformers import (
     LlamaConfig,
     MistralConfig,
     OPTConfig,
+    Phi3Config,
     Qwen2Config,
     Qwen3Config,
     T5Config,
@@ -114,6 +115,18 @@ ARCHS = {
              decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64,
              scale_embedding=True),
         True,
+    ),
+    # LongRoPE switching from its short to its long factors during generate (10 ids, 9 new tokens,
+    # original length 12): HF's Phi3 drops the cache once it holds 12 positions and reruns the
+    # whole sequence (causally: TRL loads with sdpa, and nothing is padded). Half of each head
+    # rotates; the pad token is set inside the vocabulary (Phi3's default, 32000, is not).
+    "phi3": (
+        Phi3Config,
+        dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, original_max_position_embeddings=12,
+             partial_rotary_factor=0.5, pad_token_id=0,
+             rope_scaling={"type": "longrope", "short_factor": [1.0, 1.25], "long_factor": [2.0, 6.0]}),
+        False,
     ),
 }
 

@@ -320,7 +320,8 @@ impl CausalLmWithValueHead {
         } else {
             Tensor::f_arange(prompt_len, (Kind::Int64, device))?.f_unsqueeze(0)?
         };
-        // The largest position id (dynamic rotary scaling reads it), known on the host from here.
+        // The largest position id (dynamic and LongRoPE rotary scaling read it), known on the host
+        // from here.
         let longest = mask
             .f_sum_dim_intlist(1, false, Kind::Int64)?
             .f_max()?
@@ -339,7 +340,12 @@ impl CausalLmWithValueHead {
         let mut past: Option<Cache> = None;
         let mut past_len = 0;
         let train = self.wrapped.train;
+        // A model that recomputes its cache mid-way (HF's Phi3 with LongRoPE) needs every token
+        // fed so far; others keep none.
+        let recompute_at = self.backbone.recompute_cache_at();
+        let mut sequence = recompute_at.map(|_| input_ids.shallow_clone());
         decode_loop(&input_ids, max_new, config, |next| {
+            let mut fresh_cache = next.is_none();
             let ids = match next {
                 None => input_ids.shallow_clone(),
                 Some(next) => {
@@ -349,7 +355,27 @@ impl CausalLmWithValueHead {
                     // The new token sits one past each row's last position.
                     positions = positions.f_narrow(1, positions.size()[1] - 1, 1)?.s_add(1)?;
                     max_position += 1;
-                    next.shallow_clone()
+                    if let Some(sequence) = sequence.as_mut() {
+                        *sequence = Tensor::f_cat(&[&*sequence, next], 1)?;
+                    }
+                    match sequence.as_ref().filter(|_| recompute_at == Some(past_len)) {
+                        // HF's Phi3 drops the cache here and runs the whole sequence (its mask
+                        // and mask-derived positions) again, so every key gets the factors the
+                        // following steps use; the next step continues from its last position.
+                        Some(sequence) => {
+                            past = None;
+                            past_len = 0;
+                            fresh_cache = true;
+                            let total = sequence.size()[1];
+                            positions = if padded {
+                                vh_core::tensor::position_ids_from_mask(&key_mask, total)?
+                            } else {
+                                Tensor::f_arange(total, (Kind::Int64, device))?.f_unsqueeze(0)?
+                            };
+                            sequence.shallow_clone()
+                        }
+                        None => next.shallow_clone(),
+                    }
                 }
             };
             let new_len = ids.size()[1];
@@ -378,9 +404,10 @@ impl CausalLmWithValueHead {
             };
             // Room for every step's keys and values: each step then writes its own in place
             // instead of copying the whole cache.
-            past = Some(match next {
-                None => reserve_cache(&out.past, capacity, device)?,
-                Some(_) => out.past,
+            past = Some(if fresh_cache {
+                reserve_cache(&out.past, capacity, device)?
+            } else {
+                out.past
             });
             Ok(StepOutput {
                 logits: out.logits.f_select(1, -1)?,
@@ -404,8 +431,8 @@ impl CausalLmWithValueHead {
             Some("forced BOS/EOS tokens")
         } else if self.wrapped.train {
             Some("train mode (dropout)")
-        } else if !self.backbone.supports_static_decode() {
-            Some("this model's positions (dynamic rotary scaling reads the length on the host)")
+        } else if !self.backbone.supports_static_decode() || self.backbone.recompute_cache_at().is_some() {
+            Some("this model's positions (dynamic or LongRoPE rotary scaling reads the length on the host)")
         } else {
             None
         };

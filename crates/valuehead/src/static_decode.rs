@@ -235,7 +235,7 @@ impl StaticState {
             past: Some(&self.cache),
             key_mask: None,
             position_ids: self.positions.shallow_clone(),
-            // Only dynamic rotary scaling reads it, and such models do not decode here.
+            // Only dynamic and LongRoPE rotary scaling read it, and such models do not decode here.
             max_position: self.capacity - 1,
             explicit_positions: true,
             static_keys: Some(StaticKeys {

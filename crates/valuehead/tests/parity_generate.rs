@@ -1,7 +1,8 @@
 //! Generation against Python: greedy token sequences identical to transformers' `generate`
-//! through TRL's wrappers (GPT-2, Llama, Qwen2, Mistral, Qwen3, GPT-NeoX, OPT, Gemma, Gemma2, T5 and Bart, padded batches; plain,
-//! repetition penalty, eos ending rows early after min_new_tokens; Bart with its forced first and
-//! last tokens); rollout values and log-probs
+//! through TRL's wrappers (GPT-2, Llama, Qwen2, Mistral, Qwen3, GPT-NeoX, OPT, Gemma, Gemma2, Phi3, T5 and Bart, padded
+//! batches; plain, repetition penalty, eos ending rows early after min_new_tokens; Bart with its forced first and
+//! last tokens; a Phi3 whose LongRoPE switches factors during decoding, where HF reruns the whole sequence); rollout
+//! values and log-probs
 //! equal to a separate full forward; sampling distributions checked statistically.
 
 mod common;
@@ -23,6 +24,9 @@ struct Run {
     name: String,
     model: String,
     config: GenerationConfig,
+    /// The first generated column whose pass saw the whole sequence with the factors a full
+    /// forward uses (0; for a Phi3 whose LongRoPE switches mid-way, the column after the rerun).
+    rollout_from: i64,
 }
 
 fn runs() -> Vec<Run> {
@@ -54,13 +58,20 @@ fn runs() -> Vec<Run> {
                 },
                 ..Default::default()
             },
+            rollout_from: c.get("rollout_from").and_then(serde_json::Value::as_i64).unwrap_or(0),
         })
         .collect()
 }
 
-/// Checks that the rollout's values and log-probs equal a full causal forward over the
-/// generated sequence: token i's value and log-prob come from the position before it.
-fn check_causal_rollout(model: &CausalLmWithValueHead, prompt_mask: &Tensor, out: &GenerateOutput) -> f64 {
+/// How far the rollout's values and log-probs are from a full causal forward over the generated
+/// sequence (token i's value and log-prob come from the position before it), over the generated
+/// columns `from..` and, separately, `..from`.
+fn check_causal_rollout(
+    model: &CausalLmWithValueHead,
+    prompt_mask: &Tensor,
+    out: &GenerateOutput,
+    from: i64,
+) -> (f64, Option<f64>) {
     let (batch, new) = (out.new_tokens.size()[0], out.new_tokens.size()[1]);
     let prompt = prompt_mask.size()[1];
     let mask = Tensor::cat(
@@ -83,7 +94,16 @@ fn check_causal_rollout(model: &CausalLmWithValueHead, prompt_mask: &Tensor, out
         .log_softmax(-1, Kind::Float)
         .gather(2, &out.new_tokens.unsqueeze(2), false)
         .squeeze_dim(2);
-    max_abs_diff(&values, &out.values).max(max_abs_diff(&logprobs, &out.logprobs))
+    let gap = |start: i64, len: i64| {
+        max_abs_diff(&values.narrow(1, start, len), &out.values.narrow(1, start, len)).max(max_abs_diff(
+            &logprobs.narrow(1, start, len),
+            &out.logprobs.narrow(1, start, len),
+        ))
+    };
+    // Rows may all have ended before the switch: then every column is from before it.
+    let from = from.min(new);
+    let after = if from < new { gap(from, new - from) } else { 0.0 };
+    (after, (from > 0).then(|| gap(0, from)))
 }
 
 fn check_seq2seq_rollout(model: &Seq2SeqLmWithValueHead, ids: &Tensor, mask: &Tensor, out: &GenerateOutput) -> f64 {
@@ -117,7 +137,17 @@ fn greedy_generation_matches_transformers_and_rollout_matches_full_forward() {
         }
     }
     for kind in [
-        "gpt2", "llama", "qwen2", "mistral", "qwen3", "gpt_neox", "opt", "gemma", "gemma2",
+        "gpt2",
+        "llama",
+        "qwen2",
+        "mistral",
+        "qwen3",
+        "gpt_neox",
+        "opt",
+        "gemma",
+        "gemma2",
+        "phi3",
+        "phi3_switch",
     ] {
         assert!(causal_models.contains_key(kind), "the reference has no {kind} runs");
     }
@@ -132,7 +162,16 @@ fn greedy_generation_matches_transformers_and_rollout_matches_full_forward() {
         let expected = &read_tensors(&folder.join(format!("{}.safetensors", run.name)))["sequences"];
         let (out, rollout_err) = if let Some(causal) = causal_models.get(&run.model) {
             let out = tch::no_grad(|| causal.generate(ids, Some(mask), &run.config)).unwrap();
-            let err = check_causal_rollout(causal, mask, &out);
+            let (err, before) = check_causal_rollout(causal, mask, &out, run.rollout_from);
+            // Before LongRoPE's switch the steps ran on the short factors, the full forward runs
+            // on the long ones: that part must differ, or the run tests no switch.
+            if let Some(before) = before {
+                assert!(
+                    before > 1e-3,
+                    "{}: the columns before the switch match the full forward ({before:e})",
+                    run.name
+                );
+            }
             (out, err)
         } else {
             let seq2seq = &seq2seq_models[&run.model];

@@ -1,6 +1,6 @@
 //! save_pretrained: folders saved here load back here with the same outputs (one file and
 //! sharded), and load in Python through TRL's from_pretrained with the same outputs (GPT-2,
-//! Llama, Qwen2, Mistral, Qwen3, GPT-NeoX, OPT, Gemma, Gemma2, T5, Bart).
+//! Llama, Qwen2, Mistral, Qwen3, GPT-NeoX, OPT, Gemma, Gemma2, Phi3, T5, Bart).
 
 mod common;
 
@@ -92,6 +92,16 @@ fn causal_models_round_trip_and_load_in_trl() {
             json!({"tie_word_embeddings": false, "attention_bias": true}),
             "lm_head.weight",
             true,
+        ),
+        // LongRoPE on its long factors (original length 4 under 5 tokens), half of each head
+        // rotating, fused qkv and gate_up projections.
+        ("phi3 untied longrope", "phi3", json!({}), "lm_head.weight", true),
+        (
+            "phi3 tied with a window, no scaling",
+            "phi3",
+            json!({"tie_word_embeddings": true, "sliding_window": 3, "rope_scaling": null, "partial_rotary_factor": 1.0}),
+            "lm_head.weight",
+            false,
         ),
     ] {
         let source = tempfile::tempdir().unwrap();
@@ -249,7 +259,7 @@ fn folders_saved_by_python_in_every_format_load_with_the_same_outputs() {
     let ids = Tensor::from_slice2(&[[0i64, 3, 4, 5, 6], [7, 8, 9, 10, 11]]);
     let mask = Tensor::from_slice2(&[[0i64, 1, 1, 1, 1], [1, 1, 1, 1, 1]]);
     for kind in [
-        "gpt2", "llama", "mistral", "qwen3", "gpt_neox", "opt", "gemma", "gemma2", "t5", "bart",
+        "gpt2", "llama", "mistral", "qwen3", "gpt_neox", "opt", "gemma", "gemma2", "phi3", "t5", "bart",
     ] {
         let source = tempfile::tempdir().unwrap();
         write_tiny(kind, source.path(), json!({}));

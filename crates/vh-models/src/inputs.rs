@@ -60,7 +60,7 @@ pub struct CausalInputs<'a> {
     pub key_mask: Option<Tensor>,
     /// Position ids, i64 [batch or 1, new] on the device.
     pub position_ids: Tensor,
-    /// The largest position id (dynamic rotary scaling reads it; a static step's graph
+    /// The largest position id (dynamic and LongRoPE rotary scaling read it; a static step's graph
     /// would bake it in, which is why such models do not decode over a static cache).
     pub max_position: i64,
     /// Whether the caller passed `position_ids` (false: the default `past..past + new`). Models

@@ -13,6 +13,7 @@ pub mod layers;
 pub mod llama;
 pub mod mistral;
 pub mod opt;
+pub mod phi3;
 pub mod qwen3;
 pub mod registry;
 pub mod rotary;

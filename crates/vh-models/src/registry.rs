@@ -68,10 +68,18 @@ pub trait CausalLm: std::fmt::Debug + Send {
     fn is_lookup_only(&self, name: &str) -> bool;
     /// Whether a one-token decode step can run over a static cache ([`crate::Cache::to_static`]
     /// with [`crate::inputs::StaticKeys`]) and so be captured as a CUDA graph: its arithmetic
-    /// must depend on nothing the host computes per step (dynamic-NTK rotary scaling reads the
-    /// sequence length, so those models answer false).
+    /// must depend on nothing the host computes per step (dynamic-NTK and LongRoPE rotary
+    /// scaling read the sequence length, so those models answer false).
     fn supports_static_decode(&self) -> bool {
         false
+    }
+    /// The cached length at which `generate` drops the cache and runs the whole sequence again
+    /// before decoding on, or `None` (most models). HF's Phi3 does this where LongRoPE switches
+    /// from its short to its long factors (`prepare_inputs_for_generation`: once the cache holds
+    /// `original_max_position_embeddings` positions), so that every cached key is rotated with
+    /// the long factors the later steps use.
+    fn recompute_cache_at(&self) -> Option<i64> {
+        None
     }
     /// Called once the checkpoint's tensors are in place (and after a dtype change), to lay out
     /// weights for the fastest kernel of their dtype.
@@ -90,7 +98,7 @@ pub trait CausalLm: std::fmt::Debug + Send {
 }
 
 /// The checkpoint facts of a decoder whose LM head is `lm_head.weight` and may be tied to
-/// `model.embed_tokens.weight` (the Llama family: Llama, Mistral, Qwen3, Gemma, Gemma2), in one
+/// `model.embed_tokens.weight` (the Llama family: Llama, Mistral, Qwen3, Gemma, Gemma2, Phi3), in one
 /// place for their `CausalLm` impls.
 #[derive(Debug, Clone, Copy)]
 pub struct EmbedTokensHead {
@@ -307,6 +315,7 @@ pub const ARCHITECTURES: &[Architecture] = &[
     crate::opt::ARCHITECTURE,
     crate::gemma::ARCHITECTURE,
     crate::gemma2::ARCHITECTURE,
+    crate::phi3::ARCHITECTURE,
     crate::t5::ARCHITECTURE,
     crate::bart::ARCHITECTURE,
 ];
