@@ -2,6 +2,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod bloom;
 pub mod cache;
 pub mod gemma;
 pub mod gemma2;

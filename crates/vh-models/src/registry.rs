@@ -290,6 +290,7 @@ pub const ARCHITECTURES: &[Architecture] = &[
     crate::opt::ARCHITECTURE,
     crate::gemma::ARCHITECTURE,
     crate::gemma2::ARCHITECTURE,
+    crate::bloom::ARCHITECTURE,
     crate::t5::ARCHITECTURE,
 ];
 
