@@ -1,7 +1,7 @@
 """Reference outputs for greedy generation parity.
 
 Builds seeded random GPT-2, Llama, Qwen2, Mistral (sliding window), Qwen3 (a sliding layer), GPT-NeoX,
-OPT, Gemma, Gemma2 (soft caps, a sliding layer) and T5 models (as the forward parity suites do), wraps each in TRL's value-head class, saves it
+OPT, Gemma, Gemma2 (soft caps, a sliding layer), Bloom (ALiBi) and T5 models (as the forward parity suites do), wraps each in TRL's value-head class, saves it
 with TRL's save_pretrained, and records the token sequences that TRL's `generate` (which is
 transformers' `generate`) returns with do_sample=False on padded batches: plain, with a repetition
 penalty, and with eos tokens that end some rows early after min_new_tokens.
@@ -19,6 +19,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditional
 from trl import AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import parity_bloom  # noqa: E402
 import parity_causal  # noqa: E402
 import parity_gemma  # noqa: E402
 import parity_gemma2  # noqa: E402
@@ -76,6 +77,13 @@ def gpt_neox_model(seed):
 def opt_model(seed):
     # OPT-350m's layout: post-LayerNorm blocks and project_in/project_out (value head width 16).
     base, cfg = parity_opt.build({"do_layer_norm_before": False, "word_embed_proj_dim": 16}, seed)
+    return AutoModelForCausalLMWithValueHead.from_pretrained(base).eval(), cfg["vocab_size"]
+
+
+def bloom_model(seed):
+    # Six heads (ALiBi's second slope rule), residuals after the LayerNorms, untied head.
+    base, cfg = parity_bloom.build({"n_head": 6, "hidden_size": 36, "apply_residual_connection_post_layernorm": True,
+                                    "tie_word_embeddings": False}, seed)
     return AutoModelForCausalLMWithValueHead.from_pretrained(base).eval(), cfg["vocab_size"]
 
 
@@ -166,6 +174,7 @@ def main(out_dir):
         ("opt", opt_model, causal_prompts),
         ("gemma", gemma_model, causal_prompts),
         ("gemma2", gemma2_model, causal_prompts),
+        ("bloom", bloom_model, causal_prompts),
         ("t5", t5_model, seq2seq_prompts),
     ]
     for kind, build, prompts in kinds:

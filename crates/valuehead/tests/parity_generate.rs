@@ -1,5 +1,5 @@
 //! Generation against Python: greedy token sequences identical to transformers' `generate`
-//! through TRL's wrappers (GPT-2, Llama, Qwen2, Mistral, Qwen3, GPT-NeoX, OPT, Gemma, Gemma2 and T5, padded batches; plain,
+//! through TRL's wrappers (GPT-2, Llama, Qwen2, Mistral, Qwen3, GPT-NeoX, OPT, Gemma, Gemma2, Bloom and T5, padded batches; plain,
 //! repetition penalty, eos ending rows early after min_new_tokens); rollout values and log-probs
 //! equal to a separate full forward; sampling distributions checked statistically.
 
@@ -103,7 +103,7 @@ fn greedy_generation_matches_transformers_and_rollout_matches_full_forward() {
         }
     }
     for kind in [
-        "gpt2", "llama", "qwen2", "mistral", "qwen3", "gpt_neox", "opt", "gemma", "gemma2",
+        "gpt2", "llama", "qwen2", "mistral", "qwen3", "gpt_neox", "opt", "gemma", "gemma2", "bloom",
     ] {
         assert!(causal_models.contains_key(kind), "the reference has no {kind} runs");
     }
