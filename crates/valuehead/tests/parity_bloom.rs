@@ -41,8 +41,7 @@ fn default_call_without_a_mask_matches_trl() {
         let model = CausalLmWithValueHead::from_folder(&case.dir, &eager()).unwrap();
         let inputs = read_tensors(&case.dir.join("inputs.safetensors"));
         let expected = read_tensors(&case.dir.join("expected.safetensors"));
-        let out =
-            tch::no_grad(|| model.forward(&inputs["input_ids"], None, None, Some(&inputs["labels"]))).unwrap();
+        let out = tch::no_grad(|| model.forward(&inputs["input_ids"], None, None, Some(&inputs["labels"]))).unwrap();
         let mut err = max_abs_diff(&out.logits, &expected["logits_nomask"])
             .max(max_abs_diff(out.loss.as_ref().unwrap(), &expected["loss_nomask"]));
         if !case.fresh_v_head {

@@ -340,6 +340,7 @@ fn bf16_loading_keeps_the_lm_head_bf16_and_runs() {
             "model.embed_tokens.weight",
             "gpt_neox.embed_in.weight",
             "model.decoder.embed_tokens.weight",
+            "transformer.word_embeddings.weight",
             "shared.weight",
         ]
         .iter()
