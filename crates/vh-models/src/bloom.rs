@@ -131,7 +131,7 @@ impl BloomConfig {
             ("hidden_dropout", self.hidden_dropout),
             ("attention_dropout", self.attention_dropout),
         ])?;
-        if !(self.layer_norm_epsilon > 0.0) {
+        if self.layer_norm_epsilon.is_nan() || self.layer_norm_epsilon <= 0.0 {
             return Err(Error::Config(format!(
                 "layer_norm_epsilon must be positive, got {}",
                 self.layer_norm_epsilon
