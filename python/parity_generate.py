@@ -1,7 +1,7 @@
 """Reference outputs for greedy generation parity.
 
 Builds seeded random GPT-2, Llama, Qwen2, Mistral (sliding window), Qwen3 (a sliding layer), GPT-NeoX,
-OPT, Gemma, Gemma2 (soft caps, a sliding layer), Phi3 (LongRoPE, partial rotary, a window), T5 and Bart models (as the forward parity suites do), wraps each in TRL's value-head class, saves it
+OPT, Gemma, Gemma2 (soft caps, a sliding layer), Phi3 (LongRoPE, partial rotary, a window), Bloom (ALiBi), T5 and Bart models (as the forward parity suites do), wraps each in TRL's value-head class, saves it
 with TRL's save_pretrained, and records the token sequences that TRL's `generate` (which is
 transformers' `generate`) returns with do_sample=False on padded batches: plain, with a repetition
 penalty, and with eos tokens that end some rows early after min_new_tokens. Bart's generation
@@ -25,6 +25,7 @@ from trl import AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValu
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import parity_bart  # noqa: E402
+import parity_bloom  # noqa: E402
 import parity_causal  # noqa: E402
 import parity_gemma  # noqa: E402
 import parity_gemma2  # noqa: E402
@@ -83,6 +84,13 @@ def gpt_neox_model(seed):
 def opt_model(seed):
     # OPT-350m's layout: post-LayerNorm blocks and project_in/project_out (value head width 16).
     base, cfg = parity_opt.build({"do_layer_norm_before": False, "word_embed_proj_dim": 16}, seed)
+    return AutoModelForCausalLMWithValueHead.from_pretrained(base).eval(), cfg["vocab_size"]
+
+
+def bloom_model(seed):
+    # Six heads (ALiBi's second slope rule), residuals after the LayerNorms, untied head.
+    base, cfg = parity_bloom.build({"n_head": 6, "hidden_size": 36, "apply_residual_connection_post_layernorm": True,
+                                    "tie_word_embeddings": False}, seed)
     return AutoModelForCausalLMWithValueHead.from_pretrained(base).eval(), cfg["vocab_size"]
 
 
@@ -216,6 +224,7 @@ def main(out_dir):
         ("gemma2", gemma2_model, causal_prompts),
         ("phi3", phi3_model, causal_prompts),
         ("phi3_switch", phi3_switch_model, unpadded_prompts),
+        ("bloom", bloom_model, causal_prompts),
         ("t5", t5_model, seq2seq_prompts),
         ("bart", bart_model, seq2seq_prompts),
     ]

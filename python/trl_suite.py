@@ -26,6 +26,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     BartConfig,
+    BloomConfig,
     Gemma2Config,
     GemmaConfig,
     GenerationConfig,
@@ -88,6 +89,12 @@ ARCHS = {
         dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, max_position_embeddings=64, use_sliding_window=True,
              sliding_window=4, max_window_layers=1),
+        False,
+    ),
+    # Six heads (ALiBi's second slope rule), tied (Bloom's default).
+    "bloom": (
+        BloomConfig,
+        dict(vocab_size=100, hidden_size=36, n_layer=2, n_head=6),
         False,
     ),
     # Gemma's defaults: tied, normalised embeddings, (1 + w) norms; head_dim 16 with hidden 32.

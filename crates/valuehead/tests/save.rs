@@ -1,6 +1,6 @@
 //! save_pretrained: folders saved here load back here with the same outputs (one file and
 //! sharded), and load in Python through TRL's from_pretrained with the same outputs (GPT-2,
-//! Llama, Qwen2, Mistral, Qwen3, GPT-NeoX, OPT, Gemma, Gemma2, Phi3, T5, Bart).
+//! Llama, Qwen2, Mistral, Qwen3, GPT-NeoX, OPT, Gemma, Gemma2, Phi3, Bloom, T5, Bart).
 
 mod common;
 
@@ -86,6 +86,16 @@ fn causal_models_round_trip_and_load_in_trl() {
         ("gemma tied", "gemma", json!({}), "lm_head.weight", false),
         // Soft caps, a sliding first layer (window 3 over 5 tokens).
         ("gemma2 tied", "gemma2", json!({}), "lm_head.weight", false),
+        // ALiBi over six heads, residuals after the LayerNorms, untied.
+        (
+            "bloom untied six heads",
+            "bloom",
+            json!({"tie_word_embeddings": false, "n_head": 6, "hidden_size": 24,
+                   "apply_residual_connection_post_layernorm": true}),
+            "lm_head.weight",
+            true,
+        ),
+        ("bloom tied", "bloom", json!({}), "lm_head.weight", false),
         (
             "gemma untied with attention biases",
             "gemma",
@@ -259,7 +269,7 @@ fn folders_saved_by_python_in_every_format_load_with_the_same_outputs() {
     let ids = Tensor::from_slice2(&[[0i64, 3, 4, 5, 6], [7, 8, 9, 10, 11]]);
     let mask = Tensor::from_slice2(&[[0i64, 1, 1, 1, 1], [1, 1, 1, 1, 1]]);
     for kind in [
-        "gpt2", "llama", "mistral", "qwen3", "gpt_neox", "opt", "gemma", "gemma2", "phi3", "t5", "bart",
+        "gpt2", "llama", "mistral", "qwen3", "gpt_neox", "opt", "gemma", "gemma2", "phi3", "bloom", "t5", "bart",
     ] {
         let source = tempfile::tempdir().unwrap();
         write_tiny(kind, source.path(), json!({}));

@@ -39,6 +39,9 @@ pub enum Activation {
     Linear,
     /// `laplace`.
     Laplace,
+    /// Bloom's own tanh approximation (`bloom_gelu_forward` in `modeling_bloom.py`), named by no
+    /// config: its constant 0.79788456 and its order of operations differ from `gelu_fast`'s.
+    BloomGelu,
 }
 
 impl std::str::FromStr for Activation {
@@ -97,6 +100,12 @@ impl Activation {
             Self::Tanh => x.f_tanh()?,
             Self::Sigmoid => x.f_sigmoid()?,
             Self::Linear => x.shallow_clone(),
+            Self::BloomGelu => {
+                // `x * 0.5 * (1.0 + tanh(0.79788456 * x * (1 + 0.044715 * x * x)))`, evaluated
+                // left to right as Python does, so the products round as in HF.
+                let inner = x.s_mul(0.79788456)?.f_mul(&x.s_mul(0.044715)?.f_mul(x)?.s_add(1.0)?)?;
+                x.s_mul(0.5)?.f_mul(&inner.f_tanh()?.s_add(1.0)?)?
+            }
             Self::Laplace => {
                 // HF's `LaplaceActivation` literals, kept as written: 0.707107 is not exactly
                 // 1/sqrt(2), and the outputs must match HF's to the bit.
@@ -128,7 +137,12 @@ mod tests {
     fn tanh_gelus_agree_with_exact_gelu_closely() {
         let x = Tensor::linspace(-4.0, 4.0, 101, (Kind::Float, Device::Cpu));
         let exact = Activation::Gelu.forward(&x).unwrap();
-        for act in [Activation::GeluNew, Activation::GeluPytorchTanh, Activation::GeluFast] {
+        for act in [
+            Activation::GeluNew,
+            Activation::GeluPytorchTanh,
+            Activation::GeluFast,
+            Activation::BloomGelu,
+        ] {
             let y = act.forward(&x).unwrap();
             assert!((&y - &exact).abs().max().double_value(&[]) < 1e-3, "{act:?}");
         }

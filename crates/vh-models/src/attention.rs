@@ -143,6 +143,89 @@ impl MaskSpec<'_> {
     }
 }
 
+impl MaskSpec<'_> {
+    /// [`MaskSpec::bias`] plus ALiBi's linear biases ([`Alibi::bias`]): [B or 1, H, new, keys].
+    /// Always a tensor, since ALiBi biases every key; the causal rule and padding are in it, so a
+    /// layer given it applies nothing itself. HF adds ALiBi to the scores before its mask; the
+    /// sum here equals it at visible keys (mask 0) and stays the kind's minimum at hidden ones.
+    pub fn bias_with_alibi(&self, alibi: &Alibi, kind: Kind, device: Device) -> Result<Tensor> {
+        let linear = alibi.bias(self.key_mask, self.batch, self.past_len + self.new_len, kind, device)?;
+        Ok(match self.bias(kind, device)? {
+            Some(mask) => linear.f_add(&mask)?,
+            None => linear,
+        })
+    }
+}
+
+/// ALiBi, attention with linear biases (Bloom): each head adds `slope * key position` to its
+/// scores, as HF's `build_alibi_tensor`. Softmax ignores what is common to a row, so the query's
+/// own position never enters.
+#[derive(Debug)]
+pub struct Alibi {
+    /// f32 [heads]: HF's geometric slopes.
+    slopes: Tensor,
+}
+
+impl Alibi {
+    /// The slopes of `num_heads` heads, computed as HF does (f32 powers of an f32 base): for the
+    /// largest power of two `p <= num_heads`, `base^1..base^p` with `base = 2^(-2^(3 - log2 p))`;
+    /// the remaining heads take the odd powers of the next power of two's base.
+    pub fn new(num_heads: i64, device: Device) -> Result<Self> {
+        if num_heads < 1 {
+            return Err(Error::Config(format!("ALiBi needs at least one head, got {num_heads}")));
+        }
+        let closest = 1i64 << (63 - num_heads.leading_zeros());
+        let base_of = |p: i64| -> Result<Tensor> {
+            let exponent = -(2f64.powf(-((p as f64).log2() - 3.0)));
+            Ok(Tensor::f_from_slice(&[2f64.powf(exponent) as f32])?
+                .f_to_device(device)?
+                .f_squeeze()?)
+        };
+        let powers = Tensor::f_arange_start(1, 1 + closest, (Kind::Int, device))?;
+        let mut slopes = base_of(closest)?.f_pow(&powers)?;
+        if closest != num_heads {
+            let remaining = closest.min(num_heads - closest);
+            let odd = Tensor::f_arange_start_step(1, 1 + 2 * remaining, 2, (Kind::Int, device))?;
+            let extra = base_of(2 * closest)?.f_pow(&odd)?;
+            slopes = Tensor::f_cat(&[slopes, extra], 0)?;
+        }
+        Ok(Self { slopes })
+    }
+
+    /// The slopes, f32 [heads].
+    pub fn slopes(&self) -> &Tensor {
+        &self.slopes
+    }
+
+    /// The biases [B or 1, heads, 1, total] in `kind` for keys described by `key_mask` (bool
+    /// [batch, total], `None`: nothing padded): `slope * ((cumsum(mask) - 1) * mask)`, each key's
+    /// index among its row's attended tokens and 0 at padding, as HF numbers them from the
+    /// attention mask (so a left-padded row gets its unpadded numbers); computed in f32, then
+    /// cast, as HF.
+    pub fn bias(
+        &self,
+        key_mask: Option<&Tensor>,
+        batch: i64,
+        total: i64,
+        kind: Kind,
+        device: Device,
+    ) -> Result<Tensor> {
+        let (rows, positions) = match key_mask {
+            Some(mask) => {
+                let mask = mask.f_to_kind(Kind::Int64)?;
+                (batch, mask.f_cumsum(-1, Kind::Int64)?.s_sub(1)?.f_mul(&mask)?)
+            }
+            None => (1, Tensor::f_arange(total, (Kind::Int64, device))?.f_unsqueeze(0)?),
+        };
+        let heads = self.slopes.size()[0];
+        let slopes = self.slopes.f_to_device(device)?.f_view([1, heads, 1])?;
+        Ok(slopes
+            .f_mul(&positions.f_view([rows, 1, total])?)?
+            .f_view([rows, heads, 1, total])?
+            .f_to_kind(kind)?)
+    }
+}
+
 /// Each layer's sliding window from HF's per-layer attention types (`layer_types`, as Qwen2 and
 /// Qwen3 configs spell them): `Some(window)` for a `"sliding_attention"` layer, `None` for a
 /// `"full_attention"` one. Without `layer_types`, HF's rule applies: layers from
@@ -348,6 +431,32 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn alibi_slopes_and_positions_follow_hf() {
+        let slopes = |n: i64| Vec::<f32>::try_from(Alibi::new(n, Device::Cpu).unwrap().slopes()).unwrap();
+        let pow2 = |e: i32| 2f32.powi(e);
+        // Eight heads: 2^-1 .. 2^-8.
+        assert_eq!(slopes(8), (1..=8).map(|e| pow2(-e)).collect::<Vec<_>>());
+        // Six heads: four of base 2^-2, then the odd powers 1 and 3 of the eight-head base 2^-1.
+        assert_eq!(
+            slopes(6),
+            vec![pow2(-2), pow2(-4), pow2(-6), pow2(-8), pow2(-1), pow2(-3)]
+        );
+        assert_eq!(slopes(1), vec![pow2(-8)]);
+        assert_eq!(slopes(3).len(), 3);
+        assert!(Alibi::new(0, Device::Cpu).is_err());
+        // Left padding: keys numbered from each row's first attended token, 0 at padding.
+        let mask = Tensor::from_slice2(&[[false, false, true, true], [true, true, true, false]]);
+        let alibi = Alibi::new(2, Device::Cpu).unwrap();
+        let bias = alibi.bias(Some(&mask), 2, 4, Kind::Float, Device::Cpu).unwrap();
+        assert_eq!(bias.size(), vec![2, 2, 1, 4]);
+        let row = |b: i64, h: i64| Vec::<f32>::try_from(bias.get(b).get(h).get(0)).unwrap();
+        assert_eq!(row(0, 0), vec![0.0, 0.0, 0.0, 0.0625]);
+        assert_eq!(row(1, 1), vec![0.0, 0.00390625, 0.0078125, 0.0]);
+        let plain = alibi.bias(None, 2, 3, Kind::Float, Device::Cpu).unwrap();
+        assert_eq!(plain.size(), vec![1, 2, 1, 3]);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 pub mod activation;
 pub mod attention;
 pub mod bart;
+pub mod bloom;
 pub mod cache;
 pub mod gemma;
 pub mod gemma2;

@@ -316,6 +316,7 @@ pub const ARCHITECTURES: &[Architecture] = &[
     crate::gemma::ARCHITECTURE,
     crate::gemma2::ARCHITECTURE,
     crate::phi3::ARCHITECTURE,
+    crate::bloom::ARCHITECTURE,
     crate::t5::ARCHITECTURE,
     crate::bart::ARCHITECTURE,
 ];
