@@ -97,9 +97,10 @@ def bloom_model(seed):
 
 
 def cohere_model(seed):
-    # Tied (Cohere's default), q/k norms, GQA, a logit_scale below 1 that the repetition penalty
-    # sees (HF scales the logits before the processors).
-    config, cfg = parity_cohere.make_config({"use_qk_norm": True, "logit_scale": 0.25})
+    # Tied (Cohere's default), q/k norms, MQA, a logit_scale below 1 that the repetition penalty
+    # sees (HF scales the logits before the processors). With GQA this seed's greedy rows settle on
+    # repeats that the eos run's tokens never end; with one key/value head two rows end early.
+    config, cfg = parity_cohere.make_config({"use_qk_norm": True, "logit_scale": 0.25, "num_key_value_heads": 1})
     base = parity_causal.build(config, seed)
     return AutoModelForCausalLMWithValueHead.from_pretrained(base).eval(), cfg["vocab_size"]
 
