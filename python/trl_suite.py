@@ -95,7 +95,6 @@ ARCHS = {
     # Six heads (ALiBi's second slope rule), tied (Bloom's default).
     "bloom": (
         BloomConfig,
-    CohereConfig,
         dict(vocab_size=100, hidden_size=36, n_layer=2, n_head=6),
         False,
     ),
