@@ -15,8 +15,8 @@ use tch::{Kind, Tensor};
 use valuehead::{CausalLmWithValueHead, GenerationConfig, LoadOptions, Seq2SeqLmWithValueHead, ValueHeadModel};
 
 const ARCHS: [&str; 14] = [
-    "gpt2", "llama", "qwen2", "mistral", "qwen3", "gpt_neox", "opt", "gemma", "gemma2", "phi3", "bloom", "cohere", "t5",
-    "bart",
+    "gpt2", "llama", "qwen2", "mistral", "qwen3", "gpt_neox", "opt", "gemma", "gemma2", "phi3", "bloom", "cohere",
+    "t5", "bart",
 ];
 
 fn reference() -> &'static Path {

@@ -262,7 +262,9 @@ impl CohereConfig {
             )));
         }
         if matches!(self.rope_scaling, RopeScaling::LongRope { .. }) {
-            return Err(Error::Config("Cohere supports linear, dynamic and llama3 rope scaling".into()));
+            return Err(Error::Config(
+                "Cohere supports linear, dynamic and llama3 rope scaling".into(),
+            ));
         }
         Ok(())
     }
@@ -328,7 +330,11 @@ impl Attention {
         let (q_norm, k_norm) = if cfg.use_qk_norm {
             (
                 Some(CohereLayerNorm::new(vs.sub("q_norm"), &[heads, d], cfg.layer_norm_eps)?),
-                Some(CohereLayerNorm::new(vs.sub("k_norm"), &[kv_heads, d], cfg.layer_norm_eps)?),
+                Some(CohereLayerNorm::new(
+                    vs.sub("k_norm"),
+                    &[kv_heads, d],
+                    cfg.layer_norm_eps,
+                )?),
             )
         } else {
             (None, None)
@@ -607,7 +613,8 @@ impl CausalLm for CohereForCausalLM {
         let head = self
             .lm_head()
             .ok_or_else(|| Error::Config("this model was built without a language-model head".into()))?;
-        let logits = vh_core::tensor::lm_logits(&last_hidden_state, head, logits_to_keep)?.s_mul(self.cfg.logit_scale)?;
+        let logits =
+            vh_core::tensor::lm_logits(&last_hidden_state, head, logits_to_keep)?.s_mul(self.cfg.logit_scale)?;
         Ok(CausalLmOutput {
             logits,
             last_hidden_state,
@@ -729,15 +736,27 @@ mod tests {
             let err = config(extra).expect_err(what);
             assert!(matches!(err, Error::Config(_)), "{what}: {err}");
         };
-        bad(json!({"num_attention_heads": 6, "num_key_value_heads": 4}), "kv heads do not divide");
+        bad(
+            json!({"num_attention_heads": 6, "num_key_value_heads": 4}),
+            "kv heads do not divide",
+        );
         bad(json!({"num_attention_heads": 0}), "no heads");
         bad(json!({"hidden_size": 12, "num_attention_heads": 4}), "odd head_dim 3");
         bad(json!({"head_dim": null}), "null head_dim");
         bad(json!({"head_dim": 1i64 << 62}), "overflowing projections");
         bad(json!({"partial_rotary_factor": 0.5}), "partial rotary");
-        bad(json!({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}), "unknown rope type");
-        bad(json!({"rope_scaling": {"rope_type": "linear"}}), "linear without a factor");
-        bad(json!({"rope_scaling": {"type": "linear", "factor": 2.0}}), "legacy type without rope_type");
+        bad(
+            json!({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}),
+            "unknown rope type",
+        );
+        bad(
+            json!({"rope_scaling": {"rope_type": "linear"}}),
+            "linear without a factor",
+        );
+        bad(
+            json!({"rope_scaling": {"type": "linear", "factor": 2.0}}),
+            "legacy type without rope_type",
+        );
         bad(json!({"hidden_act": "nope"}), "unknown activation");
         bad(json!({"logit_scale": null}), "null logit scale");
         bad(json!({"logit_scale": "big"}), "logit scale not a number");
@@ -745,6 +764,27 @@ mod tests {
         bad(json!({"attention_dropout": 1.5}), "dropout above 1");
         bad(json!({"rope_theta": 0.0}), "zero base");
         bad(json!({"vocab_size": -3}), "negative vocabulary");
+    }
+
+    #[test]
+    fn a_width_the_heads_do_not_divide_runs_as_in_hf() {
+        // HF takes head_dim = hidden // heads and builds 34 -> 32 projections (and runs them):
+        // not an error there, so not here either.
+        let cfg = config(json!({"hidden_size": 34})).unwrap();
+        assert_eq!(cfg.head_dim, 8);
+        let (vs, model) = random_model(&cfg);
+        assert_eq!(
+            vs.variables()["model.layers.0.self_attn.q_proj.weight"].size(),
+            vec![32, 34]
+        );
+        assert_eq!(
+            vs.variables()["model.layers.0.self_attn.o_proj.weight"].size(),
+            vec![34, 32]
+        );
+        let out = model
+            .forward(&Tensor::from_slice2(&[[1i64, 2, 3]]), None, None, None, false)
+            .unwrap();
+        assert_eq!(out.logits.size(), vec![1, 3, 50]);
     }
 
     #[test]
@@ -759,10 +799,15 @@ mod tests {
         assert_eq!(shape("model.layers.0.input_layernorm.weight"), vec![16]);
         assert_eq!(shape("model.norm.weight"), vec![16]);
         assert_eq!(shape("lm_head.weight"), vec![50, 16]);
-        assert!(!vars.keys().any(|k| k.contains("post_attention_layernorm") || k.ends_with("norm.bias")));
+        assert!(!vars
+            .keys()
+            .any(|k| k.contains("post_attention_layernorm") || k.ends_with("norm.bias")));
         let plain = config(json!({"use_qk_norm": false})).unwrap();
         let (vs, _model) = random_model(&plain);
-        assert!(!vs.variables().keys().any(|k| k.contains("q_norm") || k.contains("lm_head")));
+        assert!(!vs
+            .variables()
+            .keys()
+            .any(|k| k.contains("q_norm") || k.contains("lm_head")));
     }
 
     #[test]
@@ -793,14 +838,22 @@ mod tests {
 
     #[test]
     fn incremental_decoding_and_left_padding_match_full_forward() {
-        for extra in [json!({}), json!({"use_qk_norm": false, "num_key_value_heads": 4, "attention_bias": true})] {
+        for extra in [
+            json!({}),
+            json!({"use_qk_norm": false, "num_key_value_heads": 4, "attention_bias": true}),
+        ] {
             let cfg = config(extra).unwrap();
             let (_vs, model) = random_model(&cfg);
             let ids = Tensor::from_slice2(&[[1i64, 5, 7, 9, 11, 3], [2, 4, 6, 8, 10, 12]]);
             let full = model.forward(&ids, None, None, None, false).unwrap();
-            let mut cache = model.forward(&ids.narrow(1, 0, 3), None, None, None, false).unwrap().cache;
+            let mut cache = model
+                .forward(&ids.narrow(1, 0, 3), None, None, None, false)
+                .unwrap()
+                .cache;
             for t in 3..6 {
-                let step = model.forward(&ids.narrow(1, t, 1), None, None, Some(&cache), false).unwrap();
+                let step = model
+                    .forward(&ids.narrow(1, t, 1), None, None, Some(&cache), false)
+                    .unwrap();
                 let diff = max_diff(&step.logits.squeeze_dim(1), &full.logits.select(1, t));
                 assert!(diff < 1e-5, "step {t}: {diff}");
                 cache = step.cache;
@@ -814,7 +867,13 @@ mod tests {
             // Left padding shifts the default positions by 2: compare with the same positions.
             let positions = Tensor::from_slice2(&[[2i64, 3, 4]]);
             let shifted = model
-                .forward(&ids.narrow(1, 0, 3).narrow(0, 0, 1), None, Some(&positions), None, false)
+                .forward(
+                    &ids.narrow(1, 0, 3).narrow(0, 0, 1),
+                    None,
+                    Some(&positions),
+                    None,
+                    false,
+                )
                 .unwrap();
             assert!(max_diff(&out.logits.narrow(1, 2, 3), &shifted.logits) < 1e-5);
             // Rotary attention depends on relative positions only.
