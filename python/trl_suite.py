@@ -27,6 +27,7 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     BartConfig,
     BloomConfig,
+    CohereConfig,
     Gemma2Config,
     GemmaConfig,
     GenerationConfig,
@@ -95,6 +96,14 @@ ARCHS = {
     "bloom": (
         BloomConfig,
         dict(vocab_size=100, hidden_size=36, n_layer=2, n_head=6),
+        False,
+    ),
+    # Tied (Cohere's default), q/k LayerNorms, GQA, linear rope scaling, logits scaled by 0.5.
+    "cohere": (
+        CohereConfig,
+        dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, use_qk_norm=True, logit_scale=0.5,
+             rope_scaling={"rope_type": "linear", "factor": 2.0}, bos_token_id=1, eos_token_id=2),
         False,
     ),
     # Gemma's defaults: tied, normalised embeddings, (1 + w) norms; head_dim 16 with hidden 32.
