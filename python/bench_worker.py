@@ -241,15 +241,25 @@ class Worker:
         invalid_logprob = 1.0
         model, pad, queries = self.model, self.pad, self.input_ids
         context_length = queries.shape[1]
+        # Wall-clock phases, reported beside ours (the Rust worker's PpoTrainer::last_timings).
+        phases, lap = {}, [time.perf_counter()]
+
+        def mark(name):
+            now = time.perf_counter()
+            phases[name] = phases.get(name, 0.0) + (now - lap[0]) * 1e3
+            lap[0] = now
+
         with torch.no_grad():
             query_responses, logitss = batch_generation(model.pretrained_model, queries, 64, pad, self.ppo_generation)
             responses = query_responses[:, context_length:]
             logprobs = selective_log_softmax(logitss, responses)
             del logitss
+            mark("rollout")
             ref_logits = forward(self.ref_model.pretrained_model, query_responses, pad).logits[:, context_length - 1 : -1]
             ref_logits /= temperature + 1e-7
             ref_logprobs = selective_log_softmax(ref_logits, responses)
             del ref_logits
+            mark("reference")
             # No stop token: the responses are not truncated.
             sequence_lengths = first_true_indices(responses == pad) - 1
             attention_mask = query_responses != pad
@@ -257,6 +267,7 @@ class Worker:
             input_ids = torch.masked_fill(query_responses, ~attention_mask, 0)
             _, _, full_value = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
             values = full_value[:, context_length - 1 : -1]
+            mark("values")
             _, scores, _ = get_reward(self.reward_model, query_responses, pad, context_length)
 
             idxs = torch.arange(responses.shape[1]).repeat(responses.shape[0], 1)
@@ -281,6 +292,7 @@ class Worker:
             advantages = torch.stack(advantages_reversed[::-1], axis=1)
             returns = advantages + values
             advantages = torch.masked_fill(masked_whiten(advantages, ~padding_mask), padding_mask, 0)
+            mark("reward")
 
         # One PPO epoch: two shuffled mini-batches of 4, one AdamW step each.
         order = torch.randperm(queries.shape[0])
@@ -310,11 +322,13 @@ class Worker:
                 prob_dist = torch.nn.functional.softmax(logits, dim=-1)
                 entropy = torch.logsumexp(logits, dim=-1) - torch.sum(prob_dist * logits, dim=-1)
                 _ = (entropy.mean(), masked_mean((pg_losses2 > pg_losses).float(), ~padding_mask[mb]))
+        mark("update")
         return {
             "objective/scores": float(scores.mean()),
             "objective/kl": float(kl.sum(1).mean()),
             "loss/policy_avg": float(pg_loss.detach()),
             "loss/value_avg": float(vf_loss.detach()),
+            "phases_ms": phases,
         }
 
     def generate(self):

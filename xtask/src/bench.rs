@@ -924,6 +924,24 @@ fn render_table(rows: &[Row], bandwidth: f64) -> String {
         .filter(|r| r.ours_rss_mb > r.python_rss_mb)
         .map(|r| format!("{} {} {}", r.workload.model, r.workload.dtype, r.workload.name()))
         .collect();
+    // PPO rows: where each side's last sample spent its time (the workers report wall-clock
+    // phases; Python's `values` is the value forward our single-pass rollout does not need).
+    for r in rows.iter().filter(|r| r.workload.task == "ppo") {
+        let phases = |check: &Value| -> String {
+            check["phases_ms"].as_object().map_or("-".into(), |m| {
+                m.iter()
+                    .map(|(k, v)| format!("{k} {:.0}", v.as_f64().unwrap_or(f64::NAN)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+        };
+        s += &format!(
+            "\nppo phases, {} (ms of one iteration): python: {}; ours: {}",
+            r.workload.model,
+            phases(&r.python_check),
+            phases(&r.ours_check)
+        );
+    }
     let missed = rows.iter().filter(|r| r.met() == Some(false)).count();
     let with_target = rows.iter().filter(|r| r.met().is_some()).count();
     s += &format!(

@@ -68,8 +68,11 @@ impl Worker {
         let mut check = Value::Null;
         for _ in 0..iters.max(1) {
             let stats = trainer.step()?;
+            let t = trainer.last_timings().context("no timings after a step")?;
             check = json!({"objective/scores": stats.objective_scores, "objective/kl": stats.objective_kl,
-                           "loss/policy_avg": stats.loss_policy_avg, "loss/value_avg": stats.loss_value_avg});
+                           "loss/policy_avg": stats.loss_policy_avg, "loss/value_avg": stats.loss_value_avg,
+                           "phases_ms": {"rollout": t.rollout * 1e3, "reference": t.reference * 1e3,
+                                         "reward": t.reward * 1e3, "update": t.update * 1e3}});
         }
         let ms = start.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64;
         Ok(json!({"ms": ms, "check": check}))

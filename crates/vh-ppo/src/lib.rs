@@ -35,7 +35,7 @@ pub use config::{BatchSizes, PpoConfig};
 pub use error::{PpoError, Result};
 pub use optim::{AdamWSettings, StatefulAdamW};
 pub use reward::{Reward, RewardFn};
-pub use trainer::{PpoTrainer, RolloutSample, TrainerState};
+pub use trainer::{PpoTrainer, RolloutSample, StepTimings, TrainerState};
 pub use vh_rl::PpoStats;
 
 /// The statistics as one JSON object (TRL's keys, plus `step`), for JSON-lines logs.

@@ -100,6 +100,7 @@ pub struct PpoTrainer {
     episode: u64,
     started: std::time::Instant,
     last_rollout: Option<RolloutSample>,
+    last_timings: Option<StepTimings>,
     /// The data-parallel group, when this process is one rank of several.
     group: Option<vh_dist::ProcessGroup>,
 }
@@ -111,6 +112,57 @@ impl std::fmt::Debug for PpoTrainer {
             .field("sizes", &self.sizes)
             .field("step", &self.step)
             .finish()
+    }
+}
+
+/// Where one PPO iteration spent its wall-clock time, in seconds (see
+/// [`PpoTrainer::last_timings`]). On CUDA each phase ends with a device synchronisation, so the
+/// work a phase queued is counted in that phase.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepTimings {
+    /// Sampling the responses (the policy's log-probs and values come with it).
+    pub rollout: f64,
+    /// The reference model's forward and log-probs.
+    pub reference: f64,
+    /// Scoring the responses, and the rewards, advantages and returns from the scores.
+    pub reward: f64,
+    /// The PPO epochs: forwards, backwards, gradient all-reduce and clipping, optimiser steps.
+    pub update: f64,
+    /// The whole iteration, statistics included.
+    pub total: f64,
+}
+
+/// A stopwatch for [`StepTimings`]: each lap waits for the device's queued work first.
+struct Laps {
+    device: tch::Device,
+    started: std::time::Instant,
+    last: std::time::Instant,
+}
+
+impl Laps {
+    fn new(device: tch::Device) -> Self {
+        let now = std::time::Instant::now();
+        Self {
+            device,
+            started: now,
+            last: now,
+        }
+    }
+
+    /// Seconds since the previous lap.
+    fn lap(&mut self) -> f64 {
+        if let tch::Device::Cuda(index) = self.device {
+            tch::Cuda::synchronize(index as i64);
+        }
+        let now = std::time::Instant::now();
+        let seconds = (now - self.last).as_secs_f64();
+        self.last = now;
+        seconds
+    }
+
+    /// Seconds since the start.
+    fn total(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
     }
 }
 
@@ -272,6 +324,7 @@ impl PpoTrainer {
             episode: 0,
             started: std::time::Instant::now(),
             last_rollout: None,
+            last_timings: None,
             group: None,
         })
     }
@@ -429,6 +482,8 @@ impl PpoTrainer {
     /// with it (the reward) or is refused by the optimiser (the loss).
     pub fn step(&mut self) -> Result<PpoStats> {
         let cfg = self.config.clone();
+        let mut laps = Laps::new(self.policy.var_store().device());
+        let mut timings = StepTimings::default();
         let rl = cfg.rl_config();
         let device = self.policy.var_store().device();
         let (rank, world) = self.group.as_ref().map_or((0, 1), |g| (g.rank(), g.world_size()));
@@ -463,6 +518,7 @@ impl PpoTrainer {
             // Rows that finished are continued with padding; TRL's responses hold the same.
             let responses = out.new_tokens.shallow_clone();
             let query_responses = Tensor::f_cat(&[&queries, &responses], 1)?;
+            timings.rollout = laps.lap();
             let (ref_logits, _) = match &self.reference {
                 ReferenceModel::Model(m) => Self::response_forward(m, &query_responses, context_length, self.pad)?,
                 ReferenceModel::AdapterDisabled => {
@@ -472,6 +528,7 @@ impl PpoTrainer {
             };
             let (_, ref_logprobs) = vh_rl::tempered_logprobs(&ref_logits, &responses, cfg.temperature)?;
             drop(ref_logits);
+            timings.reference = laps.lap();
             let postprocessed = match cfg.stop_token_id {
                 Some(stop) => vh_rl::truncate_response(stop, self.pad, &responses)?,
                 None => responses.shallow_clone(),
@@ -496,6 +553,7 @@ impl PpoTrainer {
                 },
                 &rl,
             )?;
+            timings.reward = laps.lap();
             Ok((query_responses, responses, postprocessed, targets, scores))
         })?;
 
@@ -553,6 +611,7 @@ impl PpoTrainer {
             }
         }
 
+        timings.update = laps.lap();
         let mut stats = PpoStats::default();
         tch::no_grad(|| stats.set_rollout(&targets, &scores))?;
         stats.set_updates(&updates)?;
@@ -606,7 +665,14 @@ impl PpoTrainer {
                 .collect(),
             scores: Vec::<f32>::try_from(&scores.f_to_device(tch::Device::Cpu)?.f_to_kind(Kind::Float)?)?,
         });
+        timings.total = laps.total();
+        self.last_timings = Some(timings);
         Ok(stats)
+    }
+
+    /// Where the last completed [`PpoTrainer::step`] spent its time (`None` before the first).
+    pub fn last_timings(&self) -> Option<StepTimings> {
+        self.last_timings
     }
 
     /// The generator's and data order's state, with the counters.

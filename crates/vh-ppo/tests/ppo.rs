@@ -63,9 +63,15 @@ fn comparable(stats: &PpoStats) -> Vec<(&'static str, u64)> {
 
 fn run(dir: &Path, steps: usize) -> Vec<PpoStats> {
     let mut trainer = PpoTrainer::new(tiny_model(dir), target_share(), prompts(), config(steps)).unwrap();
+    assert!(trainer.last_timings().is_none(), "timings before any step");
     let mut all = Vec::new();
     while !trainer.is_done() {
         all.push(trainer.step().unwrap());
+        // Every phase ran and took time; together they fit in the iteration.
+        let t = trainer.last_timings().expect("timings after a step");
+        let phases = [t.rollout, t.reference, t.reward, t.update];
+        assert!(phases.iter().all(|&p| p > 0.0), "{t:?}");
+        assert!(phases.iter().sum::<f64>() <= t.total, "{t:?}");
     }
     all
 }
