@@ -317,6 +317,7 @@ pub const ARCHITECTURES: &[Architecture] = &[
     crate::gemma2::ARCHITECTURE,
     crate::phi3::ARCHITECTURE,
     crate::bloom::ARCHITECTURE,
+    crate::dbrx::ARCHITECTURE,
     crate::t5::ARCHITECTURE,
     crate::bart::ARCHITECTURE,
 ];
