@@ -120,7 +120,8 @@ def randomize(model, seed):
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=g)
-            if ".norm_" in name and name.endswith(".weight"):
+            # Only the norms themselves: the attention's names sit under `norm_attn_norm` too.
+            if name.endswith(("norm_1.weight", "norm_2.weight", "norm_f.weight")):
                 p.copy_(1.0 + 0.1 * noise)
             else:
                 p.copy_(0.15 * noise)

@@ -99,9 +99,11 @@ fn causal_models_round_trip_and_load_in_trl() {
         // Mixture of experts (4 experts, top-2), GQA, clip_qkv; DBRX is never tied.
         ("dbrx untied top-2 clipped", "dbrx", json!({}), "lm_head.weight", true),
         (
-            "dbrx untied top-1 unclipped mha",
+            // python/load_saved.py runs eager, which transformers 4.57.6 cannot run without
+            // clip_qkv (docs/parity.md): both cases clip.
+            "dbrx untied top-1 mha unnormalised",
             "dbrx",
-            json!({"attn_config": {"kv_n_heads": 4},
+            json!({"attn_config": {"kv_n_heads": 4, "clip_qkv": 2.0},
                    "ffn_config": {"ffn_hidden_size": 24, "moe_num_experts": 3, "moe_top_k": 1,
                                   "moe_normalize_expert_weights": null}}),
             "lm_head.weight",

@@ -168,8 +168,9 @@ mod defaults {
 /// How the experts' outputs are computed; every choice gives HF's numbers up to float rounding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum MoeDispatch {
-    /// [`MoeDispatch::Dense`] for small expert banks or when every expert takes every token,
-    /// [`MoeDispatch::Gather`] otherwise.
+    /// [`MoeDispatch::Dense`] in f32/f64 for small expert banks or when every expert takes every
+    /// token, [`MoeDispatch::Gather`] otherwise (and always in bf16/f16, where HF's per-expert
+    /// roundings are only reproduced by running the experts one by one as HF does).
     #[default]
     Auto,
     /// Each expert runs on the tokens routed to it only (sorted by expert, `index_select` in,
@@ -352,16 +353,10 @@ impl DbrxConfig {
         Ok(())
     }
 
-    /// Whether [`MoeDispatch::Auto`] resolves to the dense formulation.
-    fn dense_experts(&self) -> bool {
-        match self.moe_dispatch {
-            MoeDispatch::Dense => true,
-            MoeDispatch::Gather => false,
-            MoeDispatch::Auto => {
-                self.moe_top_k == self.moe_num_experts
-                    || self.moe_num_experts * self.ffn_hidden_size * self.d_model <= DENSE_MAX_WEIGHTS
-            }
-        }
+    /// Whether [`MoeDispatch::Auto`] may pick the dense formulation (in f32/f64).
+    fn dense_fits(&self) -> bool {
+        self.moe_top_k == self.moe_num_experts
+            || self.moe_num_experts * self.ffn_hidden_size * self.d_model <= DENSE_MAX_WEIGHTS
     }
 }
 
@@ -469,7 +464,8 @@ struct MoeFfn {
     act: Activation,
     jitter: Option<f64>,
     normalize: Option<f64>,
-    dense: bool,
+    dispatch: MoeDispatch,
+    dense_fits: bool,
 }
 
 impl MoeFfn {
@@ -488,7 +484,8 @@ impl MoeFfn {
             act: cfg.ffn_act_fn,
             jitter: cfg.moe_jitter_eps,
             normalize: cfg.moe_normalize_expert_weights,
-            dense: cfg.dense_experts(),
+            dispatch: cfg.moe_dispatch,
+            dense_fits: cfg.dense_fits(),
         })
     }
 
@@ -506,8 +503,8 @@ impl MoeFfn {
 
     /// The GLU of the experts whose rows `w1`, `v1`, `w2` are given, on `x` [n, d].
     fn glu(&self, x: &Tensor, w1: &Tensor, v1: &Tensor, w2: &Tensor) -> Result<Tensor> {
-        let gate = self.act.forward(&x.f_matmul(&w1.f_t()?)?)?;
-        let up = x.f_matmul(&v1.f_t()?)?;
+        let gate = self.act.forward(&x.f_matmul(&w1.f_tr()?)?)?;
+        let up = x.f_matmul(&v1.f_tr()?)?;
         Ok(gate.f_mul(&up)?.f_matmul(w2)?)
     }
 
@@ -523,7 +520,12 @@ impl MoeFfn {
             }
         }
         let (top_weights, top_experts) = self.route(&x)?;
-        let out = if self.dense {
+        let dense = match self.dispatch {
+            MoeDispatch::Dense => true,
+            MoeDispatch::Gather => false,
+            MoeDispatch::Auto => self.dense_fits && matches!(x.kind(), Kind::Float | Kind::Double),
+        };
+        let out = if dense {
             self.dense_experts(&x, &top_weights, &top_experts)?
         } else {
             self.gathered_experts(&x, &top_weights, &top_experts)?
@@ -534,8 +536,8 @@ impl MoeFfn {
     /// [`MoeDispatch::Dense`]: all experts as one [N, E*F] product, unrouted ones zeroed.
     fn dense_experts(&self, x: &Tensor, top_weights: &Tensor, top_experts: &Tensor) -> Result<Tensor> {
         let n = x.size()[0];
-        let gate = self.act.forward(&x.f_matmul(&self.w1.f_t()?)?)?;
-        let inner = gate.f_mul(&x.f_matmul(&self.v1.f_t()?)?)?;
+        let gate = self.act.forward(&x.f_matmul(&self.w1.f_tr()?)?)?;
+        let inner = gate.f_mul(&x.f_matmul(&self.v1.f_tr()?)?)?;
         let weights = Tensor::f_zeros([n, self.experts], (x.kind(), x.device()))?.f_scatter(
             1,
             top_experts,
