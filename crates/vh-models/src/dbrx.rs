@@ -186,8 +186,9 @@ pub enum MoeDispatch {
 
 /// Expert banks up to this many weights per projection (`num_experts * ffn_hidden_size *
 /// d_model`) run dense under [`MoeDispatch::Auto`]: there the per-expert launches and the host
-/// sync cost more on CPU than the extra arithmetic.
-const DENSE_MAX_WEIGHTS: i64 = 1 << 20;
+/// sync cost more on CPU than the extra arithmetic (one thread, 1 to 70 tokens: dense 2-10x
+/// faster at 3K-33K weights, gather 2x faster from 262K on; docs/parity.md).
+const DENSE_MAX_WEIGHTS: i64 = 1 << 16;
 
 /// HF's `DbrxConfig` (with its nested attention and FFN configs): the fields that change the math.
 #[derive(Debug, Clone, PartialEq)]
