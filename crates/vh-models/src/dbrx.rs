@@ -848,11 +848,14 @@ mod tests {
         );
         assert_eq!(cfg.moe_normalize_expert_weights, Some(1.0));
         assert_eq!((cfg.clip_qkv, cfg.rope_theta, cfg.ffn_act_fn), (None, 10000.0, Activation::Silu));
-        let none = config(json!({"ffn_config": {"moe_normalize_expert_weights": null, "ffn_act_fn": {"name": "gelu"}}}))
-            .unwrap();
+        let none = config(json!({"attn_config": {"clip_qkv": 1.0},
+                                 "ffn_config": {"moe_normalize_expert_weights": null, "ffn_act_fn": {"name": "gelu"}}}))
+        .unwrap();
         assert_eq!((none.moe_normalize_expert_weights, none.ffn_act_fn), (None, Activation::Gelu));
         // Unmentioned nested fields take the nested defaults.
-        assert_eq!((none.moe_num_experts, none.kv_n_heads), (4, 1));
+        assert_eq!((none.moe_num_experts, none.kv_n_heads, none.clip_qkv), (4, 1, Some(1.0)));
+        let null_nested = config(json!({"attn_config": null, "ffn_config": {"ffn_act_fn": null}})).unwrap();
+        assert_eq!((null_nested.kv_n_heads, null_nested.ffn_act_fn), (1, Activation::Silu));
     }
 
     #[test]
