@@ -103,11 +103,19 @@ fn dbrx_train_mode_jitter_matches_seeded_hf() {
         model.set_train(true);
         let inputs = read_tensors(&case.dir.join("inputs.safetensors"));
         tch::manual_seed(TRAIN_SEED);
-        let out = tch::no_grad(|| model.forward(&inputs["input_ids"], Some(&inputs["attention_mask"]), None, None))
-            .unwrap();
+        let out =
+            tch::no_grad(|| model.forward(&inputs["input_ids"], Some(&inputs["attention_mask"]), None, None)).unwrap();
         let err = max_abs_diff(&out.logits, reference);
-        let eval_gap = max_abs_diff(reference, &read_tensors(&case.dir.join("expected.safetensors"))["logits"]);
-        println!("{}: train-mode logits {} (train vs eval {})", case.name, fmt_err(err), fmt_err(eval_gap));
+        let eval_gap = max_abs_diff(
+            reference,
+            &read_tensors(&case.dir.join("expected.safetensors"))["logits"],
+        );
+        println!(
+            "{}: train-mode logits {} (train vs eval {})",
+            case.name,
+            fmt_err(err),
+            fmt_err(eval_gap)
+        );
         assert!(eval_gap > 1e-3, "{}: the jitter changes nothing", case.name);
         assert!(err <= TOLERANCE, "{}: {err:e}", case.name);
         checked += 1;
@@ -167,7 +175,10 @@ fn dbrx_bad_configs_are_typed_errors() {
     for (what, patch) in [
         ("tied", serde_json::json!({"tie_word_embeddings": true})),
         ("heads not dividing d_model", serde_json::json!({"n_heads": 5})),
-        ("top_k above the experts", serde_json::json!({"ffn_config": {"moe_num_experts": 2, "moe_top_k": 3}})),
+        (
+            "top_k above the experts",
+            serde_json::json!({"ffn_config": {"moe_num_experts": 2, "moe_top_k": 3}}),
+        ),
     ] {
         let dir = tempfile::tempdir().unwrap();
         std::fs::copy(case.dir.join("model.safetensors"), dir.path().join("model.safetensors")).unwrap();

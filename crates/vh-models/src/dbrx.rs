@@ -243,7 +243,9 @@ impl DbrxConfig {
         let raw: DbrxJson = parse_config(config, "DBRX")?;
         if raw.tie_word_embeddings {
             // DbrxConfig raises on it: there is no tied DBRX to match.
-            return Err(Error::Config("tie_word_embeddings is not supported for DBRX models".into()));
+            return Err(Error::Config(
+                "tie_word_embeddings is not supported for DBRX models".into(),
+            ));
         }
         let attn = raw.attn_config.unwrap_or_default();
         let ffn = raw.ffn_config.unwrap_or_default();
@@ -323,7 +325,9 @@ impl DbrxConfig {
             .and_then(|rows| rows.checked_mul(self.d_model))
             .is_none()
         {
-            return Err(Error::Config("moe_num_experts * ffn_hidden_size * d_model overflows".into()));
+            return Err(Error::Config(
+                "moe_num_experts * ffn_hidden_size * d_model overflows".into(),
+            ));
         }
         check_probabilities(&[
             ("resid_pdrop", self.resid_pdrop),
@@ -539,11 +543,8 @@ impl MoeFfn {
         let n = x.size()[0];
         let gate = self.act.forward(&x.f_matmul(&self.w1.f_tr()?)?)?;
         let inner = gate.f_mul(&x.f_matmul(&self.v1.f_tr()?)?)?;
-        let weights = Tensor::f_zeros([n, self.experts], (x.kind(), x.device()))?.f_scatter(
-            1,
-            top_experts,
-            top_weights,
-        )?;
+        let weights =
+            Tensor::f_zeros([n, self.experts], (x.kind(), x.device()))?.f_scatter(1, top_experts, top_weights)?;
         let inner = inner
             .f_view([n, self.experts, self.ffn])?
             .f_mul(&weights.f_unsqueeze(-1)?)?
@@ -789,7 +790,11 @@ fn build(vs: nn::Path, config: &Value, options: &BuildOptions) -> Result<Box<dyn
     cfg.attn_implementation = options
         .attn_implementation
         .unwrap_or_else(|| ARCHITECTURE.default_attention_on(vs.device()));
-    Ok(Box::new(DbrxForCausalLM::with_head(vs, &cfg, !options.without_lm_head)?))
+    Ok(Box::new(DbrxForCausalLM::with_head(
+        vs,
+        &cfg,
+        !options.without_lm_head,
+    )?))
 }
 
 fn tiny_config() -> Value {
@@ -843,17 +848,31 @@ mod tests {
             (2048, 16, 24, 32000, 1)
         );
         assert_eq!(
-            (cfg.ffn_hidden_size, cfg.moe_num_experts, cfg.moe_top_k, cfg.moe_jitter_eps),
+            (
+                cfg.ffn_hidden_size,
+                cfg.moe_num_experts,
+                cfg.moe_top_k,
+                cfg.moe_jitter_eps
+            ),
             (3584, 4, 1, None)
         );
         assert_eq!(cfg.moe_normalize_expert_weights, Some(1.0));
-        assert_eq!((cfg.clip_qkv, cfg.rope_theta, cfg.ffn_act_fn), (None, 10000.0, Activation::Silu));
+        assert_eq!(
+            (cfg.clip_qkv, cfg.rope_theta, cfg.ffn_act_fn),
+            (None, 10000.0, Activation::Silu)
+        );
         let none = config(json!({"attn_config": {"clip_qkv": 1.0},
                                  "ffn_config": {"moe_normalize_expert_weights": null, "ffn_act_fn": {"name": "gelu"}}}))
         .unwrap();
-        assert_eq!((none.moe_normalize_expert_weights, none.ffn_act_fn), (None, Activation::Gelu));
+        assert_eq!(
+            (none.moe_normalize_expert_weights, none.ffn_act_fn),
+            (None, Activation::Gelu)
+        );
         // Unmentioned nested fields take the nested defaults.
-        assert_eq!((none.moe_num_experts, none.kv_n_heads, none.clip_qkv), (4, 1, Some(1.0)));
+        assert_eq!(
+            (none.moe_num_experts, none.kv_n_heads, none.clip_qkv),
+            (4, 1, Some(1.0))
+        );
         let null_nested = config(json!({"attn_config": null, "ffn_config": {"ffn_act_fn": null}})).unwrap();
         assert_eq!((null_nested.kv_n_heads, null_nested.ffn_act_fn), (1, Activation::Silu));
     }
@@ -865,13 +884,25 @@ mod tests {
             assert!(matches!(err, Error::Config(_)), "{what}: {err}");
         };
         bad(json!({"n_heads": 3}), "heads not dividing d_model");
-        bad(json!({"attn_config": {"kv_n_heads": 3}}), "heads not a multiple of kv heads");
+        bad(
+            json!({"attn_config": {"kv_n_heads": 3}}),
+            "heads not a multiple of kv heads",
+        );
         bad(json!({"n_heads": 0}), "no heads");
         bad(json!({"d_model": -16}), "negative width");
-        bad(json!({"ffn_config": {"moe_top_k": 5, "moe_num_experts": 4}}), "top_k above experts");
+        bad(
+            json!({"ffn_config": {"moe_top_k": 5, "moe_num_experts": 4}}),
+            "top_k above experts",
+        );
         bad(json!({"ffn_config": {"moe_top_k": 0}}), "top_k 0");
-        bad(json!({"ffn_config": {"ffn_act_fn": {"name": "nope"}}}), "unknown activation");
-        bad(json!({"ffn_config": {"moe_normalize_expert_weights": -1.0}}), "negative p");
+        bad(
+            json!({"ffn_config": {"ffn_act_fn": {"name": "nope"}}}),
+            "unknown activation",
+        );
+        bad(
+            json!({"ffn_config": {"moe_normalize_expert_weights": -1.0}}),
+            "negative p",
+        );
         bad(json!({"attn_config": {"clip_qkv": -1.0}}), "negative clip");
         bad(json!({"attn_config": {"rope_theta": 0.0}}), "zero theta");
         bad(json!({"tie_word_embeddings": true}), "tied");
@@ -912,7 +943,12 @@ mod tests {
                 let full = run(&model, &ids, Some(&mask), None);
                 let mut past = run(&model, &ids.narrow(1, 0, 3), Some(&mask.narrow(1, 0, 3)), None).cache;
                 for t in 3..8 {
-                    let step = run(&model, &ids.narrow(1, t, 1), Some(&mask.narrow(1, 0, t + 1)), Some(&past));
+                    let step = run(
+                        &model,
+                        &ids.narrow(1, t, 1),
+                        Some(&mask.narrow(1, 0, t + 1)),
+                        Some(&past),
+                    );
                     let d = max_diff(&step.logits.squeeze_dim(1), &full.logits.select(1, t));
                     assert!(d < 1e-5, "{dispatch:?} {implementation:?} step {t}: {d}");
                     past = step.cache;
@@ -929,8 +965,10 @@ mod tests {
         let (_a, a) = random_model(&clipped);
         let (_b, b) = random_model(&plain);
         assert!(max_diff(&run(&a, &ids, None, None).logits, &run(&b, &ids, None, None).logits) > 1e-3);
-        let jitter = config(json!({"ffn_config": {"ffn_hidden_size": 24, "moe_num_experts": 4, "moe_top_k": 2,
-                                                   "moe_jitter_eps": 0.5}}))
+        let jitter = config(
+            json!({"ffn_config": {"ffn_hidden_size": 24, "moe_num_experts": 4, "moe_top_k": 2,
+                                                   "moe_jitter_eps": 0.5}}),
+        )
         .unwrap();
         let (_c, c) = random_model(&jitter);
         let inputs = prepare_causal(&ids, None, None, None, c.limits(), Device::Cpu).unwrap();
