@@ -80,6 +80,7 @@ MODELS.update({
                                       num_attention_heads=4, max_position_embeddings=512, bos_token_id=1, eos_token_id=2)),
     "opt-toy": ("opt", dict(vocab_size=1000, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                             word_embed_proj_dim=64, max_position_embeddings=512, bos_token_id=2, eos_token_id=2, pad_token_id=1)),
+    "cohere-toy": ("cohere", dict(_LLAMA_LIKE, use_qk_norm=True)),
     "bloom-toy": ("bloom", dict(vocab_size=1000, hidden_size=64, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2,
                                 pad_token_id=3)),
     "dbrx-toy": ("dbrx", dict(vocab_size=1000, d_model=64, n_heads=4, n_layers=2, max_seq_len=512,

@@ -1,7 +1,8 @@
 """Reference outputs for greedy generation parity.
 
 Builds seeded random GPT-2, Llama, Qwen2, Mistral (sliding window), Qwen3 (a sliding layer), GPT-NeoX,
-OPT, Gemma, Gemma2 (soft caps, a sliding layer), Phi3 (LongRoPE, partial rotary, a window), Bloom (ALiBi), DBRX (mixture of experts), T5 and Bart models (as the forward parity suites do), wraps each in TRL's value-head class, saves it
+OPT, Gemma, Gemma2 (soft caps, a sliding layer), Phi3 (LongRoPE, partial rotary, a window), Bloom (ALiBi), Cohere (parallel blocks, q/k norms,
+interleaved rotary, logit_scale), DBRX (mixture of experts), T5 and Bart models (as the forward parity suites do), wraps each in TRL's value-head class, saves it
 with TRL's save_pretrained, and records the token sequences that TRL's `generate` (which is
 transformers' `generate`) returns with do_sample=False on padded batches: plain, with a repetition
 penalty, and with eos tokens that end some rows early after min_new_tokens. Bart's generation
@@ -27,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import parity_bart  # noqa: E402
 import parity_bloom  # noqa: E402
 import parity_causal  # noqa: E402
+import parity_cohere  # noqa: E402
 import parity_dbrx  # noqa: E402
 import parity_gemma  # noqa: E402
 import parity_gemma2  # noqa: E402
@@ -92,6 +94,15 @@ def bloom_model(seed):
     # Six heads (ALiBi's second slope rule), residuals after the LayerNorms, untied head.
     base, cfg = parity_bloom.build({"n_head": 6, "hidden_size": 36, "apply_residual_connection_post_layernorm": True,
                                     "tie_word_embeddings": False}, seed)
+    return AutoModelForCausalLMWithValueHead.from_pretrained(base).eval(), cfg["vocab_size"]
+
+
+def cohere_model(seed):
+    # Tied (Cohere's default), q/k norms, MQA, a logit_scale below 1 that the repetition penalty
+    # sees (HF scales the logits before the processors). With GQA this seed's greedy rows settle on
+    # repeats that the eos run's tokens never end; with one key/value head two rows end early.
+    config, cfg = parity_cohere.make_config({"use_qk_norm": True, "logit_scale": 0.25, "num_key_value_heads": 1})
+    base = parity_causal.build(config, seed)
     return AutoModelForCausalLMWithValueHead.from_pretrained(base).eval(), cfg["vocab_size"]
 
 
@@ -239,6 +250,7 @@ def main(out_dir):
         ("phi3", phi3_model, causal_prompts),
         ("phi3_switch", phi3_switch_model, unpadded_prompts),
         ("bloom", bloom_model, causal_prompts),
+        ("cohere", cohere_model, causal_prompts),
         ("dbrx", dbrx_model, causal_prompts),
         ("t5", t5_model, seq2seq_prompts),
         ("bart", bart_model, seq2seq_prompts),

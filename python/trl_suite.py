@@ -27,6 +27,7 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     BartConfig,
     BloomConfig,
+    CohereConfig,
     DbrxConfig,
     Gemma2Config,
     GemmaConfig,
@@ -96,6 +97,14 @@ ARCHS = {
     "bloom": (
         BloomConfig,
         dict(vocab_size=100, hidden_size=36, n_layer=2, n_head=6),
+        False,
+    ),
+    # Tied (Cohere's default), q/k LayerNorms, GQA, linear rope scaling, logits scaled by 0.5.
+    "cohere": (
+        CohereConfig,
+        dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, use_qk_norm=True, logit_scale=0.5,
+             rope_scaling={"rope_type": "linear", "factor": 2.0}, bos_token_id=1, eos_token_id=2),
         False,
     ),
     # Mixture of experts: 4 experts, top-2 with 1-norm weights (DBRX's default normalisation), GQA,

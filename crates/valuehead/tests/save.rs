@@ -1,6 +1,6 @@
 //! save_pretrained: folders saved here load back here with the same outputs (one file and
 //! sharded), and load in Python through TRL's from_pretrained with the same outputs (GPT-2,
-//! Llama, Qwen2, Mistral, Qwen3, GPT-NeoX, OPT, Gemma, Gemma2, Phi3, Bloom, DBRX, T5, Bart).
+//! Llama, Qwen2, Mistral, Qwen3, GPT-NeoX, OPT, Gemma, Gemma2, Phi3, Bloom, Cohere, DBRX, T5, Bart).
 
 mod common;
 
@@ -106,6 +106,17 @@ fn causal_models_round_trip_and_load_in_trl() {
             json!({"attn_config": {"kv_n_heads": 4, "clip_qkv": 2.0},
                    "ffn_config": {"ffn_hidden_size": 24, "moe_num_experts": 3, "moe_top_k": 1,
                                   "moe_normalize_expert_weights": null}}),
+            "lm_head.weight",
+            true,
+        ),
+        // Tied (Cohere's default), q/k LayerNorms, logits scaled by 0.5.
+        ("cohere tied qk norms", "cohere", json!({}), "lm_head.weight", false),
+        (
+            "cohere untied with biases, dynamic rope",
+            "cohere",
+            json!({"tie_word_embeddings": false, "use_qk_norm": false, "attention_bias": true, "logit_scale": 2.0,
+                   "num_key_value_heads": 4, "max_position_embeddings": 4,
+                   "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}),
             "lm_head.weight",
             true,
         ),
@@ -282,7 +293,8 @@ fn folders_saved_by_python_in_every_format_load_with_the_same_outputs() {
     let ids = Tensor::from_slice2(&[[0i64, 3, 4, 5, 6], [7, 8, 9, 10, 11]]);
     let mask = Tensor::from_slice2(&[[0i64, 1, 1, 1, 1], [1, 1, 1, 1, 1]]);
     for kind in [
-        "gpt2", "llama", "mistral", "qwen3", "gpt_neox", "opt", "gemma", "gemma2", "phi3", "bloom", "dbrx", "t5",
+        "gpt2", "llama", "mistral", "qwen3", "gpt_neox", "opt", "gemma", "gemma2", "phi3", "bloom", "cohere", "dbrx",
+        "t5",
         "bart",
     ] {
         let source = tempfile::tempdir().unwrap();

@@ -1,7 +1,7 @@
 //! Decoding without host synchronisation and over a static cache, on CPU: the decode loop's
 //! device reads are counted (none when `min_new_tokens == max_new_tokens`, at most one per step
 //! otherwise), the static cache gives the growing cache's tokens and, within 1e-5, its values
-//! and log-probabilities (GPT-2 eager and sdpa, Llama, Qwen2; padded and unpadded; eos, pad and
+//! and log-probabilities (GPT-2 eager and sdpa, Llama, Qwen2, Cohere; padded and unpadded; eos, pad and
 //! min_new_tokens), `Decoding::CudaGraphs` on CPU falls back to the static cache with the same
 //! numbers, checking for finished rows every k steps changes nothing, and unsupported settings
 //! fall back to eager.
@@ -26,13 +26,15 @@ fn tiny(model_type: &str, overrides: serde_json::Value) -> (tempfile::TempDir, C
     (dir, model)
 }
 
-/// The three decoder-only architectures, each with room for 64 positions, with their CPU
-/// default attention; GPT-2 also with the fused kernel (its default on CUDA).
+/// Four decoder-only architectures (Cohere for its interleaved rotary, q/k norms and
+/// `logit_scale`), each with room for 64 positions, with their CPU default attention; GPT-2 also
+/// with the fused kernel (its default on CUDA).
 fn models() -> Vec<(&'static str, tempfile::TempDir, CausalLmWithValueHead)> {
     let mut models: Vec<_> = [
         ("gpt2", json!({"n_positions": 64})),
         ("llama", json!({})),
         ("qwen2", json!({})),
+        ("cohere", json!({})),
     ]
     .into_iter()
     .map(|(name, overrides)| {

@@ -5,6 +5,7 @@ pub mod attention;
 pub mod bart;
 pub mod bloom;
 pub mod cache;
+pub mod cohere;
 pub mod dbrx;
 pub mod gemma;
 pub mod gemma2;

@@ -98,7 +98,7 @@ pub trait CausalLm: std::fmt::Debug + Send {
 }
 
 /// The checkpoint facts of a decoder whose LM head is `lm_head.weight` and may be tied to
-/// `model.embed_tokens.weight` (the Llama family: Llama, Mistral, Qwen3, Gemma, Gemma2, Phi3), in one
+/// `model.embed_tokens.weight` (the Llama family: Llama, Mistral, Qwen3, Gemma, Gemma2, Phi3, Cohere), in one
 /// place for their `CausalLm` impls.
 #[derive(Debug, Clone, Copy)]
 pub struct EmbedTokensHead {
@@ -317,6 +317,7 @@ pub const ARCHITECTURES: &[Architecture] = &[
     crate::gemma2::ARCHITECTURE,
     crate::phi3::ARCHITECTURE,
     crate::bloom::ARCHITECTURE,
+    crate::cohere::ARCHITECTURE,
     crate::dbrx::ARCHITECTURE,
     crate::t5::ARCHITECTURE,
     crate::bart::ARCHITECTURE,

@@ -351,9 +351,35 @@ impl RotaryEmbedding {
 
     /// cos and sin [B, T, head_dim] for `position_ids` [B, T], in `kind`.
     pub fn cos_sin(&self, position_ids: &Tensor, max_position: i64, kind: Kind) -> Result<(Tensor, Tensor)> {
+        self.cos_sin_laid_out(position_ids, max_position, kind, false)
+    }
+
+    /// [`RotaryEmbedding::cos_sin`] with each frequency repeated in place (`f0 f0 f1 f1 ...`, HF's
+    /// `repeat_interleave(freqs, 2)`) instead of the two halves side by side, for models that
+    /// rotate adjacent pairs of dimensions (Cohere; see [`apply_rotary_interleaved`]).
+    pub fn cos_sin_interleaved(
+        &self,
+        position_ids: &Tensor,
+        max_position: i64,
+        kind: Kind,
+    ) -> Result<(Tensor, Tensor)> {
+        self.cos_sin_laid_out(position_ids, max_position, kind, true)
+    }
+
+    fn cos_sin_laid_out(
+        &self,
+        position_ids: &Tensor,
+        max_position: i64,
+        kind: Kind,
+        interleaved: bool,
+    ) -> Result<(Tensor, Tensor)> {
         let inv_freq = self.inv_freq_for(max_position)?;
         let freqs = position_ids.f_to_kind(Kind::Float)?.f_unsqueeze(-1)?.f_mul(&inv_freq)?;
-        let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?;
+        let emb = if interleaved {
+            freqs.f_repeat_interleave_self_int(2, -1, None::<i64>)?
+        } else {
+            Tensor::f_cat(&[&freqs, &freqs], -1)?
+        };
         let (mut cos, mut sin) = (emb.f_cos()?, emb.f_sin()?);
         // HF multiplies by its attention scaling in f32 before the cast; by 1 that changes nothing.
         if self.attention_scaling != 1.0 {
@@ -371,6 +397,17 @@ pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let x1 = x.f_narrow(-1, 0, half)?;
     let x2 = x.f_narrow(-1, half, half)?;
     let rotated = Tensor::f_cat(&[&x2.f_neg()?, &x1], -1)?;
+    Ok(x.f_mul(cos)?.f_add(&rotated.f_mul(sin)?)?)
+}
+
+/// `x * cos + rotate_pairs(x) * sin` for `x` [B, H, T, D], where dimensions (2i, 2i + 1) form a
+/// pair rotated by frequency i (`rotate_pairs` maps (a, b) to (-b, a)), as HF Cohere's
+/// `rotate_half`; cos/sin come from [`RotaryEmbedding::cos_sin_interleaved`].
+pub fn apply_rotary_interleaved(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let width = x.size()[3];
+    let even = x.f_slice(-1, 0, width, 2)?;
+    let odd = x.f_slice(-1, 1, width, 2)?;
+    let rotated = Tensor::f_stack(&[&odd.f_neg()?, &even], -1)?.f_flatten(-2, -1)?;
     Ok(x.f_mul(cos)?.f_add(&rotated.f_mul(sin)?)?)
 }
 

@@ -37,6 +37,10 @@ pub struct StatefulAdamW {
     slots: Vec<Slot>,
     settings: AdamWSettings,
     step: u64,
+    /// libtorch's optimiser over the same parameters, never stepped: its `zero_grad` is the one
+    /// call through tch that drops gradients (set to none), which tch's `Tensor::zero_grad`
+    /// (fill with 0) cannot.
+    releaser: tch::COptimizer,
 }
 
 impl StatefulAdamW {
@@ -59,10 +63,15 @@ impl StatefulAdamW {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let mut releaser = tch::COptimizer::sgd(0.0, 0.0, 0.0, 0.0, false)?;
+        for s in &slots {
+            releaser.add_parameters(&s.param, 0)?;
+        }
         Ok(Self {
             slots,
             settings,
             step: 0,
+            releaser,
         })
     }
 
@@ -76,13 +85,11 @@ impl StatefulAdamW {
         self.step
     }
 
-    /// Zeroes every gradient (tch's `zero_grad`: the gradient tensors stay, filled with 0, which
-    /// steps the same as PyTorch's `set_to_none` here since every parameter gets a gradient in
-    /// each PPO update).
-    pub fn zero_grad(&mut self) {
-        for s in &mut self.slots {
-            s.param.zero_grad();
-        }
+    /// Drops every gradient (set to none, PyTorch's default `zero_grad`): the next backward hands
+    /// its gradient tensors over instead of adding them into zeroed buffers, which would cost a
+    /// fill and an addition over every parameter per update.
+    pub fn zero_grad(&mut self) -> Result<()> {
+        Ok(self.releaser.zero_grad()?)
     }
 
     /// One update at learning rate `lr` from the current gradients, as `torch.optim.AdamW`:
@@ -105,16 +112,17 @@ impl StatefulAdamW {
                 if s.decay && self.settings.weight_decay != 0.0 {
                     let _ = s.param.f_mul_scalar_(1.0 - lr * self.settings.weight_decay)?;
                 }
+                // The operations of torch.optim.AdamW's single-tensor path (the CPU default) in
+                // its rounding order: libtorch's addcmul/addcdiv compute `self + (value * t1) op
+                // t2`, and tch binds them without `value`, so `value * t1` is formed first (one
+                // temporary each, where a spelled-out update would allocate five more).
                 let _ = s.exp_avg.f_lerp_(&grad, 1.0 - b1)?;
                 let _ = s.exp_avg_sq.f_mul_scalar_(b2)?;
-                let _ = s.exp_avg_sq.f_add_(&grad.f_mul(&grad)?.f_mul_scalar(1.0 - b2)?)?;
-                let denom = s
-                    .exp_avg_sq
-                    .f_sqrt()?
-                    .f_div_scalar(bias_correction2_sqrt)?
-                    .f_add_scalar(self.settings.eps)?;
-                let update = s.exp_avg.f_div(&denom)?.f_mul_scalar(step_size)?;
-                let _ = s.param.f_sub_(&update)?;
+                let _ = s.exp_avg_sq.f_addcmul_(&grad.f_mul_scalar(1.0 - b2)?, &grad)?;
+                let mut denom = s.exp_avg_sq.f_sqrt()?;
+                let _ = denom.f_div_scalar_(bias_correction2_sqrt)?;
+                let _ = denom.f_add_scalar_(self.settings.eps)?;
+                let _ = s.param.f_addcdiv_(&s.exp_avg.f_mul_scalar(-step_size)?, &denom)?;
             }
             Ok(())
         })
@@ -209,8 +217,9 @@ mod tests {
             }
             ours.step(lr).unwrap();
             theirs.step().unwrap();
-            ours.zero_grad();
+            ours.zero_grad().unwrap();
             theirs.zero_grad().unwrap();
+            assert!(!w1.grad().defined(), "zero_grad sets gradients to none");
         }
         for (a, b) in [(&w1, &w2), (&b1, &b2)] {
             let diff = (a - b).abs().max().double_value(&[]);

@@ -545,11 +545,11 @@ impl PpoTrainer {
                     None => vh_train::total_grad_norm(params)?,
                 };
                 if let Err(e) = vh_train::check_finite("gradient norm", &norm) {
-                    self.optimizer.zero_grad();
+                    self.optimizer.zero_grad()?;
                     return Err(e.into());
                 }
                 self.optimizer.step(lr)?;
-                self.optimizer.zero_grad();
+                self.optimizer.zero_grad()?;
             }
         }
 
