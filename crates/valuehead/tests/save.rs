@@ -294,8 +294,7 @@ fn folders_saved_by_python_in_every_format_load_with_the_same_outputs() {
     let mask = Tensor::from_slice2(&[[0i64, 1, 1, 1, 1], [1, 1, 1, 1, 1]]);
     for kind in [
         "gpt2", "llama", "mistral", "qwen3", "gpt_neox", "opt", "gemma", "gemma2", "phi3", "bloom", "cohere", "dbrx",
-        "t5",
-        "bart",
+        "t5", "bart",
     ] {
         let source = tempfile::tempdir().unwrap();
         write_tiny(kind, source.path(), json!({}));
