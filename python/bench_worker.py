@@ -83,6 +83,10 @@ MODELS.update({
     "cohere-toy": ("cohere", dict(_LLAMA_LIKE, use_qk_norm=True)),
     "bloom-toy": ("bloom", dict(vocab_size=1000, hidden_size=64, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2,
                                 pad_token_id=3)),
+    "dbrx-toy": ("dbrx", dict(vocab_size=1000, d_model=64, n_heads=4, n_layers=2, max_seq_len=512,
+                              attn_config=dict(kv_n_heads=2, clip_qkv=8.0),
+                              ffn_config=dict(ffn_hidden_size=128, moe_num_experts=4, moe_top_k=2),
+                              bos_token_id=1, eos_token_id=2, pad_token_id=0)),
 })
 
 

@@ -2,7 +2,7 @@
 
 Builds seeded random GPT-2, Llama, Qwen2, Mistral (sliding window), Qwen3 (a sliding layer), GPT-NeoX,
 OPT, Gemma, Gemma2 (soft caps, a sliding layer), Phi3 (LongRoPE, partial rotary, a window), Bloom (ALiBi), Cohere (parallel blocks, q/k norms,
-interleaved rotary, logit_scale), T5 and Bart models (as the forward parity suites do), wraps each in TRL's value-head class, saves it
+interleaved rotary, logit_scale), DBRX (mixture of experts), T5 and Bart models (as the forward parity suites do), wraps each in TRL's value-head class, saves it
 with TRL's save_pretrained, and records the token sequences that TRL's `generate` (which is
 transformers' `generate`) returns with do_sample=False on padded batches: plain, with a repetition
 penalty, and with eos tokens that end some rows early after min_new_tokens. Bart's generation
@@ -29,6 +29,7 @@ import parity_bart  # noqa: E402
 import parity_bloom  # noqa: E402
 import parity_causal  # noqa: E402
 import parity_cohere  # noqa: E402
+import parity_dbrx  # noqa: E402
 import parity_gemma  # noqa: E402
 import parity_gemma2  # noqa: E402
 import parity_gpt2  # noqa: E402
@@ -102,6 +103,19 @@ def cohere_model(seed):
     # repeats that the eos run's tokens never end; with one key/value head two rows end early.
     config, cfg = parity_cohere.make_config({"use_qk_norm": True, "logit_scale": 0.25, "num_key_value_heads": 1})
     base = parity_causal.build(config, seed)
+    return AutoModelForCausalLMWithValueHead.from_pretrained(base).eval(), cfg["vocab_size"]
+
+
+def dbrx_model(seed):
+    # Eight experts, top-2 with 1-norm weights, MQA, clip_qkv (transformers' eager DBRX needs it set).
+    config, cfg = parity_dbrx.make_config({"attn_config": {"kv_n_heads": 1, "clip_qkv": 0.8},
+                                           "ffn_config": parity_dbrx.ffn(8, 2)})
+    original = parity_causal.randomize
+    parity_causal.randomize = parity_dbrx.randomize
+    try:
+        base = parity_causal.build(config, seed)
+    finally:
+        parity_causal.randomize = original
     return AutoModelForCausalLMWithValueHead.from_pretrained(base).eval(), cfg["vocab_size"]
 
 
@@ -237,6 +251,7 @@ def main(out_dir):
         ("phi3_switch", phi3_switch_model, unpadded_prompts),
         ("bloom", bloom_model, causal_prompts),
         ("cohere", cohere_model, causal_prompts),
+        ("dbrx", dbrx_model, causal_prompts),
         ("t5", t5_model, seq2seq_prompts),
         ("bart", bart_model, seq2seq_prompts),
     ]

@@ -28,6 +28,7 @@ from transformers import (
     BartConfig,
     BloomConfig,
     CohereConfig,
+    DbrxConfig,
     Gemma2Config,
     GemmaConfig,
     GenerationConfig,
@@ -106,6 +107,15 @@ ARCHS = {
              rope_scaling={"rope_type": "linear", "factor": 2.0}, bos_token_id=1, eos_token_id=2),
         False,
     ),
+    # Mixture of experts: 4 experts, top-2 with 1-norm weights (DBRX's default normalisation), GQA,
+    # clip_qkv; DBRX is never tied.
+    "dbrx": (
+        DbrxConfig,
+        dict(vocab_size=100, d_model=32, n_heads=4, n_layers=2, max_seq_len=64, bos_token_id=1, eos_token_id=2,
+             pad_token_id=0, attn_config=dict(kv_n_heads=2, clip_qkv=4.0),
+             ffn_config=dict(ffn_hidden_size=48, moe_num_experts=4, moe_top_k=2)),
+        False,
+    ),
     # Gemma's defaults: tied, normalised embeddings, (1 + w) norms; head_dim 16 with hidden 32.
     "gemma": (
         GemmaConfig,
@@ -152,7 +162,9 @@ def randomize(model, seed):
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=g)
-            p.copy_(1.0 + 0.1 * noise if "norm" in name or "ln_" in name else 0.2 * noise)
+            # DBRX's attention sits under `norm_attn_norm`: only its norms' own names count.
+            norm = "norm" in name.replace("norm_attn_norm", "")
+            p.copy_(1.0 + 0.1 * noise if norm or "ln_" in name else 0.2 * noise)
 
 
 def make(out_dir):

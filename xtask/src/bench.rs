@@ -25,7 +25,7 @@ usage: cargo xtask bench [--quick] [--threads N] [--reps N] [--models a,b] [--dt
   --reps       timed samples per side and workload (default 3; quick 2)
   --models     gpt2-toy,t5-toy,gpt2-small,t5-small,smollm2 (smollm2 when installed by setup), and
                one toy per further architecture: llama-toy, qwen2-toy, mistral-toy, qwen3-toy,
-               gemma-toy, gemma2-toy, phi3-toy, gpt_neox-toy, opt-toy, bloom-toy, cohere-toy,
+               gemma-toy, gemma2-toy, phi3-toy, gpt_neox-toy, opt-toy, bloom-toy, cohere-toy, dbrx-toy,
                bart-toy (forward; generate in the full run)
   --workloads  forward,generate,rollout,train,ppo (train: forward + backward + AdamW step, b8x128,
                on gpt2-small and smollm2; ppo: one PPO iteration, 8 prompts of 32 tokens + 64
@@ -144,7 +144,7 @@ impl Workload {
 /// One toy checkpoint per further `model_type` of the registry (python/bench_worker.py builds
 /// them): forward and greedy generate at batch 1 in f32, so the bench takes every architecture
 /// the library does (encoder-decoders get decoder inputs for the forward, as config.json says).
-const ARCH_TOYS: [&str; 12] = [
+const ARCH_TOYS: [&str; 13] = [
     "llama-toy",
     "qwen2-toy",
     "mistral-toy",
@@ -156,6 +156,7 @@ const ARCH_TOYS: [&str; 12] = [
     "opt-toy",
     "bloom-toy",
     "cohere-toy",
+    "dbrx-toy",
     "bart-toy",
 ];
 

@@ -1,5 +1,5 @@
 //! Generation against Python: greedy token sequences identical to transformers' `generate`
-//! through TRL's wrappers (GPT-2, Llama, Qwen2, Mistral, Qwen3, GPT-NeoX, OPT, Gemma, Gemma2, Phi3, Bloom, Cohere, T5 and Bart, padded
+//! through TRL's wrappers (GPT-2, Llama, Qwen2, Mistral, Qwen3, GPT-NeoX, OPT, Gemma, Gemma2, Phi3, Bloom, Cohere, DBRX, T5 and Bart, padded
 //! batches; plain, repetition penalty, eos ending rows early after min_new_tokens; Bart with its forced first and
 //! last tokens; a Phi3 whose LongRoPE switches factors during decoding, where HF reruns the whole sequence); rollout
 //! values and log-probs
@@ -150,6 +150,7 @@ fn greedy_generation_matches_transformers_and_rollout_matches_full_forward() {
         "phi3_switch",
         "bloom",
         "cohere",
+        "dbrx",
     ] {
         assert!(causal_models.contains_key(kind), "the reference has no {kind} runs");
     }

@@ -1,6 +1,6 @@
 //! save_pretrained: folders saved here load back here with the same outputs (one file and
 //! sharded), and load in Python through TRL's from_pretrained with the same outputs (GPT-2,
-//! Llama, Qwen2, Mistral, Qwen3, GPT-NeoX, OPT, Gemma, Gemma2, Phi3, Bloom, Cohere, T5, Bart).
+//! Llama, Qwen2, Mistral, Qwen3, GPT-NeoX, OPT, Gemma, Gemma2, Phi3, Bloom, Cohere, DBRX, T5, Bart).
 
 mod common;
 
@@ -96,6 +96,19 @@ fn causal_models_round_trip_and_load_in_trl() {
             true,
         ),
         ("bloom tied", "bloom", json!({}), "lm_head.weight", false),
+        // Mixture of experts (4 experts, top-2), GQA, clip_qkv; DBRX is never tied.
+        ("dbrx untied top-2 clipped", "dbrx", json!({}), "lm_head.weight", true),
+        (
+            // python/load_saved.py runs eager, which transformers 4.57.6 cannot run without
+            // clip_qkv (docs/parity.md): both cases clip.
+            "dbrx untied top-1 mha unnormalised",
+            "dbrx",
+            json!({"attn_config": {"kv_n_heads": 4, "clip_qkv": 2.0},
+                   "ffn_config": {"ffn_hidden_size": 24, "moe_num_experts": 3, "moe_top_k": 1,
+                                  "moe_normalize_expert_weights": null}}),
+            "lm_head.weight",
+            true,
+        ),
         // Tied (Cohere's default), q/k LayerNorms, logits scaled by 0.5.
         ("cohere tied qk norms", "cohere", json!({}), "lm_head.weight", false),
         (
@@ -280,8 +293,8 @@ fn folders_saved_by_python_in_every_format_load_with_the_same_outputs() {
     let ids = Tensor::from_slice2(&[[0i64, 3, 4, 5, 6], [7, 8, 9, 10, 11]]);
     let mask = Tensor::from_slice2(&[[0i64, 1, 1, 1, 1], [1, 1, 1, 1, 1]]);
     for kind in [
-        "gpt2", "llama", "mistral", "qwen3", "gpt_neox", "opt", "gemma", "gemma2", "phi3", "bloom", "cohere", "t5",
-        "bart",
+        "gpt2", "llama", "mistral", "qwen3", "gpt_neox", "opt", "gemma", "gemma2", "phi3", "bloom", "cohere", "dbrx",
+        "t5", "bart",
     ] {
         let source = tempfile::tempdir().unwrap();
         write_tiny(kind, source.path(), json!({}));

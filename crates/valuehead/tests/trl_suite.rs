@@ -1,6 +1,6 @@
 //! TRL's own value-head test suite (`tests/test_modeling_value_head.py` in TRL's repository),
 //! ported: every behaviour it checks, for every architecture we implement (GPT-2, Llama, Qwen2,
-//! Mistral, Qwen3, GPT-NeoX, OPT, Gemma, Gemma2, Phi3, Bloom, Cohere, T5, Bart), against tiny seeded models the reference builds and saves as plain transformers
+//! Mistral, Qwen3, GPT-NeoX, OPT, Gemma, Gemma2, Phi3, Bloom, Cohere, DBRX, T5, Bart), against tiny seeded models the reference builds and saves as plain transformers
 //! checkpoints (no value head, like TRL's tiny test models on the Hub). The table of TRL test ->
 //! Rust test is in docs/parity.md. TRL's reference-model tests (`create_reference_model`) belong
 //! to the training work.
@@ -14,9 +14,9 @@ use std::sync::OnceLock;
 use tch::{Kind, Tensor};
 use valuehead::{CausalLmWithValueHead, GenerationConfig, LoadOptions, Seq2SeqLmWithValueHead, ValueHeadModel};
 
-const ARCHS: [&str; 14] = [
+const ARCHS: [&str; 15] = [
     "gpt2", "llama", "qwen2", "mistral", "qwen3", "gpt_neox", "opt", "gemma", "gemma2", "phi3", "bloom", "cohere",
-    "t5", "bart",
+    "dbrx", "t5", "bart",
 ];
 
 fn reference() -> &'static Path {

@@ -6,6 +6,7 @@ pub mod bart;
 pub mod bloom;
 pub mod cache;
 pub mod cohere;
+pub mod dbrx;
 pub mod gemma;
 pub mod gemma2;
 pub mod gpt2;

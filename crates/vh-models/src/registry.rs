@@ -318,6 +318,7 @@ pub const ARCHITECTURES: &[Architecture] = &[
     crate::phi3::ARCHITECTURE,
     crate::bloom::ARCHITECTURE,
     crate::cohere::ARCHITECTURE,
+    crate::dbrx::ARCHITECTURE,
     crate::t5::ARCHITECTURE,
     crate::bart::ARCHITECTURE,
 ];
