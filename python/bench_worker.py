@@ -166,7 +166,7 @@ class Worker:
             rm = AutoModelForSequenceClassification.from_pretrained(self.model_dir, num_labels=1,
                                                                     pad_token_id=self.pad)
             with torch.no_grad():
-                rm.score.weight.copy_(self.model.v_head.summary.weight.float())
+                rm.score.weight.copy_(score_weight(self.model_dir, self.model.v_head.summary.weight.float()))
             if self.dtype == "bf16":
                 rm = rm.to(torch.bfloat16)
             self.reward_model = rm.eval()
@@ -410,6 +410,22 @@ class Worker:
             check = self.run_once()
         ms = (time.perf_counter() - start) * 1e3 / iters
         return {"ms": ms, "check": check}
+
+
+def score_weight(model_dir, v_head_weight):
+    """The reward task's score head: the checkpoint's value head, or, for a folder without one
+    (SmolLM2, whose value head each side initialises with its own generator), a fixed pattern the
+    Rust worker builds too: w[j] = ((j % 7) - 3) / (10 * hidden)."""
+    from safetensors import safe_open
+
+    files = [f for f in os.listdir(model_dir) if f.endswith(".safetensors")]
+    for f in files:
+        with safe_open(os.path.join(model_dir, f), "pt") as st:
+            if "v_head.summary.weight" in st.keys():
+                return v_head_weight
+    hidden = v_head_weight.shape[1]
+    j = torch.arange(hidden, dtype=torch.float64)
+    return (((j % 7) - 3) / (10 * hidden)).float().reshape(1, hidden)
 
 
 def main():

@@ -64,6 +64,17 @@ fn reward_model(dir: &str, options: &LoadOptions) -> Result<valuehead::SequenceC
             tensors.push((name, t));
         }
     }
+    if !tensors.iter().any(|(name, _)| name == "score.weight") {
+        // No value head in the folder (SmolLM2): the fixed pattern python/bench_worker.py's
+        // `score_weight` uses, w[j] = ((j % 7) - 3) / (10 * hidden).
+        let hidden = config["hidden_size"]
+            .as_i64()
+            .or_else(|| config["n_embd"].as_i64())
+            .context("the config's hidden size")?;
+        let j = Tensor::arange(hidden, (Kind::Double, tch::Device::Cpu));
+        let w = (j.fmod(7) - 3.0) / (10.0 * hidden as f64);
+        tensors.push(("score.weight".to_string(), w.to_kind(Kind::Float).reshape([1, hidden])));
+    }
     Ok(valuehead::SequenceClassifier::from_parts(config, tensors, options)?)
 }
 
