@@ -9,7 +9,7 @@ use crate::cache::{Cache, LayerCache};
 use crate::inputs::{prepare_causal, CausalInputs, CausalLimits};
 use crate::layers::{merge_heads, split_heads, GatedMlp, Linear, RmsNorm, RmsNormStyle};
 use crate::registry::{Architecture, BuildOptions, CausalLm, CausalLmOutput, Family};
-use crate::rotary::{apply_rotary, RopeScaling, RotaryConfig, RotaryEmbedding};
+use crate::rotary::{apply_rotary, check_rotary_heads, RopeScaling, RotaryConfig, RotaryEmbedding};
 use serde::Deserialize;
 use serde_json::Value;
 use tch::{nn, Kind, Tensor};
@@ -298,31 +298,7 @@ impl LlamaConfig {
             ("head_dim", self.head_dim),
             ("max_position_embeddings", self.max_position_embeddings),
         ])?;
-        // The projections are heads * head_dim wide: sizes from config.json may make that
-        // product overflow (found by fuzzing: a panic in debug builds, a wrapped width in release).
-        for (name, heads) in [
-            ("num_attention_heads", self.num_attention_heads),
-            ("num_key_value_heads", self.num_key_value_heads),
-        ] {
-            if heads.checked_mul(self.head_dim).is_none() {
-                return Err(Error::Config(format!(
-                    "{name} * head_dim overflows ({heads} * {})",
-                    self.head_dim
-                )));
-            }
-        }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
-            return Err(Error::Config(format!(
-                "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
-                self.num_attention_heads, self.num_key_value_heads
-            )));
-        }
-        if self.head_dim % 2 != 0 {
-            return Err(Error::Config(format!(
-                "head_dim must be even for rotary embeddings, got {}",
-                self.head_dim
-            )));
-        }
+        check_rotary_heads(self.num_attention_heads, self.num_key_value_heads, self.head_dim)?;
         check_epsilons(&[("rms_norm_eps", self.rms_norm_eps)])?;
         check_probabilities(&[("attention_dropout", self.attention_dropout)])?;
         if !(self.rope_theta > 0.0 && self.rope_theta.is_finite()) {

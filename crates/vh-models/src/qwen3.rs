@@ -12,7 +12,7 @@ use crate::cache::{Cache, LayerCache};
 use crate::inputs::{CausalInputs, CausalLimits};
 use crate::layers::{embedding_padding_idx, merge_heads, GatedMlp, Linear, RmsNorm, RmsNormStyle};
 use crate::registry::{Architecture, BuildOptions, CausalLm, Family};
-use crate::rotary::{apply_rotary, RopeScaling, RotaryConfig, RotaryEmbedding};
+use crate::rotary::{apply_rotary, check_rotary_heads, RopeScaling, RotaryConfig, RotaryEmbedding};
 use serde::Deserialize;
 use serde_json::Value;
 use tch::{nn, Kind, Tensor};
@@ -213,30 +213,7 @@ impl Qwen3Config {
             ("head_dim", self.head_dim),
             ("max_position_embeddings", self.max_position_embeddings),
         ])?;
-        // The projections are heads * head_dim wide: sizes from config.json may overflow that.
-        for (name, heads) in [
-            ("num_attention_heads", self.num_attention_heads),
-            ("num_key_value_heads", self.num_key_value_heads),
-        ] {
-            if heads.checked_mul(self.head_dim).is_none() {
-                return Err(Error::Config(format!(
-                    "{name} * head_dim overflows ({heads} * {})",
-                    self.head_dim
-                )));
-            }
-        }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
-            return Err(Error::Config(format!(
-                "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
-                self.num_attention_heads, self.num_key_value_heads
-            )));
-        }
-        if self.head_dim % 2 != 0 {
-            return Err(Error::Config(format!(
-                "head_dim must be even for rotary embeddings, got {}",
-                self.head_dim
-            )));
-        }
+        check_rotary_heads(self.num_attention_heads, self.num_key_value_heads, self.head_dim)?;
         if self.layer_windows.len() as i64 != self.num_hidden_layers {
             return Err(Error::Config(format!(
                 "{} layer windows for {} layers",

@@ -389,6 +389,34 @@ impl RotaryEmbedding {
         Ok((cos.f_to_kind(kind)?, sin.f_to_kind(kind)?))
     }
 }
+/// Checks a rotary attention's head layout from config.json: `heads * head_dim` must not
+/// overflow (the projections are that wide; fuzzing found a panic in debug builds and a wrapped
+/// width in release), the query heads must be a multiple of the key/value heads (grouped-query
+/// attention), and `head_dim` even (dimensions rotate in pairs: an odd width leaves HF's cos/sin
+/// one short).
+pub fn check_rotary_heads(num_attention_heads: i64, num_key_value_heads: i64, head_dim: i64) -> Result<()> {
+    for (name, heads) in [
+        ("num_attention_heads", num_attention_heads),
+        ("num_key_value_heads", num_key_value_heads),
+    ] {
+        if heads.checked_mul(head_dim).is_none() {
+            return Err(Error::Config(format!(
+                "{name} * head_dim overflows ({heads} * {head_dim})"
+            )));
+        }
+    }
+    if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+        return Err(Error::Config(format!(
+            "num_attention_heads ({num_attention_heads}) must be a multiple of num_key_value_heads ({num_key_value_heads})"
+        )));
+    }
+    if head_dim % 2 != 0 {
+        return Err(Error::Config(format!(
+            "head_dim must be even for rotary embeddings, got {head_dim}"
+        )));
+    }
+    Ok(())
+}
 
 /// `x * cos + rotate_half(x) * sin` for `x` [B, H, T, D], with cos/sin [B, 1, T, D] broadcast over
 /// heads.
