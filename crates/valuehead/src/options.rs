@@ -19,7 +19,7 @@ pub struct LoadOptions {
     /// math to the bit) or `Sdpa` (PyTorch's fused kernel). `None` picks the default for the
     /// device (`Architecture::default_attention_on`): sdpa on CUDA for every causal model; on
     /// CPU each architecture's measured default (`Architecture::default_attention`, the faster
-    /// one with `cargo xtask bench`: eager for GPT-2, sdpa for the Llama family). An explicit
+    /// one with `cargo xtask bench`: sdpa for GPT-2 and the Llama family). An explicit
     /// choice always wins. T5 always runs eager, as in HF; Bart takes the choice (sdpa by
     /// default, as HF).
     pub attn_implementation: Option<AttnImplementation>,
