@@ -583,19 +583,9 @@ impl CausalLm for CohereForCausalLM {
         self.lm_head.as_ref()
     }
 
-    /// The LM head's logits times `logit_scale`, in the model's kind, as HF's `CohereForCausalLM`.
-    fn forward(&self, inputs: &CausalInputs<'_>, train: bool, logits_to_keep: i64) -> Result<CausalLmOutput> {
-        let (last_hidden_state, cache) = self.forward_hidden(inputs, train)?;
-        let head = self
-            .lm_head()
-            .ok_or_else(|| Error::Config("this model was built without a language-model head".into()))?;
-        let logits =
-            vh_core::tensor::lm_logits(&last_hidden_state, head, logits_to_keep)?.s_mul(self.cfg.logit_scale)?;
-        Ok(CausalLmOutput {
-            logits,
-            last_hidden_state,
-            cache,
-        })
+    /// The logits times `logit_scale`, in the model's kind, as HF's `CohereForCausalLM`.
+    fn finish_logits(&self, logits: Tensor) -> Result<Tensor> {
+        logits.s_mul(self.cfg.logit_scale)
     }
 
     fn parameter_name(&self, key: &str) -> Option<String> {

@@ -17,7 +17,7 @@ use crate::cache::{Cache, LayerCache};
 use crate::gemma::embedding_normalizer;
 use crate::inputs::{CausalInputs, CausalLimits};
 use crate::layers::{embedding_padding_idx, merge_heads, split_heads, GatedMlp, Linear, RmsNorm, RmsNormStyle};
-use crate::registry::{Architecture, BuildOptions, CausalLm, CausalLmOutput, Family};
+use crate::registry::{Architecture, BuildOptions, CausalLm, Family};
 use crate::rotary::{apply_rotary, check_rotary_heads, RopeScaling, RotaryConfig, RotaryEmbedding};
 use serde::Deserialize;
 use serde_json::Value;
@@ -568,21 +568,12 @@ impl CausalLm for Gemma2ForCausalLM {
         self.lm_head.as_ref()
     }
 
-    /// The LM head's logits, then HF's final soft-capping (`tanh(logits / cap) * cap`).
-    fn forward(&self, inputs: &CausalInputs<'_>, train: bool, logits_to_keep: i64) -> Result<CausalLmOutput> {
-        let (last_hidden_state, cache) = self.forward_hidden(inputs, train)?;
-        let head = self
-            .lm_head()
-            .ok_or_else(|| Error::Config("this model was built without a language-model head".into()))?;
-        let mut logits = vh_core::tensor::lm_logits(&last_hidden_state, head, logits_to_keep)?;
-        if let Some(cap) = self.cfg.final_logit_softcapping {
-            logits = logits.s_div(cap)?.f_tanh()?.s_mul(cap)?;
+    /// HF's final soft-capping, `tanh(logits / cap) * cap`, when the config sets a cap.
+    fn finish_logits(&self, logits: Tensor) -> Result<Tensor> {
+        match self.cfg.final_logit_softcapping {
+            Some(cap) => Ok(logits.s_div(cap)?.f_tanh()?.s_mul(cap)?),
+            None => Ok(logits),
         }
-        Ok(CausalLmOutput {
-            logits,
-            last_hidden_state,
-            cache,
-        })
     }
 
     fn parameter_name(&self, key: &str) -> Option<String> {
@@ -634,6 +625,7 @@ fn tiny_config() -> Value {
 mod tests {
     use super::*;
     use crate::inputs::prepare_causal;
+    use crate::registry::CausalLmOutput;
     use serde_json::json;
     use tch::nn::VarStore;
     use tch::Device;

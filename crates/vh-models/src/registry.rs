@@ -44,6 +44,11 @@ pub trait CausalLm: std::fmt::Debug + Send {
     /// The LM head's weight [vocab, hidden] (the embedding matrix when tied), or `None` for a
     /// model built without one ([`BuildOptions::lm_head`], e.g. under a classification head).
     fn lm_head(&self) -> Option<&Tensor>;
+    /// The LM head's logits as the architecture finishes them (Gemma2's final soft-capping,
+    /// Cohere's `logit_scale`); the identity for most. The default [`CausalLm::forward`] applies it.
+    fn finish_logits(&self, logits: Tensor) -> Result<Tensor> {
+        Ok(logits)
+    }
     /// Runs the model on inputs checked by [`crate::inputs::prepare_causal`], with logits for the
     /// last `logits_to_keep` positions only (0 = all, as HF's argument of that name).
     fn forward(&self, inputs: &CausalInputs<'_>, train: bool, logits_to_keep: i64) -> Result<CausalLmOutput> {
@@ -51,7 +56,7 @@ pub trait CausalLm: std::fmt::Debug + Send {
         let head = self
             .lm_head()
             .ok_or_else(|| Error::Config("this model was built without a language-model head".into()))?;
-        let logits = vh_core::tensor::lm_logits(&last_hidden_state, head, logits_to_keep)?;
+        let logits = self.finish_logits(vh_core::tensor::lm_logits(&last_hidden_state, head, logits_to_keep)?)?;
         Ok(CausalLmOutput {
             logits,
             last_hidden_state,

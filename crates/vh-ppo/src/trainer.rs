@@ -482,10 +482,10 @@ impl PpoTrainer {
     /// with it (the reward) or is refused by the optimiser (the loss).
     pub fn step(&mut self) -> Result<PpoStats> {
         let cfg = self.config.clone();
-        let mut laps = Laps::new(self.policy.var_store().device());
-        let mut timings = StepTimings::default();
         let rl = cfg.rl_config();
         let device = self.policy.var_store().device();
+        let mut laps = Laps::new(device);
+        let mut timings = StepTimings::default();
         let (rank, world) = self.group.as_ref().map_or((0, 1), |g| (g.rank(), g.world_size()));
         self.episode += (self.sizes.batch_size * world) as u64;
         let indices = self.next_batch();
