@@ -535,6 +535,12 @@ pub fn bench(args: &[String]) -> Result<()> {
     let mut py_cmd = Command::new(&python);
     py_cmd.arg(&script);
     env(&mut py_cmd);
+    // Our binaries raise glibc's trim and mmap thresholds at start
+    // (`valuehead::keep_freed_tensor_memory`); the Python worker gets the same values through
+    // glibc's environment variables, so both sides run under one allocator configuration.
+    py_cmd
+        .env("MALLOC_TRIM_THRESHOLD_", (256u64 << 20).to_string())
+        .env("MALLOC_MMAP_THRESHOLD_", (32u64 << 20).to_string());
     let mut py = Worker::start("Python", &mut py_cmd)?;
     let mut rs_cmd = Command::new(&rust_worker);
     env(&mut rs_cmd);

@@ -1,5 +1,6 @@
 //! Value-head math, shared tensor utilities and errors for the valuehead crates.
 
+pub mod alloc;
 pub mod error;
 pub mod lora;
 pub mod ops;

@@ -201,6 +201,7 @@ fn write_svg(path: &Path, scores: &[f64], kls: &[f64]) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    valuehead::keep_freed_tensor_memory();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("error")).init();
     let mut args = std::env::args().skip(1);
     let steps: usize = args

@@ -454,6 +454,9 @@ fn ppo(args: &[std::ffi::OsString]) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    // Freed tensor memory stays for reuse instead of being faulted in again on every layer
+    // (see the function's doc); MALLOC_*_ environment settings take precedence.
+    valuehead::keep_freed_tensor_memory();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     // The supported architectures come from the registry, so the help never goes stale.
     let supported: Vec<String> = valuehead::ARCHITECTURES
