@@ -7,7 +7,13 @@
 
 use std::path::PathBuf;
 
+#[allow(dead_code)] // a crate with a build script of its own includes this as a module
 fn main() {
+    link_libtorch();
+}
+
+/// Embeds libtorch's folder in the run path and keeps libtorch_cuda linked (see above).
+pub fn link_libtorch() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     let Some(libtorch) = std::env::var_os("LIBTORCH") else {
         return;

@@ -25,7 +25,8 @@ rollout (temperature 0.7, no stop token), the reference's log-probs, the values 
 the policy's value head (TRL gets them from a second model's forward; here the wrapper's), the
 reward model's score, KL rewards (k1, kl_coef 0.05), GAE (gamma 1, lam 0.95), whitened
 advantages, then one PPO epoch over two shuffled mini-batches of 4 (clipped policy and value
-losses, vf_coef 0.1, AdamW lr 5e-5, as PPOConfig's defaults). The reward model (a
+losses, vf_coef 0.1, fused AdamW lr 5e-5, as PPOConfig's defaults: its `optim` is
+"adamw_torch_fused" on torch >= 2.8). The reward model (a
 *ForSequenceClassification of the same backbone with a seeded score head) is written to
 reward_dir on first use; the Rust worker loads the same folder.
 
@@ -231,7 +232,8 @@ class Worker:
             {"params": [p for n, p in params if n in decay], "weight_decay": 0.0},
             {"params": [p for n, p in params if n not in decay], "weight_decay": 0.0},
         ]
-        self.optimizer = torch.optim.AdamW(groups, lr=5e-5, eps=1e-8)
+        # fused=True: PPOConfig's `optim` is "adamw_torch_fused" on torch >= 2.8 (HF's default).
+        self.optimizer = torch.optim.AdamW(groups, lr=5e-5, eps=1e-8, fused=True)
         self.ppo_generation = GenerationConfig(
             max_new_tokens=task["max_new_tokens"], temperature=0.7 + 1e-7, top_k=0.0, top_p=1.0, do_sample=True
         )

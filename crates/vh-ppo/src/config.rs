@@ -5,6 +5,20 @@ use crate::error::{PpoError, Result};
 use serde::{Deserialize, Serialize};
 use vh_rl::KlEstimator;
 
+/// The AdamW implementation, under HF's `optim` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Optim {
+    /// `torch.optim.AdamW(fused=True)`: libtorch's fused kernel, one pass per parameter. What
+    /// TRL's trainers use by default on torch >= 2.8 (HF's `TrainingArguments.optim`).
+    #[default]
+    #[serde(rename = "adamw_torch_fused")]
+    AdamwTorchFused,
+    /// `torch.optim.AdamW()` on CPU tensors: the single-tensor path, an elementwise operation at a
+    /// time (same results within rounding, several times slower on CPU).
+    #[serde(rename = "adamw_torch")]
+    AdamwTorch,
+}
+
 /// PPO's hyper-parameters, named and defaulted as TRL 0.26.2's `PPOConfig`. Sizes are per
 /// process (this trainer runs one): TRL's `local_batch_size` is
 /// `per_device_train_batch_size * gradient_accumulation_steps` rollouts per iteration.
@@ -58,6 +72,9 @@ pub struct PpoConfig {
     pub adam_beta2: f64,
     /// AdamW epsilon (1e-8).
     pub adam_epsilon: f64,
+    /// Which AdamW implementation steps (`adamw_torch_fused`, HF's and so TRL's default from
+    /// torch 2.8 on; `adamw_torch` is torch's single-tensor path).
+    pub optim: Optim,
     /// Linear warm-up iterations of the schedule (0).
     pub warmup_steps: usize,
     /// Gradient norm clip before each optimiser step; `None` (the default) as TRL's PPO loop,
@@ -100,6 +117,7 @@ impl Default for PpoConfig {
             adam_beta1: 0.9,
             adam_beta2: 0.999,
             adam_epsilon: 1e-8,
+            optim: Optim::AdamwTorchFused,
             warmup_steps: 0,
             max_grad_norm: None,
             seed: 42,

@@ -31,7 +31,7 @@ pub mod optim;
 pub mod reward;
 pub mod trainer;
 
-pub use config::{BatchSizes, PpoConfig};
+pub use config::{BatchSizes, Optim, PpoConfig};
 pub use error::{PpoError, Result};
 pub use optim::{AdamWSettings, StatefulAdamW};
 pub use reward::{Reward, RewardFn};

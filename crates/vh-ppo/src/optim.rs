@@ -19,6 +19,9 @@ pub struct AdamWSettings {
     pub eps: f64,
     /// Decoupled weight decay for the decay group.
     pub weight_decay: f64,
+    /// Step with libtorch's fused kernel (`torch.optim.AdamW(fused=True)`) instead of the
+    /// single-tensor operations.
+    pub fused: bool,
 }
 
 /// One parameter's optimiser state.
@@ -37,6 +40,9 @@ pub struct StatefulAdamW {
     slots: Vec<Slot>,
     settings: AdamWSettings,
     step: u64,
+    /// The step count as the fused kernel reads it: an f32 number on the parameters' device
+    /// (torch keeps one per parameter, all equal; one shared tensor gives the same numbers).
+    state_step: Tensor,
     /// libtorch's optimiser over the same parameters, never stepped: its `zero_grad` is the one
     /// call through tch that drops gradients (set to none), which tch's `Tensor::zero_grad`
     /// (fill with 0) cannot.
@@ -67,10 +73,12 @@ impl StatefulAdamW {
         for s in &slots {
             releaser.add_parameters(&s.param, 0)?;
         }
+        let state_step = Tensor::f_zeros([], (Kind::Float, vs.device()))?;
         Ok(Self {
             slots,
             settings,
             step: 0,
+            state_step,
             releaser,
         })
     }
@@ -98,6 +106,9 @@ impl StatefulAdamW {
     /// exact here since every trainable parameter receives a gradient in each PPO update.
     pub fn step(&mut self, lr: f64) -> Result<()> {
         self.step += 1;
+        if self.settings.fused {
+            return self.fused_step(lr);
+        }
         let (b1, b2) = self.settings.betas;
         let t = self.step as f64;
         let bias_correction1 = 1.0 - b1.powf(t);
@@ -123,6 +134,40 @@ impl StatefulAdamW {
                 let _ = denom.f_div_scalar_(bias_correction2_sqrt)?;
                 let _ = denom.f_add_scalar_(self.settings.eps)?;
                 let _ = s.param.f_addcdiv_(&s.exp_avg.f_mul_scalar(-step_size)?, &denom)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The step through libtorch's fused kernel, one call per parameter group (decay, no decay)
+    /// as `torch.optim.AdamW(fused=True)` over HF's two groups; parameters without a gradient
+    /// are left out, as torch leaves them out.
+    fn fused_step(&mut self, lr: f64) -> Result<()> {
+        tch::no_grad(|| -> Result<()> {
+            // torch.optim increments its step tensors before the call; the count is exact in f32
+            // far beyond any run's length (2^24 steps).
+            let _ = self.state_step.f_fill_(self.step as f64)?;
+            for decay in [true, false] {
+                let (mut params, mut grads, mut m, mut v) = (vec![], vec![], vec![], vec![]);
+                for s in self.slots.iter().filter(|s| s.decay == decay) {
+                    let grad = s.param.grad();
+                    if !grad.defined() {
+                        continue;
+                    }
+                    params.push(s.param.shallow_clone());
+                    grads.push(grad);
+                    m.push(s.exp_avg.shallow_clone());
+                    v.push(s.exp_avg_sq.shallow_clone());
+                }
+                let steps: Vec<Tensor> = params.iter().map(|_| self.state_step.shallow_clone()).collect();
+                let hp = vh_train::FusedAdamWStep {
+                    lr,
+                    beta1: self.settings.betas.0,
+                    beta2: self.settings.betas.1,
+                    weight_decay: if decay { self.settings.weight_decay } else { 0.0 },
+                    eps: self.settings.eps,
+                };
+                vh_train::fused_adamw_(&params, &grads, &m, &v, &steps, hp)?;
             }
             Ok(())
         })
@@ -194,6 +239,7 @@ mod tests {
             betas: (0.9, 0.999),
             eps: 1e-8,
             weight_decay: 0.1,
+            fused: false,
         };
         let mut ours = StatefulAdamW::hf(&vs1, settings).unwrap();
         let mut theirs = vh_train::AdamW::hf(
@@ -227,5 +273,64 @@ mod tests {
             assert!(diff <= 1e-6 * scale, "max difference {diff} (scale {scale})");
         }
         assert_ne!(w1.double_value(&[0, 0]), 0.0);
+    }
+
+    /// The fused kernel (TRL's default) and the single-tensor path land on the same parameters
+    /// within rounding over three steps with decay on one group, and both leave gradients unset.
+    #[test]
+    fn fused_and_single_tensor_paths_agree() {
+        // Fixed values rather than the global generator, which the other test seeds meanwhile.
+        let values = |n: i64, shift: f64| {
+            Tensor::arange(n, (Kind::Float, tch::Device::Cpu))
+                .f_mul_scalar(0.37)
+                .unwrap()
+                .f_add_scalar(shift)
+                .unwrap()
+                .sin()
+        };
+        let make = || {
+            let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+            let layer = vs.root() / "layer";
+            let w = layer.var_copy("weight", &values(30, 0.1).view([6, 5]));
+            let b = layer.var_copy("bias", &values(6, 2.0));
+            (vs, w, b)
+        };
+        let (vs1, w1, b1) = make();
+        let (vs2, w2, b2) = make();
+        let settings = AdamWSettings {
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 0.1,
+            fused: true,
+        };
+        let mut fused = StatefulAdamW::hf(&vs1, settings).unwrap();
+        let mut single = StatefulAdamW::hf(
+            &vs2,
+            AdamWSettings {
+                fused: false,
+                ..settings
+            },
+        )
+        .unwrap();
+        let x = values(35, 5.0).view([7, 5]);
+        for step in 0..3 {
+            let lr = 1e-2 * (1.0 - step as f64 / 4.0);
+            for (w, b) in [(&w1, &b1), (&w2, &b2)] {
+                (x.matmul(&w.tr()) + b).square().sum(Kind::Float).backward();
+            }
+            fused.step(lr).unwrap();
+            single.step(lr).unwrap();
+            fused.zero_grad().unwrap();
+            single.zero_grad().unwrap();
+        }
+        assert_eq!(fused.steps(), 3);
+        for (a, b) in [(&w1, &w2), (&b1, &b2)] {
+            let diff = (a - b).abs().max().double_value(&[]);
+            let scale = b.abs().max().double_value(&[]);
+            assert!(diff <= 1e-6 * scale, "max difference {diff} (scale {scale})");
+        }
+        // The weights moved: an optimiser that did nothing would agree with itself too.
+        let (_vs3, w3, _b3) = make();
+        assert!((&w1 - &w3).abs().max().double_value(&[]) > 1e-3);
     }
 }

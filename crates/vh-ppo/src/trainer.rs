@@ -303,6 +303,7 @@ impl PpoTrainer {
                 betas: (config.adam_beta1, config.adam_beta2),
                 eps: config.adam_epsilon,
                 weight_decay: config.weight_decay,
+                fused: config.optim == crate::config::Optim::AdamwTorchFused,
             },
         )?;
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed);

@@ -21,12 +21,14 @@
 
 pub mod clip;
 pub mod error;
+pub mod fused;
 pub mod loss;
 pub mod optim;
 pub mod schedule;
 
 pub use clip::{clip_grad_norm, total_grad_norm};
 pub use error::{Result, TrainError};
+pub use fused::{fused_adamw_, fused_adamw_available, FusedAdamWStep};
 pub use loss::{backward, check_finite, lm_value_loss, masked_mse, GradAccumulator, LmValueLoss};
 pub use optim::{hf_no_decay, named_parameters, AdamW, AdamWConfig, LAYER_NORM_MODULES};
 pub use schedule::{get_linear_schedule_with_warmup, LinearWarmup, LrLambda, LrScheduler};
