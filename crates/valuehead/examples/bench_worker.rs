@@ -358,9 +358,7 @@ fn handle(worker: &mut Worker, request: &Value) -> Result<Value> {
 
 fn main() -> Result<()> {
     // As every binary of ours: freed tensor memory stays for reuse (see the function's doc).
-    if std::env::var_os("VH_DEFAULT_MALLOC").is_none() {
-        valuehead::keep_freed_tensor_memory();
-    }
+    valuehead::keep_freed_tensor_memory();
     let mut worker = Worker::default();
     let stdin = std::io::stdin();
     let mut stdout = std::io::stdout();
