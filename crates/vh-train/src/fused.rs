@@ -190,31 +190,51 @@ mod tests {
     use super::*;
     use tch::Device;
 
-    fn fixture(seed: i64) -> (Vec<Tensor>, Vec<Tensor>) {
+    /// Parameters, gradients, zero moments and step counts of 1 (a first step), and settings.
+    struct Fixture {
+        params: Vec<Tensor>,
+        grads: Vec<Tensor>,
+        m: Vec<Tensor>,
+        v: Vec<Tensor>,
+        steps: Vec<Tensor>,
+        hp: FusedAdamWStep,
+    }
+
+    fn fixture(seed: i64, weight_decay: f64) -> Fixture {
         tch::manual_seed(seed);
         let params = vec![
             Tensor::randn([7, 5], (Kind::Float, Device::Cpu)),
             Tensor::randn([13], (Kind::Float, Device::Cpu)),
         ];
-        let grads = params.iter().map(|p| p.randn_like() * 1e-2).collect();
-        (params, grads)
+        let zeros = || params.iter().map(|p| p.zeros_like()).collect::<Vec<_>>();
+        Fixture {
+            grads: params.iter().map(|p| p.randn_like() * 1e-2).collect(),
+            m: zeros(),
+            v: zeros(),
+            steps: params.iter().map(|_| Tensor::from(1.0f32)).collect(),
+            hp: FusedAdamWStep {
+                lr: 1e-2,
+                beta1: 0.9,
+                beta2: 0.999,
+                weight_decay,
+                eps: 1e-8,
+            },
+            params,
+        }
     }
 
     #[test]
     fn fused_step_follows_the_adamw_formula() {
         assert!(fused_adamw_available(), "the shim is built wherever LIBTORCH is set");
-        let (params, grads) = fixture(3);
+        let Fixture {
+            params,
+            grads,
+            m,
+            v,
+            steps,
+            hp,
+        } = fixture(3, 0.1);
         let before: Vec<Tensor> = params.iter().map(|p| p.copy()).collect();
-        let m: Vec<Tensor> = params.iter().map(|p| p.zeros_like()).collect();
-        let v: Vec<Tensor> = params.iter().map(|p| p.zeros_like()).collect();
-        let steps: Vec<Tensor> = params.iter().map(|_| Tensor::from(1.0f32)).collect();
-        let hp = FusedAdamWStep {
-            lr: 1e-2,
-            beta1: 0.9,
-            beta2: 0.999,
-            weight_decay: 0.1,
-            eps: 1e-8,
-        };
         fused_adamw_(&params, &grads, &m, &v, &steps, hp).unwrap();
         for i in 0..params.len() {
             // Step 1 from zero moments: m = 0.1 g, v = 0.001 g^2, m_hat / sqrt(v_hat) = g / |g|.
@@ -229,17 +249,14 @@ mod tests {
 
     #[test]
     fn mismatched_lists_and_bad_settings_are_typed_errors() {
-        let (params, grads) = fixture(4);
-        let m: Vec<Tensor> = params.iter().map(|p| p.zeros_like()).collect();
-        let v: Vec<Tensor> = params.iter().map(|p| p.zeros_like()).collect();
-        let steps: Vec<Tensor> = params.iter().map(|_| Tensor::from(1.0f32)).collect();
-        let hp = FusedAdamWStep {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            weight_decay: 0.0,
-            eps: 1e-8,
-        };
+        let Fixture {
+            params,
+            grads,
+            m,
+            v,
+            steps,
+            hp,
+        } = fixture(4, 0.0);
         assert!(fused_adamw_(&params, &grads[..1], &m, &v, &steps, hp).is_err());
         let wrong = vec![params[1].zeros_like(), params[0].zeros_like()];
         assert!(matches!(
