@@ -104,85 +104,69 @@ pub fn fused_adamw_(
     if n == 0 {
         return Ok(());
     }
-    run(params, grads, exp_avgs, exp_avg_sqs, state_steps, step)
-}
-
-#[cfg(vh_fused_adamw)]
-fn run(
-    params: &[Tensor],
-    grads: &[Tensor],
-    exp_avgs: &[Tensor],
-    exp_avg_sqs: &[Tensor],
-    state_steps: &[Tensor],
-    step: FusedAdamWStep,
-) -> Result<()> {
-    use std::ffi::{c_char, c_int, c_void, CStr};
-    extern "C" {
-        fn vh_fused_adamw(
-            params: *const *mut c_void,
-            grads: *const *mut c_void,
-            exp_avgs: *const *mut c_void,
-            exp_avg_sqs: *const *mut c_void,
-            state_steps: *const *mut c_void,
-            n: usize,
-            lr: f64,
-            beta1: f64,
-            beta2: f64,
-            weight_decay: f64,
-            eps: f64,
-            err: *mut c_char,
-            len: usize,
-        ) -> c_int;
+    #[cfg(not(vh_fused_adamw))]
+    {
+        let _ = (params, grads, exp_avgs, exp_avg_sqs, state_steps, step);
+        Err(TrainError::InvalidArgument(
+            "fused AdamW is unavailable: this build had no libtorch headers (set LIBTORCH when building)".into(),
+        ))
     }
-    // tch's handles are `torch::Tensor*`; the shim copies them (reference counts) before use.
-    let handles = |ts: &[Tensor]| ts.iter().map(|t| t.as_ptr() as *mut c_void).collect::<Vec<_>>();
-    let (p, g, m, v, s) = (
-        handles(params),
-        handles(grads),
-        handles(exp_avgs),
-        handles(exp_avg_sqs),
-        handles(state_steps),
-    );
-    let mut err = vec![0 as c_char; 1024];
-    // SAFETY: every pointer is a live tch tensor handle borrowed for the duration of the call,
-    // all lists have `params.len()` entries (checked above), and `err` has `err.len()` bytes.
-    let rc = unsafe {
-        vh_fused_adamw(
-            p.as_ptr(),
-            g.as_ptr(),
-            m.as_ptr(),
-            v.as_ptr(),
-            s.as_ptr(),
-            params.len(),
-            step.lr,
-            step.beta1,
-            step.beta2,
-            step.weight_decay,
-            step.eps,
-            err.as_mut_ptr(),
-            err.len(),
-        )
-    };
-    if rc != 0 {
-        // SAFETY: the shim writes a NUL-terminated message within `err`.
-        let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
-        return Err(TrainError::Torch(tch::TchError::Torch(msg)));
+    #[cfg(vh_fused_adamw)]
+    {
+        use std::ffi::{c_char, c_int, c_void, CStr};
+        extern "C" {
+            fn vh_fused_adamw(
+                params: *const *mut c_void,
+                grads: *const *mut c_void,
+                exp_avgs: *const *mut c_void,
+                exp_avg_sqs: *const *mut c_void,
+                state_steps: *const *mut c_void,
+                n: usize,
+                lr: f64,
+                beta1: f64,
+                beta2: f64,
+                weight_decay: f64,
+                eps: f64,
+                err: *mut c_char,
+                len: usize,
+            ) -> c_int;
+        }
+        // tch's handles are `torch::Tensor*`; the shim copies them (reference counts) before use.
+        let handles = |ts: &[Tensor]| ts.iter().map(|t| t.as_ptr() as *mut c_void).collect::<Vec<_>>();
+        let (p, g, m, v, s) = (
+            handles(params),
+            handles(grads),
+            handles(exp_avgs),
+            handles(exp_avg_sqs),
+            handles(state_steps),
+        );
+        let mut err = vec![0 as c_char; 1024];
+        // SAFETY: every pointer is a live tch tensor handle borrowed for the duration of the call,
+        // all lists have `params.len()` entries (checked above), and `err` has `err.len()` bytes.
+        let rc = unsafe {
+            vh_fused_adamw(
+                p.as_ptr(),
+                g.as_ptr(),
+                m.as_ptr(),
+                v.as_ptr(),
+                s.as_ptr(),
+                params.len(),
+                step.lr,
+                step.beta1,
+                step.beta2,
+                step.weight_decay,
+                step.eps,
+                err.as_mut_ptr(),
+                err.len(),
+            )
+        };
+        if rc != 0 {
+            // SAFETY: the shim writes a NUL-terminated message within `err`.
+            let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
+            return Err(TrainError::Torch(tch::TchError::Torch(msg)));
+        }
+        Ok(())
     }
-    Ok(())
-}
-
-#[cfg(not(vh_fused_adamw))]
-fn run(
-    _params: &[Tensor],
-    _grads: &[Tensor],
-    _exp_avgs: &[Tensor],
-    _exp_avg_sqs: &[Tensor],
-    _state_steps: &[Tensor],
-    _step: FusedAdamWStep,
-) -> Result<()> {
-    Err(TrainError::InvalidArgument(
-        "fused AdamW is unavailable: this build had no libtorch headers (set LIBTORCH when building)".into(),
-    ))
 }
 
 #[cfg(test)]

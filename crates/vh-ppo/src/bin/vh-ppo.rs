@@ -237,6 +237,8 @@ fn interrupted_anywhere(trainer: &PpoTrainer) -> Result<bool> {
 }
 
 fn main() -> Result<()> {
+    // As every binary of ours: freed tensor memory stays for reuse (see the function's doc).
+    valuehead::keep_freed_tensor_memory();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("error")).init();
     let args = Args::parse();
     if args.threads > 0 {
