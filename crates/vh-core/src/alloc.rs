@@ -26,20 +26,26 @@ pub enum AllocatorTuning {
     Unsupported,
 }
 
+/// glibc's environment variables for the same thresholds; any of them set means the user chose.
+pub const MALLOC_VARIABLES: [&str; 3] = ["MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_"];
+/// The trim threshold set: freed memory at the heap's top kept up to 256 MB.
+pub const TRIM_THRESHOLD: usize = 256 << 20;
+/// The mmap threshold set: 32 MB, the largest glibc accepts on 64-bit targets.
+pub const MMAP_THRESHOLD: usize = 32 << 20;
+
 /// Keeps up to 256 MB of freed heap memory for reuse instead of returning it to the kernel after
 /// every large free, and serves allocations below 32 MB (glibc's largest mmap threshold on 64-bit
 /// targets) from the heap. glibc only; elsewhere a no-op. Call once at the start of a program,
 /// before loading models.
 pub fn keep_freed_tensor_memory() -> AllocatorTuning {
-    const TRIM: usize = 256 << 20;
-    const MMAP: usize = 32 << 20;
-    let env_set = ["MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_"]
-        .iter()
-        .any(|k| std::env::var_os(k).is_some());
-    if env_set {
+    if environment_sets_thresholds() {
         return AllocatorTuning::LeftToEnvironment;
     }
-    set_thresholds(TRIM, MMAP)
+    set_thresholds(TRIM_THRESHOLD, MMAP_THRESHOLD)
+}
+
+fn environment_sets_thresholds() -> bool {
+    MALLOC_VARIABLES.iter().any(|k| std::env::var_os(k).is_some())
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -68,9 +74,7 @@ mod tests {
 
     #[test]
     fn thresholds_are_applied_on_glibc_unless_the_environment_sets_them() {
-        let env_set = ["MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_"]
-            .iter()
-            .any(|k| std::env::var_os(k).is_some());
+        let env_set = environment_sets_thresholds();
         let got = keep_freed_tensor_memory();
         if env_set {
             assert_eq!(got, AllocatorTuning::LeftToEnvironment);
@@ -78,8 +82,8 @@ mod tests {
             assert_eq!(
                 got,
                 AllocatorTuning::Applied {
-                    trim_threshold: 256 << 20,
-                    mmap_threshold: 32 << 20
+                    trim_threshold: TRIM_THRESHOLD,
+                    mmap_threshold: MMAP_THRESHOLD
                 }
             );
             // Allocations still work and are served after the change.
