@@ -669,11 +669,32 @@ mod tests {
         let scale = reference.abs().max().double_value(&[]);
         let diff = (logits - &reference).abs().max().double_value(&[]);
         assert!(diff <= 2e-2 * scale, "bf16 logits moved by {diff} (scale {scale})");
-        // Back in f32 the weights return to [in, out] order.
+        // Back in f32 on CPU they keep [out, in] order, and the values.
         vs.float();
         model.arrange_weights().unwrap();
         let w = &model.transformer.h[0].attn.c_attn.weight;
-        assert!(w.is_contiguous() && w.kind() == Kind::Float);
+        assert_eq!((w.stride(), w.kind()), (vec![1, 16], Kind::Float));
+    }
+
+    #[test]
+    fn f32_arranged_weights_give_the_same_outputs_with_and_without_a_graph() {
+        let (vs, model) = random_model(&tiny());
+        let ids = Tensor::from_slice2(&[[1i64, 7, 3, 9], [4, 4, 2, 8]]);
+        let reference = model.forward(&ids, None, None, None, false).unwrap().logits;
+        model.arrange_weights().unwrap();
+        let w = &model.transformer.h[0].mlp.c_fc.weight;
+        assert_eq!(w.stride(), vec![1, 16], "[out, in] memory order");
+        // Recorded (MKL's addmm over the arranged weight) and not recorded (oneDNN at 8 rows).
+        let recorded = model.forward(&ids, None, None, None, false).unwrap().logits;
+        assert!(recorded.requires_grad());
+        let unrecorded = tch::no_grad(|| model.forward(&ids, None, None, None, false).unwrap().logits);
+        assert!(!unrecorded.requires_grad());
+        let scale = reference.abs().max().double_value(&[]);
+        for (what, logits) in [("recorded", &recorded), ("not recorded", &unrecorded)] {
+            let diff = (logits - &reference).abs().max().double_value(&[]);
+            assert!(diff <= 1e-5 * scale, "{what}: f32 logits moved by {diff} (scale {scale})");
+        }
+        drop(vs);
     }
 
     #[test]

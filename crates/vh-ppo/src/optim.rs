@@ -177,9 +177,11 @@ impl StatefulAdamW {
     /// returns the step count, which the caller stores with the rest of its state.
     pub fn save(&self, path: &Path) -> Result<u64> {
         let mut named: Vec<(String, Tensor)> = Vec::with_capacity(2 * self.slots.len());
+        // Moments share their parameter's memory order (GPT-2's Conv1D weights are [out, in] in
+        // memory on CPU); the file holds them row-major, as torch.save's would.
         for s in &self.slots {
-            named.push((format!("exp_avg.{}", s.name), s.exp_avg.shallow_clone()));
-            named.push((format!("exp_avg_sq.{}", s.name), s.exp_avg_sq.shallow_clone()));
+            named.push((format!("exp_avg.{}", s.name), s.exp_avg.f_contiguous()?));
+            named.push((format!("exp_avg_sq.{}", s.name), s.exp_avg_sq.f_contiguous()?));
         }
         Tensor::write_safetensors(&named, path)?;
         Ok(self.step)
