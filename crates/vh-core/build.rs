@@ -20,7 +20,10 @@ fn main() {
         return;
     };
     if !libtorch.join("include/ATen/core/dispatch/Dispatcher.h").is_file() {
-        println!("cargo:warning=vh-core: no libtorch headers under {}, building without the oneDNN linear shim", libtorch.display());
+        println!(
+            "cargo:warning=vh-core: no libtorch headers under {}, building without the oneDNN linear shim",
+            libtorch.display()
+        );
         return;
     }
     cxx::libtorch_cxx_build(&libtorch)

@@ -232,7 +232,10 @@ fn t5_adapters_match_peft() {
         }
         // Both with a graph: the same kernels (without one, few-row products may take oneDNN).
         let again = run(&explicit);
-        assert!(again.logits.detach().equal(&out.logits.detach()), "{name}: both loads agree");
+        assert!(
+            again.logits.detach().equal(&out.logits.detach()),
+            "{name}: both loads agree"
+        );
         let trainable = trainable_names(model.var_store());
         let expected_trainable: BTreeSet<String> = case["trainable"]
             .as_array()

@@ -193,7 +193,8 @@ pub fn small_rows_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> 
     if rows == 0 || rows > ONEDNN_MAX_ROWS || !has_onednn() {
         return Ok(None);
     }
-    let graph = is_grad_enabled() && (x.requires_grad() || weight.requires_grad() || bias.is_some_and(|b| b.requires_grad()));
+    let graph =
+        is_grad_enabled() && (x.requires_grad() || weight.requires_grad() || bias.is_some_and(|b| b.requires_grad()));
     if graph {
         return Ok(None);
     }
@@ -459,12 +460,16 @@ mod tests {
         // A weight that takes part in a graph: the caller's own call, so autograd sees it.
         let trained = w.copy().set_requires_grad(true);
         assert!(small_rows_linear(&x, &trained, Some(&b)).unwrap().is_none());
-        assert!(tch::no_grad(|| small_rows_linear(&x, &trained, Some(&b))).unwrap().is_some());
+        assert!(tch::no_grad(|| small_rows_linear(&x, &trained, Some(&b)))
+            .unwrap()
+            .is_some());
         // Too many rows, another kind, a non-contiguous weight, mismatched widths.
         let many = Tensor::randn([ONEDNN_MAX_ROWS + 1, 16], (Kind::Float, tch::Device::Cpu));
         assert!(small_rows_linear(&many, &w, Some(&b)).unwrap().is_none());
         let half = x.to_kind(Kind::BFloat16);
-        assert!(small_rows_linear(&half, &w.to_kind(Kind::BFloat16), None).unwrap().is_none());
+        assert!(small_rows_linear(&half, &w.to_kind(Kind::BFloat16), None)
+            .unwrap()
+            .is_none());
         let strided = Tensor::randn([16, 24], (Kind::Float, tch::Device::Cpu)).tr();
         assert!(small_rows_linear(&x, &strided, Some(&b)).unwrap().is_none());
         assert!(small_rows_linear(&x.narrow(2, 0, 8), &w, Some(&b)).unwrap().is_none());

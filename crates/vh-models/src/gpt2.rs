@@ -692,7 +692,10 @@ mod tests {
         let scale = reference.abs().max().double_value(&[]);
         for (what, logits) in [("recorded", &recorded), ("not recorded", &unrecorded)] {
             let diff = (logits - &reference).abs().max().double_value(&[]);
-            assert!(diff <= 1e-5 * scale, "{what}: f32 logits moved by {diff} (scale {scale})");
+            assert!(
+                diff <= 1e-5 * scale,
+                "{what}: f32 logits moved by {diff} (scale {scale})"
+            );
         }
         drop(vs);
     }

@@ -128,8 +128,12 @@ pub fn fused_adamw_(
     if n == 0 {
         return Ok(());
     }
-    let (mut p_views, mut g_views, mut m_views, mut v_views) =
-        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut p_views, mut g_views, mut m_views, mut v_views) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
     for (i, p) in params.iter().enumerate() {
         let order = dense_order(p).ok_or_else(|| {
             TrainError::InvalidArgument(format!(
@@ -302,10 +306,16 @@ mod tests {
         let transposed = |t: &Tensor| t.tr().contiguous().tr();
         // The contiguous run, then the same numbers with the matrix stored [cols, rows].
         let contiguous: Vec<Tensor> = params.iter().map(|p| p.copy()).collect();
-        let (cm, cv) = (m.iter().map(|t| t.copy()).collect::<Vec<_>>(), v.iter().map(|t| t.copy()).collect::<Vec<_>>());
+        let (cm, cv) = (
+            m.iter().map(|t| t.copy()).collect::<Vec<_>>(),
+            v.iter().map(|t| t.copy()).collect::<Vec<_>>(),
+        );
         fused_adamw_(&contiguous, &grads, &cm, &cv, &steps, hp).unwrap();
         let laid = vec![transposed(&params[0]), params[1].copy()];
-        let (lm, lv) = (vec![laid[0].zeros_like(), m[1].copy()], vec![laid[0].zeros_like(), v[1].copy()]);
+        let (lm, lv) = (
+            vec![laid[0].zeros_like(), m[1].copy()],
+            vec![laid[0].zeros_like(), v[1].copy()],
+        );
         assert_eq!(lm[0].stride(), laid[0].stride(), "zeros_like keeps the order");
         // Gradient 0 stays contiguous: it is read through a copy in the parameter's order.
         fused_adamw_(&laid, &grads, &lm, &lv, &steps, hp).unwrap();
@@ -319,7 +329,10 @@ mod tests {
         let err = fused_adamw_(&laid, &grads, &contiguous_m, &lv, &steps, hp).unwrap_err();
         assert!(err.to_string().contains("zeros_like"), "{err}");
         // Overlapping memory (an expanded tensor) is refused.
-        let expanded = vec![Tensor::ones([1, 5], (Kind::Float, Device::Cpu)).expand([7, 5], false), params[1].copy()];
+        let expanded = vec![
+            Tensor::ones([1, 5], (Kind::Float, Device::Cpu)).expand([7, 5], false),
+            params[1].copy(),
+        ];
         assert!(fused_adamw_(&expanded, &grads, &m, &v, &steps, hp).is_err());
     }
 
