@@ -29,3 +29,33 @@ pub fn link_torch_cpu(libtorch: &Path) {
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-link-lib=dylib=c10");
 }
+
+/// An optional shim of crate `krate`: compiled from `source` into library `lib` when `LIBTORCH`
+/// names a libtorch whose include folder has `header`, and then announced as `--cfg {cfg}`;
+/// otherwise a cargo warning, and the crate builds without it (its Rust side falls back or
+/// reports a typed error). Returns whether it was built.
+#[allow(dead_code)] // vh-dist includes this file and always needs its shim.
+pub fn optional_shim(krate: &str, source: &str, header: &str, lib: &str, cfg: &str) -> bool {
+    println!("cargo:rerun-if-env-changed=LIBTORCH");
+    println!("cargo:rerun-if-changed={source}");
+    println!("cargo:rustc-check-cfg=cfg({cfg})");
+    let Some(libtorch) = std::env::var_os("LIBTORCH").map(std::path::PathBuf::from) else {
+        println!("cargo:warning={krate}: LIBTORCH is not set, building without {source}");
+        return false;
+    };
+    let include = libtorch.join("include");
+    if !include.join(header).is_file() {
+        println!(
+            "cargo:warning={krate}: {} has no {header}, building without {source}",
+            include.display()
+        );
+        return false;
+    }
+    libtorch_cxx_build(&libtorch)
+        .file(source)
+        .flag_if_supported("-w")
+        .compile(lib);
+    link_torch_cpu(&libtorch);
+    println!("cargo:rustc-cfg={cfg}");
+    true
+}

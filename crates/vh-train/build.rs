@@ -9,28 +9,13 @@ mod cxx;
 #[path = "../../build/link_libtorch.rs"]
 mod shared;
 
-use std::path::PathBuf;
-
 fn main() {
     shared::link_libtorch();
-    println!("cargo:rerun-if-changed=csrc/fused_adamw.cpp");
-    println!("cargo:rustc-check-cfg=cfg(vh_fused_adamw)");
-    let Some(libtorch) = std::env::var_os("LIBTORCH").map(PathBuf::from) else {
-        println!("cargo:warning=vh-train: LIBTORCH is not set, building without the fused AdamW shim");
-        return;
-    };
-    let include = libtorch.join("include");
-    if !include.join("ATen/ops/_fused_adamw.h").is_file() {
-        println!(
-            "cargo:warning=vh-train: {} has no ATen/ops/_fused_adamw.h, building without the fused AdamW shim",
-            include.display()
-        );
-        return;
-    }
-    cxx::libtorch_cxx_build(&libtorch)
-        .file("csrc/fused_adamw.cpp")
-        .flag_if_supported("-w")
-        .compile("vh_fused_adamw");
-    cxx::link_torch_cpu(&libtorch);
-    println!("cargo:rustc-cfg=vh_fused_adamw");
+    cxx::optional_shim(
+        "vh-train",
+        "csrc/fused_adamw.cpp",
+        "ATen/ops/_fused_adamw.h",
+        "vh_fused_adamw",
+        "vh_fused_adamw",
+    );
 }
