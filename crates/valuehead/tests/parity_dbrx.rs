@@ -18,6 +18,13 @@ use valuehead::{AttnImplementation, CausalLmWithValueHead, LoadOptions};
 /// python/parity_dbrx.py's seed before its train-mode pass.
 const TRAIN_SEED: i64 = 1234;
 
+/// One test at a time: the jitter test seeds libtorch's global generator and then draws from it,
+/// and a test loading a model beside it could draw in between.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn root() -> &'static PathBuf {
     static DATA: OnceLock<PathBuf> = OnceLock::new();
     // One intra-op thread keeps CPU results reproducible (see common::vh_forward).
@@ -33,17 +40,20 @@ fn cases() -> Vec<Case> {
 
 #[test]
 fn dbrx_matches_trl_full_and_incremental() {
+    let _serial = serial();
     check_causal_cases("DBRX parity against TRL 0.26.2 (eager)", cases());
 }
 
 #[test]
 fn vh_forward_cli_matches_trl_on_dbrx() {
+    let _serial = serial();
     check_cli("`vh forward` on DBRX against TRL 0.26.2 (eager)", cases(), true);
 }
 
 /// The default call with no attention mask at all (labels = the ids), every position.
 #[test]
 fn dbrx_default_call_without_a_mask_matches_trl() {
+    let _serial = serial();
     let mut rows = Vec::new();
     let mut worst: f64 = 0.0;
     for case in cases() {
@@ -70,6 +80,7 @@ fn dbrx_default_call_without_a_mask_matches_trl() {
 /// HF's sdpa unmasks fully padded query rows, which then attend to every key.
 #[test]
 fn dbrx_default_attention_matches_hf_sdpa_at_attended_positions() {
+    let _serial = serial();
     let mut rows = Vec::new();
     for case in cases() {
         let model = CausalLmWithValueHead::from_folder(&case.dir, &LoadOptions::default()).unwrap();
@@ -93,6 +104,7 @@ fn dbrx_default_attention_matches_hf_sdpa_at_attended_positions() {
 /// after the backbone: not compared). Eager attention, as the reference.
 #[test]
 fn dbrx_train_mode_jitter_matches_seeded_hf() {
+    let _serial = serial();
     let mut checked = 0;
     for case in cases() {
         let expected = read_tensors(&case.dir.join("extra.safetensors"));
@@ -127,6 +139,7 @@ fn dbrx_train_mode_jitter_matches_seeded_hf() {
 /// `dtype=torch.bfloat16`, on the default call.
 #[test]
 fn dbrx_bf16_matches_trl_bf16() {
+    let _serial = serial();
     let options = LoadOptions {
         dtype: Kind::BFloat16,
         ..eager()
@@ -169,6 +182,7 @@ fn dbrx_bf16_matches_trl_bf16() {
 /// Configs transformers rejects or cannot run are typed errors here, not panics.
 #[test]
 fn dbrx_bad_configs_are_typed_errors() {
+    let _serial = serial();
     let case = &cases()[0];
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(case.dir.join("config.json")).unwrap()).unwrap();

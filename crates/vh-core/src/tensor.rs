@@ -133,16 +133,13 @@ pub fn position_ids_from_mask(mask: &Tensor, new_len: i64) -> Result<Tensor> {
 /// At most this many positions count as a decode step for [`lm_logits`].
 const DECODE_ROWS: i64 = 16;
 
-/// At most this many rows of activations take oneDNN's kernel in [`small_rows_linear`].
-pub const ONEDNN_MAX_ROWS: i64 = 64;
+/// Whether [`graph_free_linear`] may use oneDNN (on by default; see [`set_onednn_linear`]).
+static ONEDNN_LINEAR: AtomicBool = AtomicBool::new(true);
 
-/// Whether [`small_rows_linear`] may use oneDNN (on by default; see [`set_onednn_small_rows`]).
-static ONEDNN_SMALL_ROWS: AtomicBool = AtomicBool::new(true);
-
-/// Turns oneDNN's kernel for small f32 products on CPU on or off, process-wide, and returns
-/// the previous setting. Off, every product takes the call PyTorch's modules make (MKL).
-pub fn set_onednn_small_rows(on: bool) -> bool {
-    ONEDNN_SMALL_ROWS.swap(on, Ordering::Relaxed)
+/// Turns oneDNN's kernel for f32 products on CPU outside autograd on or off, process-wide, and
+/// returns the previous setting. Off, every product takes the call PyTorch's modules make (MKL).
+pub fn set_onednn_linear(on: bool) -> bool {
+    ONEDNN_LINEAR.swap(on, Ordering::Relaxed)
 }
 
 /// Whether autograd records operations on this thread: PyTorch's `torch.is_grad_enabled()`.
@@ -162,18 +159,19 @@ fn has_onednn() -> bool {
     *HAS.get_or_init(tch::utils::has_mkldnn)
 }
 
-/// `x @ weight^T (+ bias)` through oneDNN for a product with few rows, or `None` where that
-/// does not apply and the caller makes its usual call. `x` [..., in], `weight` [out, in]
-/// contiguous, all f32 on CPU, at most [`ONEDNN_MAX_ROWS`] rows, and no graph to record.
+/// `x @ weight^T (+ bias)` through oneDNN where no graph is recorded, or `None` where that does
+/// not apply and the caller makes its usual call. `x` [..., in], `weight` [out, in] contiguous,
+/// all f32 on CPU, and grad mode off or nothing in the product requiring grad.
 ///
-/// Why: a decode step multiplies each weight by a few rows. MKL's sgemm packs the whole weight
-/// on every such call, and oneDNN's kernel does not: on a 2-core AMD EPYC (AVX2, torch 2.11)
-/// GPT-2-small's 48 block products at 8 rows take 30 ms instead of 50 (addmm) or 41 (linear),
-/// 17 instead of 23 at one row. Larger products run level, so they keep MKL. The sums are the
-/// same up to rounding order (about 1e-6 relative). oneDNN's bf16 kernel needs AVX-512 or
-/// AVX-NE-CONVERT, so other kinds keep PyTorch's call.
-pub fn small_rows_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
-    if !ONEDNN_SMALL_ROWS.load(Ordering::Relaxed)
+/// Why (2-core AMD EPYC, AVX2, torch 2.11, 2 threads): a decode step multiplies each weight by a
+/// few rows, and MKL's sgemm packs the whole weight on every such call while oneDNN's kernel
+/// does not. GPT-2-small's 48 block products take 25 ms at 8 rows against 50 (addmm, HF's
+/// Conv1D) or 41 (linear), 12 against 23 at one row. With more rows oneDNN still leads: 5-12%
+/// from 256 to 2048 rows, 13-24% on the LM head at 1024. The sums are the same up to rounding
+/// order (about 1e-6 relative). Training keeps PyTorch's call (this operator has no backward),
+/// and so do other kinds (oneDNN's bf16 kernel needs AVX-512 or AVX-NE-CONVERT).
+pub fn graph_free_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
+    if !ONEDNN_LINEAR.load(Ordering::Relaxed)
         || x.device() != tch::Device::Cpu
         || x.kind() != Kind::Float
         || weight.kind() != Kind::Float
@@ -190,7 +188,7 @@ pub fn small_rows_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> 
         return Ok(None);
     }
     let rows = x.numel() as i64 / in_dim;
-    if rows == 0 || rows > ONEDNN_MAX_ROWS || !has_onednn() {
+    if rows == 0 || !has_onednn() {
         return Ok(None);
     }
     let graph =
@@ -298,10 +296,10 @@ pub fn lm_logits(hidden: &Tensor, weight: &Tensor, logits_to_keep: i64) -> Resul
     // EPYC (AVX2, torch 2.11, f32) oneDNN streams GPT-2's head in 5.9 ms at one row (MKL's
     // matrix-vector kernel 12.5) and 14 ms at 8 rows (`hidden @ weight^T` 26, `weight @
     // hidden^T` 21); at 2-4 rows `weight @ hidden^T` is the fastest (5.5-8 ms), and it is also
-    // the fastest for bf16, which oneDNN cannot take there. The sums are the same up to
-    // rounding order.
+    // the fastest for bf16, which oneDNN cannot take there. At 1024 rows oneDNN takes 557 ms
+    // against 733 for `hidden @ weight^T`. The sums are the same up to rounding order.
     if !(2..=4).contains(&rows) {
-        if let Some(logits) = small_rows_linear(&hidden, weight, None)? {
+        if let Some(logits) = graph_free_linear(&hidden, weight, None)? {
             return Ok(logits);
         }
     }
@@ -444,39 +442,43 @@ mod tests {
     }
 
     #[test]
-    fn small_rows_take_onednn_only_where_no_graph_is_recorded() {
+    fn products_take_onednn_only_where_no_graph_is_recorded() {
         let _switch = ONEDNN_SWITCH.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(7);
         let w = Tensor::randn([24, 16], (Kind::Float, tch::Device::Cpu));
         let b = Tensor::randn([24], (Kind::Float, tch::Device::Cpu));
         let x = Tensor::randn([2, 3, 16], (Kind::Float, tch::Device::Cpu));
         let expected = x.linear(&w, Some(&b));
-        let out = small_rows_linear(&x, &w, Some(&b)).unwrap().expect("6 f32 rows on CPU");
+        let out = graph_free_linear(&x, &w, Some(&b)).unwrap().expect("6 f32 rows on CPU");
         assert_eq!(out.size(), vec![2, 3, 24]);
         let err = (&out - &expected).abs().max().double_value(&[]);
         assert!(err < 1e-5, "oneDNN vs linear: {err}");
-        let no_bias = small_rows_linear(&x, &w, None).unwrap().unwrap();
+        let no_bias = graph_free_linear(&x, &w, None).unwrap().unwrap();
         assert!((no_bias - x.linear::<Tensor>(&w, None)).abs().max().double_value(&[]) < 1e-5);
         // A weight that takes part in a graph: the caller's own call, so autograd sees it.
         let trained = w.copy().set_requires_grad(true);
-        assert!(small_rows_linear(&x, &trained, Some(&b)).unwrap().is_none());
-        assert!(tch::no_grad(|| small_rows_linear(&x, &trained, Some(&b)))
+        assert!(graph_free_linear(&x, &trained, Some(&b)).unwrap().is_none());
+        assert!(tch::no_grad(|| graph_free_linear(&x, &trained, Some(&b)))
             .unwrap()
             .is_some());
-        // Too many rows, another kind, a non-contiguous weight, mismatched widths.
-        let many = Tensor::randn([ONEDNN_MAX_ROWS + 1, 16], (Kind::Float, tch::Device::Cpu));
-        assert!(small_rows_linear(&many, &w, Some(&b)).unwrap().is_none());
+        // Many rows take it too.
+        let many = Tensor::randn([300, 16], (Kind::Float, tch::Device::Cpu));
+        let out = graph_free_linear(&many, &w, Some(&b))
+            .unwrap()
+            .expect("300 f32 rows on CPU");
+        assert!((out - many.linear(&w, Some(&b))).abs().max().double_value(&[]) < 1e-5);
+        // Another kind, a non-contiguous weight, mismatched widths.
         let half = x.to_kind(Kind::BFloat16);
-        assert!(small_rows_linear(&half, &w.to_kind(Kind::BFloat16), None)
+        assert!(graph_free_linear(&half, &w.to_kind(Kind::BFloat16), None)
             .unwrap()
             .is_none());
         let strided = Tensor::randn([16, 24], (Kind::Float, tch::Device::Cpu)).tr();
-        assert!(small_rows_linear(&x, &strided, Some(&b)).unwrap().is_none());
-        assert!(small_rows_linear(&x.narrow(2, 0, 8), &w, Some(&b)).unwrap().is_none());
+        assert!(graph_free_linear(&x, &strided, Some(&b)).unwrap().is_none());
+        assert!(graph_free_linear(&x.narrow(2, 0, 8), &w, Some(&b)).unwrap().is_none());
         // Switched off: every product takes the caller's call.
-        let before = set_onednn_small_rows(false);
-        let off = small_rows_linear(&x, &w, Some(&b)).unwrap();
-        set_onednn_small_rows(before);
+        let before = set_onednn_linear(false);
+        let off = graph_free_linear(&x, &w, Some(&b)).unwrap();
+        set_onednn_linear(before);
         assert!(before && off.is_none());
     }
 
@@ -489,9 +491,9 @@ mod tests {
             let h = Tensor::randn([b, t, 16], (Kind::Float, tch::Device::Cpu));
             let expected = h.linear::<Tensor>(&w, None);
             for on in [true, false] {
-                let before = set_onednn_small_rows(on);
+                let before = set_onednn_linear(on);
                 let logits = lm_logits(&h, &w, 0).unwrap();
-                set_onednn_small_rows(before);
+                set_onednn_linear(before);
                 let err = (&logits - &expected).abs().max().double_value(&[]);
                 assert!(err < 1e-5, "{b}x{t} rows, oneDNN {on}: {err}");
             }

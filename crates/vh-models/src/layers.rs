@@ -49,7 +49,7 @@ impl Linear {
 
     /// [..., in] -> [..., out].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut out = match vh_core::tensor::small_rows_linear(x, &self.weight, self.bias.as_ref())? {
+        let mut out = match vh_core::tensor::graph_free_linear(x, &self.weight, self.bias.as_ref())? {
             Some(out) => out,
             None => x.f_linear(&self.weight, self.bias.as_ref())?,
         };
@@ -87,8 +87,8 @@ impl Conv1D {
     /// training and saving see the same tensor.
     ///
     /// Why [out, in] on CPU (torch 2.11): the bf16 kernel streams that order 1.2-1.4x faster
-    /// (x86); in f32 it lets a decode step's few-row products take oneDNN
-    /// (`vh_core::tensor::small_rows_linear`, which needs the [out, in] matrix contiguous), and
+    /// (x86); in f32 it lets products outside autograd take oneDNN
+    /// (`vh_core::tensor::graph_free_linear`, which needs the [out, in] matrix contiguous), and
     /// on a 2-core AMD EPYC (AVX2) a GPT-2-small b8x128 training step in PyTorch takes 6.9 s
     /// with it against 7.5-7.7 s in [in, out] order.
     pub fn arrange_weight(&self) -> Result<()> {
@@ -114,7 +114,7 @@ impl Conv1D {
         let mut size = x.size();
         let in_dim = *size.last().unwrap_or(&0);
         // `weight^T` is contiguous when the weight is arranged [out, in] (CPU).
-        let mut out = match vh_core::tensor::small_rows_linear(x, &self.weight.f_tr()?, Some(&self.bias))? {
+        let mut out = match vh_core::tensor::graph_free_linear(x, &self.weight.f_tr()?, Some(&self.bias))? {
             Some(out) => out,
             None => {
                 let out = self.bias.f_addmm(&x.f_reshape([-1, in_dim])?, &self.weight)?;
