@@ -144,8 +144,8 @@ pub fn set_onednn_linear(on: bool) -> bool {
 
 /// Whether autograd records operations on this thread: PyTorch's `torch.is_grad_enabled()`.
 pub fn is_grad_enabled() -> bool {
-    // libtorch's C API sets the thread-local mode and returns the previous one; it is put back
-    // at once. Neither call can fail.
+    // SAFETY: libtorch's C API sets the thread-local mode and returns the previous one, which is
+    // put back at once; neither call takes a pointer or can fail.
     unsafe {
         let prev = torch_sys::at_grad_set_enabled(0);
         torch_sys::at_grad_set_enabled(prev);
@@ -173,6 +173,8 @@ fn has_onednn() -> bool {
 pub fn graph_free_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
     if !ONEDNN_LINEAR.load(Ordering::Relaxed)
         || x.device() != tch::Device::Cpu
+        || weight.device() != tch::Device::Cpu
+        || bias.is_some_and(|b| b.device() != tch::Device::Cpu)
         || x.kind() != Kind::Float
         || weight.kind() != Kind::Float
         || weight.dim() != 2
@@ -202,7 +204,7 @@ pub fn graph_free_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> 
     Ok(Some(out.f_view(size.as_slice())?))
 }
 
-/// Whether few-row products reach oneDNN without layout conversions: this build carries the
+/// Whether products outside autograd reach oneDNN without layout conversions: this build carries the
 /// shim over `mkldnn::_linear_pointwise` (it needs libtorch's headers) and libtorch registers it.
 pub fn dense_onednn_linear_available() -> bool {
     #[cfg(vh_linear_pointwise)]
