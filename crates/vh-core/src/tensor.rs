@@ -186,7 +186,7 @@ pub fn graph_free_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> 
     let mut size = x.size();
     let in_dim = *size.last().unwrap_or(&0);
     let (out_dim, w_in) = (weight.size()[0], weight.size()[1]);
-    if in_dim != w_in || in_dim == 0 {
+    if in_dim != w_in || in_dim == 0 || out_dim == 0 {
         return Ok(None);
     }
     let rows = x.numel() as i64 / in_dim;
