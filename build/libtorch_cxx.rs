@@ -38,6 +38,9 @@ pub fn link_torch_cpu(libtorch: &Path) {
 pub fn optional_shim(krate: &str, source: &str, header: &str, lib: &str, cfg: &str) -> bool {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-changed={source}");
+    // build/shim_guard.h: the error plumbing every optional shim shares.
+    let guard_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../build");
+    println!("cargo:rerun-if-changed={}", guard_dir.join("shim_guard.h").display());
     println!("cargo:rustc-check-cfg=cfg({cfg})");
     let Some(libtorch) = std::env::var_os("LIBTORCH").map(std::path::PathBuf::from) else {
         println!("cargo:warning={krate}: LIBTORCH is not set, building without {source}");
@@ -52,6 +55,7 @@ pub fn optional_shim(krate: &str, source: &str, header: &str, lib: &str, cfg: &s
         return false;
     }
     libtorch_cxx_build(&libtorch)
+        .include(&guard_dir)
         .file(source)
         .flag_if_supported("-w")
         .compile(lib);

@@ -8,17 +8,12 @@
 #include <ATen/core/List.h>
 
 #include <cstddef>
-#include <cstring>
-#include <exception>
 #include <optional>
+#include <stdexcept>
+
+#include "shim_guard.h"
 
 namespace {
-void write_error(const char* what, char* err, size_t len) {
-  if (err == nullptr || len == 0) return;
-  std::strncpy(err, what, len - 1);
-  err[len - 1] = '\0';
-}
-
 using LinearPointwise = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                    c10::string_view, c10::List<std::optional<at::Scalar>>,
                                    std::optional<c10::string_view>);
@@ -41,22 +36,12 @@ extern "C" int vh_linear_pointwise_available() { return op() != nullptr ? 1 : 0;
 // `x @ weight^T (+ bias)`; `bias` may be null. 0 on success with `*out` set.
 extern "C" int vh_linear_pointwise(at::Tensor* x, at::Tensor* weight, at::Tensor* bias, at::Tensor** out,
                                    char* err, size_t len) {
-  try {
+  return vh_shim::guard("mkldnn::_linear_pointwise", err, len, [&] {
     auto handle = op();
-    if (handle == nullptr) {
-      write_error("mkldnn::_linear_pointwise is not registered in this libtorch", err, len);
-      return 1;
-    }
+    if (handle == nullptr) throw std::runtime_error("mkldnn::_linear_pointwise is not registered in this libtorch");
     std::optional<at::Tensor> b;
     if (bias != nullptr) b = *bias;
     at::Tensor y = handle->call(*x, *weight, b, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
     *out = new at::Tensor(std::move(y));
-    return 0;
-  } catch (const std::exception& e) {
-    write_error(e.what(), err, len);
-    return 1;
-  } catch (...) {
-    write_error("unknown C++ exception in mkldnn::_linear_pointwise", err, len);
-    return 1;
-  }
+  });
 }

@@ -6,17 +6,11 @@
 #include <ATen/ops/_fused_adamw.h>
 
 #include <cstddef>
-#include <cstring>
-#include <exception>
 #include <vector>
 
-namespace {
-void write_error(const char* what, char* err, size_t len) {
-  if (err == nullptr || len == 0) return;
-  std::strncpy(err, what, len - 1);
-  err[len - 1] = '\0';
-}
+#include "shim_guard.h"
 
+namespace {
 std::vector<at::Tensor> gather(at::Tensor** handles, size_t n) {
   std::vector<at::Tensor> out;
   out.reserve(n);
@@ -29,7 +23,7 @@ extern "C" int vh_fused_adamw(at::Tensor** params, at::Tensor** grads, at::Tenso
                               at::Tensor** exp_avg_sqs, at::Tensor** state_steps, size_t n,
                               double lr, double beta1, double beta2, double weight_decay,
                               double eps, char* err, size_t len) {
-  try {
+  return vh_shim::guard("at::_fused_adamw_", err, len, [&] {
     // The optimiser's step runs outside autograd, as torch.optim's does.
     at::NoGradGuard no_grad;
     auto p = gather(params, n);
@@ -40,12 +34,5 @@ extern "C" int vh_fused_adamw(at::Tensor** params, at::Tensor** grads, at::Tenso
     // No amsgrad (so no max_exp_avg_sqs), no maximize, no grad scaling: torch's defaults.
     std::vector<at::Tensor> none;
     at::_fused_adamw_(p, g, m, v, none, s, lr, beta1, beta2, weight_decay, eps, false, false);
-    return 0;
-  } catch (const std::exception& e) {
-    write_error(e.what(), err, len);
-    return 1;
-  } catch (...) {
-    write_error("unknown C++ exception in at::_fused_adamw_", err, len);
-    return 1;
-  }
+  });
 }
