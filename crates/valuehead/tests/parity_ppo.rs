@@ -234,7 +234,12 @@ fn trainer_math_matches_trl() {
             ("pg_loss", &loss.pg_loss),
             ("vf_loss", &loss.vf_loss),
             ("vf_clipfrac", &loss.vf_clipfrac),
-            ("pg_clipfrac", &loss.pg_clipfrac),
+            (
+                "pg_clipfrac",
+                loss.pg_clipfrac
+                    .as_ref()
+                    .expect("the reference batch has response tokens"),
+            ),
             ("approxkl", &loss.approxkl),
             ("ratio_mean", &loss.ratio_mean),
         ] {

@@ -236,7 +236,7 @@ fn mismatched_shapes_are_typed_errors() {
         vh_rl::ppo_loss(&batch, &vh_rl::PpoConfig::default()),
         Err(RlError::Shape { .. })
     ));
-    // Every response position masked: TRL's loss would be NaN; ours refuses.
+    // Every position masked in both masks: TRL's masks never do that; refused.
     let all = Tensor::ones([2, 4], (Kind::Bool, Device::Cpu));
     let batch = vh_rl::PpoBatch {
         padding_mask: &all,
@@ -247,6 +247,49 @@ fn mismatched_shapes_are_typed_errors() {
         vh_rl::ppo_loss(&batch, &vh_rl::PpoConfig::default()),
         Err(RlError::EmptyMask { .. })
     ));
+}
+
+#[test]
+fn a_micro_batch_of_empty_responses_trains_only_its_values() {
+    // Every response empty (each row's first token ended it): no policy term, and the value
+    // term alone trains, where TRL's masked mean is NaN and its step would be too.
+    let lp = Tensor::from_slice2(&[[-1.0f32, -2.0, -0.5, -3.0], [-0.2, -1.0, -2.0, -0.7]]).set_requires_grad(true);
+    let values = Tensor::from_slice2(&[[0.1f32, 0.2, 0.3, 0.4], [-0.1, 0.0, 0.5, 1.0]]);
+    let vpred = values.copy().set_requires_grad(true);
+    let targets = &values + 0.5;
+    let all = Tensor::ones([2, 4], (Kind::Bool, Device::Cpu));
+    let first_kept = Tensor::from_slice2(&[[false, true, true, true], [false, true, true, true]]);
+    let advantages = Tensor::ones([2, 4], (Kind::Float, Device::Cpu));
+    let batch = vh_rl::PpoBatch {
+        new_logprobs: &lp,
+        vpred: &vpred,
+        old_logprobs: &lp.detach(),
+        old_values: &values,
+        returns: &targets,
+        advantages: &advantages,
+        padding_mask: &all,
+        padding_mask_p1: &first_kept,
+    };
+    let cfg = vh_rl::PpoConfig::default();
+    let loss = vh_rl::ppo_loss(&batch, &cfg).unwrap();
+    assert!(loss.pg_clipfrac.is_none());
+    assert_eq!(loss.pg_loss.double_value(&[]), 0.0);
+    let vf = loss.vf_loss.double_value(&[]);
+    // vpred equals old_values, so clipping changes nothing: both squared errors are 0.5^2.
+    assert!((vf - 0.5 * 0.25).abs() < 1e-6, "vf_loss {vf}");
+    assert!((loss.loss.double_value(&[]) - cfg.vf_coef * vf).abs() < 1e-9);
+    vh_train::backward(&loss.loss).unwrap();
+    let grad = vpred.grad();
+    assert_eq!(grad.isfinite().all().int64_value(&[]), 1);
+    // Only each row's first value position gets a gradient, and the policy none.
+    assert_eq!(grad.ne(0.0).sum(Kind::Int64).int64_value(&[]), 2);
+    assert!(!lp.grad().defined() || lp.grad().eq(0.0).all().int64_value(&[]) == 1);
+    let mut stats = vh_rl::UpdateStats::default();
+    stats
+        .record(&loss, &Tensor::zeros([2, 4], (Kind::Float, Device::Cpu)))
+        .unwrap();
+    assert!(stats.pg_loss.is_empty() && stats.pg_clipfrac.is_empty());
+    assert_eq!(stats.vf_loss.len(), 1);
 }
 
 #[test]

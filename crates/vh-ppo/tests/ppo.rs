@@ -61,8 +61,20 @@ fn comparable(stats: &PpoStats) -> Vec<(&'static str, u64)> {
         .collect()
 }
 
-fn run(dir: &Path, steps: usize) -> Vec<PpoStats> {
-    let mut trainer = PpoTrainer::new(tiny_model(dir), target_share(), prompts(), config(steps)).unwrap();
+/// The learning tests' config: 16 rollouts per iteration (twice [`config`]'s). Over seeds 1 to
+/// 20 the reward then rose by at least 0.53 for the full model and 0.38 for the LoRA one (with
+/// oneDNN's products and without); with 8 rollouts some seeds rose by only 0.3 or collapsed onto
+/// an unrewarded reply, and another CPU's rounding is as good as another seed (CI met one).
+fn learning_config(steps: usize) -> PpoConfig {
+    PpoConfig {
+        per_device_train_batch_size: 8,
+        total_episodes: Some(steps * 16),
+        ..config(steps)
+    }
+}
+
+fn run(dir: &Path, config: PpoConfig) -> Vec<PpoStats> {
+    let mut trainer = PpoTrainer::new(tiny_model(dir), target_share(), prompts(), config).unwrap();
     assert!(trainer.last_timings().is_none(), "timings before any step");
     let mut all = Vec::new();
     while !trainer.is_done() {
@@ -80,7 +92,7 @@ fn run(dir: &Path, steps: usize) -> Vec<PpoStats> {
 fn ppo_learns_a_token_reward_on_a_tiny_model() {
     tch::set_num_threads(1);
     let tmp = tempfile::tempdir().unwrap();
-    let stats = run(tmp.path(), 30);
+    let stats = run(tmp.path(), learning_config(30));
     assert_eq!(stats.len(), 30);
     let mean = |s: &[PpoStats]| s.iter().map(|s| s.objective_scores).sum::<f64>() / s.len() as f64;
     let (before, after) = (mean(&stats[..3]), mean(&stats[27..]));
@@ -100,15 +112,25 @@ fn ppo_learns_a_token_reward_on_a_tiny_model() {
         after > before + 0.3,
         "the reward did not rise: {before:.3} -> {after:.3}"
     );
-    // The KL penalty keeps the policy near the reference: the summed per-token KL stays well
-    // below that of a policy collapsed onto the target (8 tokens x ln 50, the reference giving
-    // the target about 1/50), which the reward alone would drive it to.
-    let collapsed = 8.0 * 50f64.ln();
-    assert!(
-        max_kl < 0.75 * collapsed,
-        "objective/kl reached {max_kl} (collapse: {collapsed:.1})"
+    // The KL penalty is what holds the policy near its reference. At kl_coef 0.02 the
+    // KL-regularised optimum, pi_ref * exp(r / kl_coef) with r = 1/8 per target token, puts 0.91 on
+    // the target and is itself 26 nats (8 tokens) from the reference: a bound near collapse
+    // (8 ln 50 = 31) proves little. The same run with a strong coefficient (optimum: 0.03 on the
+    // target) must stay far closer.
+    let strong = run(
+        &tmp.path().join("strong"),
+        PpoConfig {
+            kl_coef: 0.5,
+            ..learning_config(30)
+        },
     );
-    assert_eq!(stats[0].episode, 8.0);
+    let strong_kl = strong.iter().map(|s| s.objective_kl).fold(f64::MIN, f64::max);
+    println!("max objective/kl with kl_coef 0.5: {strong_kl:.3}");
+    assert!(
+        strong_kl < 0.25 * max_kl,
+        "kl_coef 0.5 let objective/kl reach {strong_kl}, 0.02 reached {max_kl}"
+    );
+    assert_eq!(stats[0].episode, 16.0);
     assert!(stats[0].lr > stats[29].lr, "the learning rate decays linearly");
 }
 
@@ -116,7 +138,7 @@ fn ppo_learns_a_token_reward_on_a_tiny_model() {
 fn two_runs_under_a_seed_give_identical_stats() {
     tch::set_num_threads(1);
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (first, second) = (run(a.path(), 4), run(b.path(), 4));
+    let (first, second) = (run(a.path(), config(4)), run(b.path(), config(4)));
     let first: Vec<_> = first.iter().map(comparable).collect();
     let second: Vec<_> = second.iter().map(comparable).collect();
     assert_eq!(first, second);
@@ -256,15 +278,16 @@ fn rollout_logprobs_and_values_agree_with_the_update_forward() {
 }
 
 /// A tiny GPT-2 (as [`tiny_model`]) with a fresh LoRA adapter: r 8 on every linear layer,
-/// initialised from libtorch's global generator under a fixed seed (the lock keeps the tests of
-/// this binary, which run in parallel, from drawing from it in between).
+/// `lora_B` zero and `lora_A` deterministic noise in kaiming's +-1/sqrt(in) range. Not the
+/// global generator: every model load draws from it (a value head is built before its weights
+/// are read), and the tests of this binary load models in parallel, so a seeded draw here came
+/// out differently about one run in ten.
 ///
-/// The final LayerNorm's weight is set to 4 (the random tiny model's is uniform in +-0.35): the
+/// The final LayerNorm's weight is [`LN_F`] (the random tiny model's is uniform in +-0.35): the
 /// adapter cannot train it nor the tied embeddings, and with the random one every logit stays
 /// within about +-1 whatever the hidden state, so no adapter could raise a token's probability
 /// much (measured: a supervised LoRA run plateaued at 0.27 where full training reached 0.99).
 fn tiny_lora_model(dir: &Path) -> CausalLmWithValueHead {
-    static GLOBAL_GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
     drop(tiny_model(dir));
     let file = dir.join("model.safetensors");
     let tensors: Vec<(String, tch::Tensor)> = tch::Tensor::read_safetensors(&file)
@@ -279,14 +302,24 @@ fn tiny_lora_model(dir: &Path) -> CausalLmWithValueHead {
         })
         .collect();
     vh_hub::write_safetensors(&file, &tensors).unwrap();
-    let _guard = GLOBAL_GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
-    tch::manual_seed(11);
     let lora = valuehead::LoraConfig::from_json(&serde_json::json!({
         "peft_type": "LORA", "task_type": "CAUSAL_LM",
         "r": 8, "lora_alpha": 16, "target_modules": "all-linear",
     }))
     .unwrap();
-    CausalLmWithValueHead::with_new_adapter(dir, &lora, &LoadOptions::default()).unwrap()
+    let model = CausalLmWithValueHead::with_new_adapter(dir, &lora, &LoadOptions::default()).unwrap();
+    let mut variables: Vec<(String, tch::Tensor)> = model.var_store().variables().into_iter().collect();
+    variables.sort_by(|a, b| a.0.cmp(&b.0));
+    tch::no_grad(|| {
+        for (i, (name, t)) in variables.iter_mut().enumerate() {
+            if name.contains("lora_A") {
+                let size = t.size();
+                let bound = 1.0 / (size[1] as f64).sqrt();
+                t.copy_(&common::pseudo_random(&size, 500.0 + i as f64, bound));
+            }
+        }
+    });
+    model
 }
 
 /// The base model's tensors (neither adapter nor value head), copied.
@@ -299,19 +332,20 @@ fn base_tensors(model: &CausalLmWithValueHead) -> Vec<(String, tch::Tensor)> {
         .collect()
 }
 
-/// The LoRA test model's final LayerNorm weight.
-const LN_F: f64 = 2.0;
+/// The LoRA test model's final LayerNorm weight: HF's initial value. The pseudo-random one of the
+/// other tests (about 0.35) leaves an adapter too little reach into the logits; 2.0 made the model
+/// so peaked that half the seeds collapsed onto an unrewarded reply.
+const LN_F: f64 = 1.0;
 
 /// The share of response tokens with ids below 10 (a fifth of the vocabulary): a dense reward
-/// a random model earns about 0.2 of.
+/// the base model earns 0.08 to 0.22 of (seeds 1 to 20).
 fn low_id_share() -> Reward {
     Reward::function(|_prompt, response| {
         response.iter().filter(|&&t| t < 10).count() as f32 / response.len().max(1) as f32
     })
 }
 
-/// The LoRA test's learning rate (3e-2 diverged on this model; 1e-2 took the share from 0.19
-/// to 0.98).
+/// The LoRA test's learning rate (3e-3 learned too slowly for a robust margin in 30 iterations).
 const LORA_LR: f64 = 1e-2;
 
 #[test]
@@ -329,7 +363,7 @@ fn a_lora_policy_learns_with_its_base_as_the_reference() {
     assert!(!lora_b_before.is_empty());
     let config = PpoConfig {
         learning_rate: LORA_LR,
-        ..config(30)
+        ..learning_config(30)
     };
     let mut trainer = PpoTrainer::new(policy, low_id_share(), prompts(), config).unwrap();
     assert!(

@@ -359,14 +359,15 @@ pub struct PpoBatch<'a> {
 pub struct PpoLoss {
     /// `pg_loss + vf_coef * vf_loss`.
     pub loss: Tensor,
-    /// The clipped policy loss (masked mean over response tokens).
+    /// The clipped policy loss (masked mean over response tokens; 0 when there are none).
     pub pg_loss: Tensor,
     /// `0.5 *` the clipped value loss (masked mean over `~padding_mask_p1`).
     pub vf_loss: Tensor,
     /// Share of value positions where the clipped loss was the larger.
     pub vf_clipfrac: Tensor,
-    /// Share of response tokens where the clipped policy loss was the larger.
-    pub pg_clipfrac: Tensor,
+    /// Share of response tokens where the clipped policy loss was the larger; `None` when the
+    /// micro-batch has no response token.
+    pub pg_clipfrac: Option<Tensor>,
     /// `0.5 * mean(logprobs_diff^2)` over every position (padding counts as 0, as in TRL).
     pub approxkl: Tensor,
     /// The mean probability ratio over every position (padding counts as 1, as in TRL).
@@ -382,8 +383,13 @@ fn clamp_numbers(t: &Tensor, lo: f64, hi: f64) -> Result<Tensor> {
 
 /// The clipped PPO losses of TRL's update step and its statistics (`pg_clipfrac`, `approxkl`,
 /// the ratio's mean). Positions in `padding_mask` get [`INVALID_LOGPROB`] before the ratio (so
-/// their ratio is 1 against the rollout's), predictions beyond `padding_mask_p1` get 0. A mask
-/// that leaves no response token is an error (TRL: a NaN loss that it would step with).
+/// their ratio is 1 against the rollout's), predictions beyond `padding_mask_p1` get 0.
+///
+/// A micro-batch whose responses are all empty (each ended at its first token) has no policy
+/// term: `pg_loss` is 0 and `pg_clipfrac` `None`, and `loss` is the value term alone. TRL's masked
+/// mean is NaN there and it would step every parameter with NaN gradients; a training run with
+/// small micro-batches meets this whenever a policy learns to stop at once. A `padding_mask_p1`
+/// that keeps nothing is an error (TRL's masks always keep each row's first value position).
 pub fn ppo_loss(b: &PpoBatch<'_>, cfg: &PpoConfig) -> Result<PpoLoss> {
     cfg.validate()?;
     vh_core::tensor::expect_rank(b.new_logprobs, "new_logprobs", 2)?;
@@ -432,15 +438,24 @@ pub fn ppo_loss(b: &PpoBatch<'_>, cfg: &PpoConfig) -> Result<PpoLoss> {
     let pg_losses = neg_adv.f_mul(&ratio)?;
     let pg_losses2 = neg_adv.f_mul(&clamp_numbers(&ratio, 1.0 - cfg.cliprange, 1.0 + cfg.cliprange)?)?;
     let pg_loss_max = pg_losses.f_maximum(&pg_losses2)?;
-    let pg_loss = masked_mean(&pg_loss_max, &kept, None)?;
+    let has_policy_tokens = kept.f_any()?.f_int64_value(&[])? != 0;
+    let pg_loss = if has_policy_tokens {
+        masked_mean(&pg_loss_max, &kept, None)?
+    } else {
+        vf_loss.f_zeros_like()?
+    };
     let loss = pg_loss.f_add(&vf_loss.f_mul(&number_like(cfg.vf_coef, &vf_loss)?)?)?;
 
     let (pg_clipfrac, approxkl, ratio_mean) = tch::no_grad(|| -> Result<_> {
-        let pg_clipfrac = masked_mean(
-            &pg_losses2.f_gt_tensor(&pg_losses)?.f_to_kind(Kind::Float)?,
-            &kept,
-            None,
-        )?;
+        let pg_clipfrac = if has_policy_tokens {
+            Some(masked_mean(
+                &pg_losses2.f_gt_tensor(&pg_losses)?.f_to_kind(Kind::Float)?,
+                &kept,
+                None,
+            )?)
+        } else {
+            None
+        };
         let mean_sq = logprobs_diff.f_square()?.f_mean(None::<Kind>)?;
         let approxkl = mean_sq.f_mul(&number_like(0.5, &mean_sq)?)?;
         Ok((pg_clipfrac, approxkl, ratio.f_mean(None::<Kind>)?))

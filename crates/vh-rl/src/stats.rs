@@ -160,12 +160,15 @@ pub struct UpdateStats {
 
 impl UpdateStats {
     /// Records one micro-batch: its losses and the entropy per position (`ppo_entropy`), whose
-    /// mean over every position is recorded, as TRL's `entropy.mean()`.
+    /// mean over every position is recorded, as TRL's `entropy.mean()`. A micro-batch without
+    /// response tokens adds no policy loss or clip fraction (it had no policy term).
     pub fn record(&mut self, loss: &PpoLoss, entropy: &Tensor) -> Result<()> {
         let v = |t: &Tensor| -> Result<f64> { Ok(t.f_detach()?.f_double_value(&[])?) };
         self.approxkl.push(v(&loss.approxkl)?);
-        self.pg_clipfrac.push(v(&loss.pg_clipfrac)?);
-        self.pg_loss.push(v(&loss.pg_loss)?);
+        if let Some(clipfrac) = &loss.pg_clipfrac {
+            self.pg_clipfrac.push(v(clipfrac)?);
+            self.pg_loss.push(v(&loss.pg_loss)?);
+        }
         self.vf_loss.push(v(&loss.vf_loss)?);
         self.vf_clipfrac.push(v(&loss.vf_clipfrac)?);
         self.entropy.push(v(&entropy.f_mean(None::<Kind>)?)?);
