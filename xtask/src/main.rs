@@ -239,7 +239,8 @@ fn test(extra: &[String]) -> Result<()> {
     setup()?;
     // Lints first: they take seconds and fail fast.
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
-    run(cargo().args(["test", "--workspace"]).args(extra))?;
+    // Every test binary runs even after one fails, so a CI report names all the failures.
+    run(cargo().args(["test", "--workspace", "--no-fail-fast"]).args(extra))?;
     // The bench's own smoke test: both workers, the protocol, the report and the chart.
     bench::bench(&["--quick".to_string()])?;
     // A short fuzzing run of every target; any panic, death or hang fails the task.
