@@ -35,7 +35,12 @@ pub fn link_torch_cpu(libtorch: &Path) {
 /// otherwise a cargo warning, and the crate builds without it (its Rust side falls back or
 /// reports a typed error). Returns whether it was built.
 #[allow(dead_code)] // vh-dist includes this file and always needs its shim.
-pub fn optional_shim(krate: &str, source: &str, header: &str, lib: &str, cfg: &str) -> bool {
+///
+/// With `openmp`, the source's `at::parallel_for` runs on libtorch's own OpenMP threads: ATen's
+/// OpenMP build defines that loop in its headers with `#pragma omp`, which a compiler without
+/// `-fopenmp` drops (one thread). It links the libgomp that libtorch itself loads (its lib
+/// folder's libgomp.so.1), never a second OpenMP runtime; without that file the loop stays serial.
+pub fn optional_shim(krate: &str, source: &str, header: &str, lib: &str, cfg: &str, openmp: bool) -> bool {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-changed={source}");
     // build/shim_guard.h: the error plumbing every optional shim shares.
@@ -54,12 +59,23 @@ pub fn optional_shim(krate: &str, source: &str, header: &str, lib: &str, cfg: &s
         );
         return false;
     }
-    libtorch_cxx_build(&libtorch)
-        .include(&guard_dir)
-        .file(source)
-        .flag_if_supported("-w")
-        .compile(lib);
+    let gomp = libtorch.join("lib").join("libgomp.so.1");
+    let with_openmp = openmp && gomp.is_file();
+    let mut build = libtorch_cxx_build(&libtorch);
+    build.include(&guard_dir).file(source).flag_if_supported("-w");
+    if with_openmp {
+        build.flag("-fopenmp");
+    }
+    build.compile(lib);
     link_torch_cpu(&libtorch);
+    if with_openmp {
+        println!("cargo:rustc-link-lib=dylib:+verbatim=libgomp.so.1");
+    } else if openmp {
+        println!(
+            "cargo:warning={krate}: {} is missing, {source}'s loops run on one thread",
+            gomp.display()
+        );
+    }
     println!("cargo:rustc-cfg={cfg}");
     true
 }

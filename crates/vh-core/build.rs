@@ -16,5 +16,6 @@ fn main() {
         "ATen/core/dispatch/Dispatcher.h",
         "vh_linear_pointwise",
         "vh_linear_pointwise",
+        true,
     );
 }

@@ -17,5 +17,6 @@ fn main() {
         "ATen/ops/_fused_adamw.h",
         "vh_fused_adamw",
         "vh_fused_adamw",
+        false,
     );
 }

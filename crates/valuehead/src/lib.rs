@@ -99,7 +99,10 @@ pub use reference::{create_reference_model, create_seq2seq_reference_model, Shar
 pub use reward::{SequenceClassifier, SequenceClassifierOutput};
 pub use seq2seq::{Seq2SeqLmInput, Seq2SeqLmOutput, Seq2SeqLmWithValueHead};
 pub use vh_core::alloc::{keep_freed_tensor_memory, AllocatorTuning};
-pub use vh_core::tensor::{dense_onednn_linear_available, position_ids_from_attention_mask, set_onednn_linear};
+pub use vh_core::tensor::{
+    dense_onednn_linear_available, position_ids_from_attention_mask, set_onednn_linear, set_small_rows_linear,
+    small_rows_linear_applies,
+};
 pub use vh_core::{InitStrategy, ValueHead, ValueHeadConfig, ValueHeadOptions};
 pub use vh_models::{AttnImplementation, Cache, LayerCache, ARCHITECTURES};
 pub use vh_models::{EncoderOutput, Seq2SeqCache};
