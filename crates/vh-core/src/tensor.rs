@@ -158,10 +158,7 @@ pub fn set_small_rows_linear(on: bool) -> bool {
 pub fn small_rows_linear_applies(rows: i64) -> bool {
     #[cfg(vh_linear_pointwise)]
     {
-        extern "C" {
-            fn vh_small_rows_linear_available() -> std::ffi::c_int;
-            fn vh_small_rows_linear_max_rows() -> std::ffi::c_int;
-        }
+        use shim::{vh_small_rows_linear_available, vh_small_rows_linear_max_rows};
         static LIMIT: OnceLock<i64> = OnceLock::new();
         // SAFETY: neither takes arguments; they read the CPU's features and a constant.
         let limit = *LIMIT.get_or_init(|| unsafe {
@@ -258,12 +255,9 @@ pub fn graph_free_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> 
 pub fn dense_onednn_linear_available() -> bool {
     #[cfg(vh_linear_pointwise)]
     {
-        extern "C" {
-            fn vh_linear_pointwise_available() -> std::ffi::c_int;
-        }
         static AVAILABLE: OnceLock<bool> = OnceLock::new();
         // SAFETY: takes no arguments; looks the operator up once in libtorch's registry.
-        *AVAILABLE.get_or_init(|| unsafe { vh_linear_pointwise_available() } == 1)
+        *AVAILABLE.get_or_init(|| unsafe { shim::vh_linear_pointwise_available() } == 1)
     }
     #[cfg(not(vh_linear_pointwise))]
     {
@@ -276,22 +270,40 @@ pub fn dense_onednn_linear_available() -> bool {
 fn small_rows_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     #[cfg(vh_linear_pointwise)]
     {
-        extern "C" {
-            fn vh_small_rows_linear(
-                x: *mut std::ffi::c_void,
-                weight: *mut std::ffi::c_void,
-                bias: *mut std::ffi::c_void,
-                out: *mut *mut std::ffi::c_void,
-                err: *mut std::ffi::c_char,
-                len: usize,
-            ) -> std::ffi::c_int;
-        }
-        shim_linear(vh_small_rows_linear, x, weight, bias)
+        shim_linear(shim::vh_small_rows_linear, x, weight, bias)
     }
     #[cfg(not(vh_linear_pointwise))]
     {
         let _ = (x, weight, bias);
         unreachable!("small_rows_linear_applies is false without the shim")
+    }
+}
+
+/// csrc/linear_pointwise.cpp's functions, declared once.
+#[cfg(vh_linear_pointwise)]
+mod shim {
+    use std::ffi::{c_char, c_int, c_void};
+
+    extern "C" {
+        pub fn vh_linear_pointwise_available() -> c_int;
+        pub fn vh_linear_pointwise(
+            x: *mut c_void,
+            weight: *mut c_void,
+            bias: *mut c_void,
+            out: *mut *mut c_void,
+            err: *mut c_char,
+            len: usize,
+        ) -> c_int;
+        pub fn vh_small_rows_linear_available() -> c_int;
+        pub fn vh_small_rows_linear_max_rows() -> c_int;
+        pub fn vh_small_rows_linear(
+            x: *mut c_void,
+            weight: *mut c_void,
+            bias: *mut c_void,
+            out: *mut *mut c_void,
+            err: *mut c_char,
+            len: usize,
+        ) -> c_int;
     }
 }
 
@@ -346,19 +358,8 @@ fn shim_linear(f: ShimLinear, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>
 fn onednn_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     #[cfg(vh_linear_pointwise)]
     {
-        use std::ffi::{c_char, c_void};
-        extern "C" {
-            fn vh_linear_pointwise(
-                x: *mut c_void,
-                weight: *mut c_void,
-                bias: *mut c_void,
-                out: *mut *mut c_void,
-                err: *mut c_char,
-                len: usize,
-            ) -> std::ffi::c_int;
-        }
         if dense_onednn_linear_available() {
-            return shim_linear(vh_linear_pointwise, x, weight, bias);
+            return shim_linear(shim::vh_linear_pointwise, x, weight, bias);
         }
     }
     let out = x
